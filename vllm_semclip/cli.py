@@ -1,0 +1,148 @@
+"""The ``semclip`` command: serve, select, demo, build-models.
+
+``semclip serve [MODEL] [--port P] [--topk K] [--grids 2,3] [--relevance-model NAME_OR_PATH] [vllm flags…]``
+    vLLM's OpenAI-compatible server with SemClip on; no MODEL serves the bundled model.
+``semclip select IMAGE "QUESTION" [--topk K] [--json] [--out overlay.png]``
+    runs the processor's own selection code on one image and prints the boxes.
+``semclip demo``
+    serves the bundled model on 127.0.0.1, asks questions about real photos, prints
+    answers, boxes and visual-token counts, writes overlays, stops the server.
+``semclip build-models [--force]``
+    (re)builds the bundled tiny models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+SELECTION_FLAGS = ("topk", "grids", "overlap", "method", "relevance_model", "relevance_pretrained", "seed")
+
+
+def _add_selection_flags(p: argparse.ArgumentParser, *, server: bool) -> None:
+    p.add_argument("--topk", type=int, help="crops kept next to the overview (0-8; default 1)")
+    p.add_argument("--grids", help="grid sizes of the candidates, e.g. 2,3 (default)")
+    p.add_argument("--overlap", type=float, help="widen each cell by this fraction on each side (0-0.5)")
+    p.add_argument("--method", choices=("relevance", "random", "overview", "all"))
+    p.add_argument("--relevance-model", help="ψ: an open_clip model name or a local-dir checkpoint directory")
+    p.add_argument("--relevance-pretrained", help="open_clip pretrained tag or checkpoint path (e.g. openai)")
+    p.add_argument("--relevance-device", dest="device", help="where ψ runs (cpu, cuda, ...)")
+    p.add_argument("--seed", type=int, help="seed of the random method")
+    if server:
+        p.add_argument("--max-topk", type=int, help="the most crops a request may ask for (memory is profiled for it)")
+
+
+def _selection_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    names = (*SELECTION_FLAGS, "device", "max_topk")
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def _config(overrides: dict[str, Any]):
+    from .config import SemClipConfig
+
+    return SemClipConfig().replace(overrides, source="command line")
+
+
+def cmd_serve(argv: list[str]) -> int:
+    from .server import runtime_env, serve_command
+    from .tiny_models import DEFAULT_MODEL_DIR, ensure_default_models
+
+    model = None
+    if argv and not argv[0].startswith("-"):
+        model, argv = argv[0], argv[1:]
+    p = argparse.ArgumentParser(prog="semclip serve", description="vLLM's OpenAI server with SemClip")
+    p.add_argument("--model", dest="model_flag")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    _add_selection_flags(p, server=True)
+    args, vllm_args = p.parse_known_args(argv)
+    model = model or args.model_flag
+    overrides = _selection_overrides(args)
+    _config(overrides)  # fail here, with the field named, rather than inside vLLM
+    if model is None or "relevance_model" not in overrides:
+        ensure_default_models()
+    model = model or str(DEFAULT_MODEL_DIR)
+    cmd = serve_command(model, overrides, host=args.host, port=args.port, vllm_args=vllm_args)
+    print("semclip serve:", " ".join(cmd[1:]), file=sys.stderr, flush=True)
+    os.execve(sys.executable, cmd, runtime_env())
+    return 0  # not reached
+
+
+def cmd_select(argv: list[str]) -> int:
+    from .images import load_image
+    from .selection import select_crops
+
+    p = argparse.ArgumentParser(prog="semclip select", description="show which crops SemClip picks")
+    p.add_argument("image")
+    p.add_argument("question")
+    _add_selection_flags(p, server=False)
+    p.add_argument("--json", action="store_true", help="print the selection as JSON")
+    p.add_argument("--out", help="write the image with the score heatmap and chosen boxes here")
+    args = p.parse_args(argv)
+    overrides = _selection_overrides(args)
+    if "relevance_model" not in overrides:
+        from .tiny_models import ensure_default_models
+
+        ensure_default_models()
+    config = _config(overrides)
+    image = load_image(args.image)
+    selection = select_crops(image, args.question, config)
+    if args.out:
+        from .overlay import draw_selection
+
+        draw_selection(image, selection, args.out)
+    if args.json:
+        doc = selection.to_json()
+        print(json.dumps({"boxes": doc["boxes"], "scores": doc["scores"], "candidates": doc["candidates"]}))
+    else:
+        print(f"{args.image}: {selection.image_size[0]}x{selection.image_size[1]}, "
+              f"{len(selection.candidates)} candidates, method {selection.method}, question {selection.question!r}")
+        for rank, (box, score) in enumerate(zip(selection.boxes, selection.scores), start=1):
+            shown = "-" if score is None else f"{score:.4f}"
+            print(f"  #{rank} box={list(box)} score={shown}")
+        if not selection.boxes:
+            print("  no crops (overview only)")
+        if args.out:
+            print(f"overlay written to {args.out}")
+    return 0
+
+
+def cmd_demo(argv: list[str]) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(argv)
+
+
+def cmd_build_models(argv: list[str]) -> int:
+    from .tiny_models import ensure_default_models
+
+    p = argparse.ArgumentParser(prog="semclip build-models")
+    p.add_argument("--force", action="store_true", help="rebuild even if present")
+    args = p.parse_args(argv)
+    llava, psi = ensure_default_models(force=args.force)
+    print(f"tiny LLaVA: {llava}\nψ (open_clip local-dir): {psi}")
+    return 0
+
+
+COMMANDS = {"serve": cmd_serve, "select": cmd_select, "demo": cmd_demo, "build-models": cmd_build_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    from .config import SemClipConfigError  # noqa: F401  (a ValueError)
+
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except (SemClipConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"semclip {argv[0]}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""SemClipConfig: the one validated configuration of crop selection.
+
+Where values come from, later ones overriding earlier ones:
+
+1. the dataclass defaults below;
+2. the server's defaults: the ``semclip_config`` mapping of the model's HF config
+   (``--hf-overrides '{"semclip_config": {"topk": 2}}'``, which ``semclip serve``
+   writes from its flags), then server-wide ``--mm-processor-kwargs``;
+3. each request's ``mm_processor_kwargs`` (offline) or the same field of an
+   OpenAI request body, with the same field names (``{"topk": 2}``).
+
+Some fields only make sense for the whole server — which ψ is loaded, where, and
+how many crops memory was profiled for — so a request that sets them is refused.
+Every bad value raises :class:`SemClipConfigError`, a ``VLLMValidationError``
+(HTTP 400 with ``param`` set to the field) that is also a ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+from vllm.exceptions import VLLMValidationError
+
+from .crops import num_candidates
+from .tiny_models import DEFAULT_RELEVANCE_DIR
+
+Method = Literal["relevance", "random", "overview", "all"]
+METHODS: tuple[str, ...] = ("relevance", "random", "overview", "all")
+MAX_TOPK = 8
+MAX_GRID = 8
+MAX_GRIDS = 4
+MAX_OVERLAP = 0.5
+HF_CONFIG_KEY = "semclip_config"
+
+# Fields that fix what the server loaded or profiled; a request may not change them.
+SERVER_ONLY_FIELDS = frozenset({"relevance_model", "relevance_pretrained", "device", "max_topk"})
+
+
+class SemClipConfigError(VLLMValidationError, ValueError):
+    """A SemClip option is unknown, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class SemClipConfig:
+    """How SemClip picks crops for one image.
+
+    Attributes:
+        topk: crops kept next to the overview (0–8). 0 is stock LLaVA.
+        grids: grid sizes whose cells are the candidates; (2, 3) gives 4 + 9 = 13.
+        overlap: widen each cell by this fraction of its size on every side (0–0.5).
+        method: ``relevance`` (ψ scores, the default), ``random`` (seeded),
+            ``overview`` (no crops) or ``all`` (every candidate, AnyRes-like).
+        relevance_model: ψ — an open_clip model name, or a directory in open_clip's
+            local-dir format. Default: the bundled tiny model.
+        relevance_pretrained: open_clip ``pretrained`` tag or checkpoint path for a
+            named ``relevance_model`` (e.g. ``openai`` for ``ViT-L-14-336``).
+        device: where ψ runs (``cpu``, ``cuda``, ``cuda:1``…).
+        seed: seed of the ``random`` method (mixed with the image and question).
+        max_topk: the most crops per image a request may ask for; memory is
+            profiled for ``1 + max(max_topk, topk)`` tiles per image (or for every
+            candidate when the server's method is ``all``). Server-only.
+        pad_to_square: pad the overview and each crop to a square before the image
+            processor (LLaVA-1.5's ``expand2square``), so the center crop of the
+            CLIP preprocessing cuts nothing off.
+    """
+
+    topk: int = 1
+    grids: tuple[int, ...] = (2, 3)
+    overlap: float = 0.0
+    method: Method = "relevance"
+    relevance_model: str = str(DEFAULT_RELEVANCE_DIR)
+    relevance_pretrained: str | None = None
+    device: str = "cpu"
+    seed: int = 0
+    max_topk: int | None = None
+    pad_to_square: bool = True
+
+    def __post_init__(self) -> None:
+        _check_int("topk", self.topk, 0, MAX_TOPK)
+        if not isinstance(self.grids, tuple) or not 1 <= len(self.grids) <= MAX_GRIDS:
+            raise SemClipConfigError(
+                f"grids must be 1 to {MAX_GRIDS} grid sizes, got {self.grids!r}", parameter="grids"
+            )
+        for g in self.grids:
+            _check_int("grids", g, 1, MAX_GRID)
+        if len(set(self.grids)) != len(self.grids):
+            raise SemClipConfigError(f"grids must not repeat a size, got {list(self.grids)}", parameter="grids")
+        _check_float("overlap", self.overlap, 0.0, MAX_OVERLAP)
+        if self.method not in METHODS:
+            raise SemClipConfigError(
+                f"method must be one of {', '.join(METHODS)}; got {self.method!r}", parameter="method"
+            )
+        _check_str("relevance_model", self.relevance_model)
+        if self.relevance_pretrained is not None:
+            _check_str("relevance_pretrained", self.relevance_pretrained)
+        _check_str("device", self.device)
+        _check_int("seed", self.seed, 0, 2**63 - 1)
+        if self.max_topk is not None:
+            _check_int("max_topk", self.max_topk, 0, MAX_TOPK)
+        if not isinstance(self.pad_to_square, bool):
+            raise SemClipConfigError(
+                f"pad_to_square must be true or false, got {self.pad_to_square!r}", parameter="pad_to_square"
+            )
+
+    # ---- derived values -------------------------------------------------
+    @property
+    def num_candidates(self) -> int:
+        return num_candidates(self.grids)
+
+    @property
+    def num_crops(self) -> int:
+        """Crops this configuration encodes per image (before the question is known)."""
+        if self.method == "overview":
+            return 0
+        if self.method == "all":
+            return self.num_candidates
+        return min(self.topk, self.num_candidates)
+
+    @property
+    def max_crops(self) -> int:
+        """The most crops per image this (server) configuration accepts: what is profiled."""
+        limit = max(self.topk, self.max_topk if self.max_topk is not None else 0)
+        if self.method == "all":
+            limit = max(limit, self.num_candidates)
+        return limit
+
+    def selection_key(self) -> tuple:
+        """What the selection depends on, for the multimodal cache key."""
+        return (self.topk, self.grids, self.overlap, self.method, self.relevance_model,
+                self.relevance_pretrained, self.seed, self.pad_to_square)
+
+    # ---- construction ---------------------------------------------------
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    def replace(self, overrides: Mapping[str, Any] | None, *, request: bool = False, source: str = "mm_processor_kwargs") -> SemClipConfig:
+        """A copy with ``overrides`` applied and validated.
+
+        With ``request=True`` server-only fields are refused, and the result must fit
+        the memory this (server) configuration profiled for.
+        """
+        if not overrides:
+            return self
+        if not isinstance(overrides, Mapping):
+            raise SemClipConfigError(f"{source} must be a JSON object, got {type(overrides).__name__}")
+        names = self.field_names()
+        values: dict[str, Any] = {}
+        for key, value in overrides.items():
+            if key not in names:
+                raise SemClipConfigError(
+                    f"unknown {source} key {key!r}; SemClip accepts: {', '.join(sorted(names))}", parameter=str(key)
+                )
+            if request and key in SERVER_ONLY_FIELDS:
+                raise SemClipConfigError(
+                    f"{key} is fixed when the server starts and cannot be set per request", parameter=key
+                )
+            values[key] = _coerce(key, value)
+        new = dataclasses.replace(self, **values)
+        if request:
+            self.check_fits(new)
+        return new
+
+    def check_fits(self, requested: SemClipConfig) -> None:
+        """Refuse a request that would encode more crops than the server profiled memory for."""
+        limit = self.max_crops
+        if requested.num_crops <= limit:
+            return
+        if requested.method == "all":
+            raise SemClipConfigError(
+                f"method 'all' on grids {list(requested.grids)} encodes {requested.num_crops} crops per image, "
+                f"but this server was started for at most {limit} (max_topk); start it with --method all "
+                f"or a larger --max-topk",
+                parameter="method",
+            )
+        raise SemClipConfigError(
+            f"topk must be at most {limit}, the maximum this server was started with (max_topk); "
+            f"got {requested.topk}",
+            parameter="topk",
+        )
+
+    @classmethod
+    def from_hf_config(cls, hf_config: Any) -> SemClipConfig:
+        """Server defaults from the HF config's ``semclip_config`` (set with ``--hf-overrides``)."""
+        raw = getattr(hf_config, HF_CONFIG_KEY, None)
+        return cls().replace(raw, source=f"hf_overrides {HF_CONFIG_KEY}")
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SemClipConfigError(
+            f"{name} must be an integer in {lo}..{hi}, got {value!r} ({type(value).__name__})", parameter=name
+        )
+    if not lo <= value <= hi:
+        raise SemClipConfigError(f"{name} must be an integer in {lo}..{hi}, got {value}", parameter=name)
+
+
+def _check_float(name: str, value: Any, lo: float, hi: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise SemClipConfigError(f"{name} must be a number in [{lo}, {hi}], got {value!r}", parameter=name)
+    if not lo <= value <= hi:
+        raise SemClipConfigError(f"{name} must be a number in [{lo}, {hi}], got {value}", parameter=name)
+
+
+def _check_str(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        raise SemClipConfigError(f"{name} must be a non-empty string, got {value!r}", parameter=name)
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """JSON gives lists where the dataclass keeps tuples; the CLI gives '2,3'. Nothing else is coerced."""
+    if key == "grids":
+        if isinstance(value, str):
+            try:
+                value = [int(v) for v in value.split(",") if v.strip()]
+            except ValueError:
+                raise SemClipConfigError(f"grids must be grid sizes like [2, 3], got {value!r}", parameter="grids")
+        if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+            return tuple(value)
+        raise SemClipConfigError(f"grids must be a list of grid sizes like [2, 3], got {value!r}", parameter="grids")
+    if key == "overlap" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value

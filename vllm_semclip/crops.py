@@ -1,0 +1,98 @@
+"""Candidate sub-images: grid boxes at several scales, and the pixel handling around them.
+
+Boxes are ``(x0, y0, x1, y1)`` in pixels of the original image, half-open, as PIL's
+``Image.crop`` takes them. A ``g``-grid splits the image into ``g × g`` cells that
+follow the image's aspect ratio; ``overlap`` widens every cell by that fraction of
+its size on each side (clipped to the image), so an object on a cell border is
+wholly inside some candidate. The number of candidates is always ``sum(g * g)``,
+whatever the image — it is what the server profiles memory for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+Box = tuple[int, int, int, int]
+
+
+def num_candidates(grids: Sequence[int]) -> int:
+    return sum(g * g for g in grids)
+
+
+def candidate_boxes(width: int, height: int, grids: Sequence[int] = (2, 3), overlap: float = 0.0) -> list[Box]:
+    """All grid cells, coarse grids first, row-major within a grid. Never empty boxes, even for 1×1 images."""
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    boxes: list[Box] = []
+    for g in grids:
+        cw, ch = width / g, height / g
+        for row in range(g):
+            for col in range(g):
+                x0 = col * cw - overlap * cw
+                x1 = (col + 1) * cw + overlap * cw
+                y0 = row * ch - overlap * ch
+                y1 = (row + 1) * ch + overlap * ch
+                boxes.append(_clip_box(x0, y0, x1, y1, width, height))
+    return boxes
+
+
+def _clip_box(x0: float, y0: float, x1: float, y1: float, width: int, height: int) -> Box:
+    ix0 = min(max(math.floor(x0), 0), width - 1)
+    iy0 = min(max(math.floor(y0), 0), height - 1)
+    ix1 = max(min(math.ceil(x1), width), ix0 + 1)
+    iy1 = max(min(math.ceil(y1), height), iy0 + 1)
+    return ix0, iy0, ix1, iy1
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode → 8-bit RGB, without the surprises of a bare ``convert("RGB")``.
+
+    16-bit and 32-bit integer/float images are rescaled by their value range (a plain
+    convert clips them to white); transparency is composited on white (as vLLM's
+    media loader does); palette, CMYK, 1-bit and grayscale convert directly.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) * (255.0 / (hi - lo))
+        return Image.fromarray(scaled.round().astype(np.uint8), mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """LLaVA-1.5's ``expand2square``: pad the short side so a center crop loses nothing."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def crop_boxes(image: Image.Image, boxes: Sequence[Box]) -> list[Image.Image]:
+    return [image.crop(box) for box in boxes]
+
+
+def box_iou(a: Box, b: Box) -> float:
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union else 0.0
+
+
+def box_contains(outer: Box, inner: Box) -> bool:
+    return outer[0] <= inner[0] and outer[1] <= inner[1] and outer[2] >= inner[2] and outer[3] >= inner[3]

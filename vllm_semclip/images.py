@@ -1,0 +1,53 @@
+"""Image I/O around SemClip: safe loading, data URLs, and the real photos that ship in packages."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from pathlib import Path
+
+from PIL import Image
+
+# vLLM's own limit (VLLM_MAX_IMAGE_PIXELS), checked from the header before decoding.
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
+
+
+class ImageTooLargeError(ValueError):
+    pass
+
+
+def max_image_pixels() -> int:
+    return int(os.environ.get("VLLM_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS))
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image, refusing one over the pixel limit before its pixels are decoded."""
+    try:
+        im = Image.open(path)
+    except (OSError, Image.UnidentifiedImageError) as exc:
+        raise ValueError(f"cannot read an image from {path}: {exc}") from exc
+    with im:
+        w, h = im.size
+        limit = max_image_pixels()
+        if limit > 0 and w * h > limit:
+            raise ImageTooLargeError(f"{path}: {w}x{h} = {w * h} pixels exceeds the limit of {limit} (VLLM_MAX_IMAGE_PIXELS)")
+        try:
+            im.load()
+        except OSError as exc:
+            raise ValueError(f"{path}: corrupt or truncated image: {exc}") from exc
+        return im.copy()
+
+
+def to_data_url(image: Image.Image, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    mime = "jpeg" if fmt.upper() in ("JPG", "JPEG") else fmt.lower()
+    return f"data:image/{mime};base64,{base64.b64encode(buf.getvalue()).decode()}"
+
+
+def sample_photo(name: str) -> Image.Image:
+    """A real photo from scikit-image's bundled data (astronaut, coffee, chelsea, rocket, ...)."""
+    from skimage import data
+
+    return Image.fromarray(getattr(data, name)()).convert("RGB")

@@ -1,0 +1,212 @@
+"""SemClip's multimodal processor for vLLM: select crops, encode [overview, crops…].
+
+Three small classes, as vLLM's own ``llava.py`` has them:
+
+* :class:`SemClipProcessingInfo` — what the model is: the server's
+  :class:`~vllm_semclip.config.SemClipConfig`, tokens per tile, the most tokens one
+  image can take (``(1 + max_crops) × tokens_per_tile``), how to find questions.
+* :class:`SemClipDummyInputsBuilder` — the worst case for memory profiling: every
+  image carries the most crops the server allows.
+* :class:`SemClipMultiModalProcessor` — per request: recover each image's question
+  from the prompt ids, select its crops with ψ, run the model's own image processor
+  on the tiles, and expand each ``<image>`` into ``(1 + k) × tokens_per_tile``
+  placeholders.
+
+Caching: vLLM keys processed items (and the encoder and prefix caches) by a hash of
+the image and the request's ``mm_processor_kwargs``. Crops depend on the question,
+so :meth:`SemClipMultiModalProcessor._get_mm_hashes` folds each image's question
+and the effective selection settings into its key. The same image asked two
+questions is processed twice; the same question twice hits the cache. This also
+holds when the client names the image with ``multi_modal_uuids``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+
+import torch
+from transformers import BatchFeature
+
+from vllm.model_executor.models.llava import (
+    BaseLlavaMultiModalProcessor,
+    LlavaDummyInputsBuilder,
+    LlavaProcessingInfo,
+)
+from vllm.multimodal.hasher import MultiModalHasher
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, MultiModalDataItems
+from vllm.multimodal.processing import PromptReplacement, PromptUpdate
+from vllm.multimodal.processing.context import TimingContext
+from vllm.multimodal.processing.inputs import ProcessorInputs
+
+from .config import SemClipConfig
+from .question import QuestionExtractor
+from .selection import select_crops, selected_tiles
+
+# Internal key: the processor attaches each image's question to the processor
+# kwargs so it reaches `_call_hf_processor` for exactly the images that miss the
+# cache. It is never accepted from a request (unknown keys are refused first).
+QUESTIONS_KEY = "semclip_questions"
+
+
+class SemClipProcessingInfo(LlavaProcessingInfo):
+    """LLaVA's processing info plus SemClip's server configuration and token arithmetic."""
+
+    @cached_property
+    def server_config(self) -> SemClipConfig:
+        """Defaults from ``--hf-overrides`` (``semclip_config``), then ``--mm-processor-kwargs``."""
+        config = SemClipConfig.from_hf_config(self.get_hf_config())
+        server_kwargs = self.ctx.get_mm_config().mm_processor_kwargs or {}
+        return config.replace(server_kwargs, source="--mm-processor-kwargs")
+
+    def request_config(self, request_kwargs: Mapping[str, object]) -> SemClipConfig:
+        """The server config with one request's ``mm_processor_kwargs`` applied and checked."""
+        return self.server_config.replace(request_kwargs, request=True)
+
+    @cached_property
+    def question_extractor(self) -> QuestionExtractor:
+        return QuestionExtractor(self.get_tokenizer(), self.get_hf_processor().image_token)
+
+    @cached_property
+    def tile_size(self) -> int:
+        return self.get_vision_encoder_info().get_image_size()
+
+    @cached_property
+    def tokens_per_tile(self) -> int:
+        return super().get_num_image_tokens(image_width=self.tile_size, image_height=self.tile_size)
+
+    @cached_property
+    def pad_fill(self) -> tuple[int, int, int]:
+        mean = self.get_hf_processor().image_processor.image_mean
+        return tuple(int(round(255 * m)) for m in mean)
+
+    def get_max_image_tokens(self) -> int:
+        return (1 + self.server_config.max_crops) * self.tokens_per_tile
+
+    def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
+        return {"image": self.get_max_image_tokens()}
+
+
+class SemClipDummyInputsBuilder(LlavaDummyInputsBuilder[SemClipProcessingInfo]):
+    """LLaVA's dummy images, processed so that each carries the most crops a request may ask for."""
+
+    def get_dummy_processor_kwargs(self) -> dict[str, object]:
+        config = self.info.server_config
+        most = config.max_crops
+        if most == 0:
+            return {"method": "overview"}
+        if config.method == "all" and most == config.num_candidates:
+            return {"method": "all"}
+        # random selection needs no question; one grid with at least `most` cells
+        return {"method": "random", "topk": most, "grids": [math.ceil(math.sqrt(most))]}
+
+
+class SemClipMultiModalProcessor(BaseLlavaMultiModalProcessor[SemClipProcessingInfo]):
+    """Selects crops per image and turns each ``<image>`` into (1 + k) tiles of tokens."""
+
+    # ---- entry point ------------------------------------------------------
+    def apply(self, inputs: ProcessorInputs, timing_ctx: TimingContext):
+        # Validate the request's options first: a bad value is a 400, not a stack trace.
+        self.info.request_config(inputs.hf_processor_mm_kwargs)
+        num_images = len(inputs.mm_data_items.get("image", [])) if "image" in inputs.mm_data_items else 0
+        questions = self.info.question_extractor(inputs.prompt, num_images) if num_images else []
+        inputs = dataclasses.replace(
+            inputs,
+            hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, QUESTIONS_KEY: tuple(questions)},
+        )
+        return super().apply(inputs, timing_ctx)
+
+    def get_dummy_inputs(self, seq_len, mm_counts, mm_options) -> ProcessorInputs:
+        inputs = super().get_dummy_inputs(seq_len, mm_counts, mm_options)
+        inputs.hf_processor_mm_kwargs = self.dummy_inputs.get_dummy_processor_kwargs()
+        return inputs
+
+    # ---- the kwargs carry the questions: split them off ---------------------
+    def _split_kwargs(self, hf_kwargs: Mapping[str, object]) -> tuple[tuple[str, ...], SemClipConfig]:
+        request = {k: v for k, v in hf_kwargs.items() if k != QUESTIONS_KEY}
+        return tuple(hf_kwargs.get(QUESTIONS_KEY, ())), self.info.request_config(request)
+
+    # ---- cache identity ---------------------------------------------------
+    def _get_mm_hashes(self, inputs: ProcessorInputs):
+        questions, config = self._split_kwargs(inputs.hf_processor_mm_kwargs)
+        plain = dataclasses.replace(
+            inputs,
+            hf_processor_mm_kwargs={k: v for k, v in inputs.hf_processor_mm_kwargs.items() if k != QUESTIONS_KEY},
+        )
+        hashes = dict(super()._get_mm_hashes(plain))
+        if "image" not in hashes:
+            return hashes
+        algorithm = self.info.ctx.get_mm_config().mm_hasher_algorithm
+        selection = repr(config.selection_key())
+        question_matters = config.method in ("relevance", "random") and config.num_crops > 0
+        hashes["image"] = [
+            MultiModalHasher.hash_kwargs(
+                algorithm,
+                item=item_hash,
+                semclip_selection=selection,
+                semclip_question=questions[i] if question_matters and i < len(questions) else "",
+            )
+            for i, item_hash in enumerate(hashes["image"])
+        ]
+        return hashes
+
+    def _get_cache_missing_processor_kwargs(self, inputs: ProcessorInputs, mm_is_cached) -> Mapping[str, object]:
+        kwargs = dict(inputs.hf_processor_mm_kwargs)
+        questions = kwargs.get(QUESTIONS_KEY, ())
+        if "image" in mm_is_cached and questions:
+            kwargs[QUESTIONS_KEY] = tuple(q for q, hit in zip(questions, mm_is_cached["image"]) if not hit)
+        return kwargs
+
+    # ---- selection + image processor --------------------------------------
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        images = list(hf_data.get("images") or [])
+        questions, config = self._split_kwargs(hf_kwargs)
+        if len(questions) != len(images):
+            questions = ("",) * len(images)
+        pad_fill = self.info.pad_fill if config.pad_to_square else None
+        tiles = []
+        num_tiles = []
+        for image, question in zip(images, questions):
+            selection = select_crops(image, question, config)
+            image_tiles = selected_tiles(image, selection, pad_fill)
+            tiles.extend(image_tiles)
+            num_tiles.append(len(image_tiles))
+        image_processor = self.info.get_hf_processor().image_processor
+        pixel_values = image_processor(tiles, return_tensors="pt")["pixel_values"]
+        return BatchFeature(
+            {"pixel_values": pixel_values.to(self.info.ctx.model_config.dtype), "num_tiles": torch.tensor(num_tiles)}
+        )
+
+    def _get_mm_fields_config(
+        self,
+        hf_inputs: BatchFeature,
+        hf_processor_mm_kwargs: Mapping[str, object],
+    ) -> Mapping[str, MultiModalFieldConfig]:
+        num_tiles = hf_inputs.get("num_tiles", torch.empty(0, dtype=torch.long))
+        return dict(
+            pixel_values=MultiModalFieldConfig.flat_from_sizes("image", num_tiles),
+            num_tiles=MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+            image_embeds=MultiModalFieldConfig.batched("image"),
+        )
+
+    def _get_prompt_updates(
+        self,
+        mm_items: MultiModalDataItems,
+        hf_processor_mm_kwargs: Mapping[str, object],
+        out_mm_kwargs: MultiModalKwargsItems,
+    ) -> Sequence[PromptUpdate]:
+        image_token_id = self.info.get_hf_config().image_token_index
+        tokens_per_tile = self.info.tokens_per_tile
+        out_data = out_mm_kwargs.get_data()
+        num_tiles = out_data["num_tiles"].tolist() if "num_tiles" in out_data else []
+
+        def get_replacement(item_idx: int) -> list[int]:
+            images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
+            if isinstance(images, ImageEmbeddingItems):
+                return [image_token_id] * images.get_feature_size(item_idx)
+            return [image_token_id] * (num_tiles[item_idx] * tokens_per_tile)
+
+        return [PromptReplacement(modality="image", target=[image_token_id], replacement=get_replacement)]

@@ -1,0 +1,112 @@
+"""Choosing the crops: the one function the processor, the CLI and the Python API share.
+
+``select_crops(image, question, config)`` is exactly what the SemClip processor runs
+for every image inside vLLM, so ``semclip select`` and offline analysis see the same
+boxes the model was given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from .config import SemClipConfig
+from .crops import Box, candidate_boxes, crop_boxes, pad_to_square, to_rgb
+from .relevance import get_relevance_model
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The crops chosen for one image and one question, best first."""
+
+    boxes: list[Box]
+    scores: list[float | None]
+    candidates: list[Box]
+    candidate_scores: list[float] | None
+    method: str
+    question: str
+    image_size: tuple[int, int]
+
+    @property
+    def num_crops(self) -> int:
+        return len(self.boxes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "boxes": [list(b) for b in self.boxes],
+            "scores": self.scores,
+            "candidates": len(self.candidates),
+            "candidate_boxes": [list(b) for b in self.candidates],
+            "candidate_scores": self.candidate_scores,
+            "method": self.method,
+            "question": self.question,
+            "image_size": list(self.image_size),
+        }
+
+
+def _random_generator(config: SemClipConfig, question: str, size: tuple[int, int]) -> random.Random:
+    """Seeded by (seed, question, image size) so a request is reproducible in any process."""
+    digest = hashlib.sha256(f"{config.seed}\x00{question}\x00{size[0]}x{size[1]}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def _topk(scores: Sequence[float], k: int) -> list[int]:
+    """Indices of the k best scores; ties go to the earlier (coarser) candidate."""
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
+
+
+def select_crops(image: Image.Image, question: str, config: SemClipConfig | None = None) -> Selection:
+    """Pick the crops of ``image`` that matter for ``question``.
+
+    Degrades instead of failing: a prompt with no question gets no crops under
+    ``relevance`` (ψ has nothing to score against); any image size works, even 1×1.
+    """
+    config = config or SemClipConfig()
+    rgb = to_rgb(image)
+    size = rgb.size
+    question = question.strip()
+    candidates = candidate_boxes(size[0], size[1], config.grids, config.overlap)
+    k = min(config.num_crops, len(candidates))
+
+    def result(indices: list[int], scores: list[float] | None) -> Selection:
+        chosen = [scores[i] for i in indices] if scores is not None else [None] * len(indices)
+        return Selection(
+            boxes=[candidates[i] for i in indices],
+            scores=chosen,
+            candidates=candidates,
+            candidate_scores=scores,
+            method=config.method,
+            question=question,
+            image_size=size,
+        )
+
+    if config.method == "overview" or k == 0:
+        return result([], None)
+    if config.method == "all":
+        return result(list(range(len(candidates))), None)
+    if config.method == "random":
+        return result(_random_generator(config, question, size).sample(range(len(candidates)), k), None)
+    if not question:
+        return result([], None)
+
+    psi = get_relevance_model(config.relevance_model, config.relevance_pretrained, config.device)
+    crops = crop_boxes(rgb, candidates)
+    if config.pad_to_square:
+        fill = tuple(int(round(255 * m)) for m in psi.model.visual.image_mean)
+        crops = [pad_to_square(c, fill) for c in crops]
+    scores = [float(s) for s in psi.score(question, crops)]
+    return result(_topk(scores, k), scores)
+
+
+def selected_tiles(image: Image.Image, selection: Selection, pad_fill: tuple[int, int, int] | None) -> list[Image.Image]:
+    """[overview, crop_1, …, crop_k] as RGB images, padded to squares when ``pad_fill`` is given."""
+    rgb = to_rgb(image)
+    tiles = [rgb, *crop_boxes(rgb, selection.boxes)]
+    if pad_fill is not None:
+        tiles = [pad_to_square(t, pad_fill) for t in tiles]
+    return tiles

@@ -1,0 +1,257 @@
+"""The bundled default models: a tiny LLaVA and a tiny open_clip ψ.
+
+Why: no model hub is reachable where this project is built and tested, and no
+package ships CLIP or VLM weights. So the default models are produced here, by
+code, with the *same architectures* as the real ones (``LlavaForConditionalGeneration``
+with a CLIP vision tower and a Llama text model; an open_clip ViT dual encoder),
+so that every code path the tiny models exercise is the path real checkpoints take.
+
+Both are written in the formats their loaders expect:
+
+* the LLaVA directory is a Hugging Face checkpoint (config, tokenizer, chat
+  template, processor config, ``model.safetensors``) that vLLM loads as-is. Its
+  vision weights use the ``vision_tower.vision_model.*`` layout vLLM 0.32 loads
+  (transformers 5 would save ``vision_tower.embeddings.*``);
+* the ψ directory is open_clip's own ``local-dir:`` format
+  (``open_clip_config.json`` + ``open_clip_model.safetensors``).
+
+The weights built here are random (seeded); trained ones replace them later.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+MODELS_DIR = PACKAGE_DIR / "models"
+DEFAULT_MODEL_DIR = MODELS_DIR / "semclip-tiny-llava"
+DEFAULT_RELEVANCE_DIR = MODELS_DIR / "semclip-vit-t-16"
+RELEVANCE_MODEL_NAME = "SemClip-ViT-T-16"
+
+# LLaVA-1.5's conversation format; accepts plain-string and OpenAI-style list content.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}"
+    "{% else %}{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endif %}{% endfor %}{% endif %}"
+    "{% else %}"
+    "{{ message['role'].upper() + ': ' }}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}"
+    "{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' or c['type'] == 'image_url' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endif %}{% endfor %}"
+    "{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+COLORS = ("red", "green", "blue", "yellow", "teal", "brown", "gray", "black", "white", "orange", "purple", "pink")
+SHAPES = ("circle", "rectangle", "triangle", "square", "star", "cross", "diamond", "ellipse")
+
+
+@dataclass(frozen=True)
+class TinyLlavaSpec:
+    """Sizes of the tiny LLaVA. Every attention head is 32 wide (vLLM's CPU backend needs ≥ 32)."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    vision_hidden_size: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
+    text_hidden_size: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    text_intermediate_size: int = 344
+    vocab_size: int = 640
+    max_position_embeddings: int = 8192
+    seed: int = 0
+
+
+def _tokenizer_corpus() -> list[str]:
+    """Text the tiny BPE is trained on: the questions and answers the models will see."""
+    lines = []
+    for c in COLORS:
+        for s in SHAPES:
+            lines += [
+                f"a {c} {s}",
+                f"The color of the {s} is {c}.",
+                f"What is the color of the {s}?",
+                f"Is there a {c} {s} in the image?",
+            ]
+    for a in SHAPES:
+        for b in SHAPES:
+            lines += [
+                f"Is the {a} on the left or right side of the {b}?",
+                f"The {a} is on the left side of the {b}.",
+                f"The {a} is on the right side of the {b}.",
+            ]
+    lines += [
+        "USER: ASSISTANT: Describe the image. What is in the picture? Yes. No.",
+        "What is the person holding? What color is the cup? How many objects are there?",
+        "The astronaut is wearing a white suit. A cup of coffee on a plate. A cat. A rocket.",
+    ]
+    try:  # real questions from the easy-VQA dataset, when installed
+        import easy_vqa
+
+        qs, answers, _ = easy_vqa.get_train_questions()
+        lines += list(qs[:5000]) + list(answers)
+    except ImportError:
+        pass
+    return lines
+
+
+def build_tokenizer(vocab_size: int):
+    """A byte-level BPE (any text encodes, nothing is <unk>) with LLaVA's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    from tokenizers import processors
+
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        model_max_length=8192,
+    )
+    fast.chat_template = LLAVA_CHAT_TEMPLATE
+    return fast
+
+
+def _vllm_weight_layout(state_dict: dict) -> dict:
+    """transformers 5 names the tower ``vision_tower.embeddings``; vLLM 0.32 loads ``vision_tower.vision_model``."""
+    out = {}
+    for name, tensor in state_dict.items():
+        if name.startswith("model.vision_tower.") and not name.startswith("model.vision_tower.vision_model."):
+            name = "model.vision_tower.vision_model." + name[len("model.vision_tower."):]
+        out[name] = tensor.contiguous()
+    return out
+
+
+def build_tiny_llava(out_dir: Path | str = DEFAULT_MODEL_DIR, spec: TinyLlavaSpec = TinyLlavaSpec()) -> Path:
+    """Write a randomly initialised (seeded) tiny LLaVA-1.5-style checkpoint to ``out_dir``."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(spec.vocab_size)
+    vision = CLIPVisionConfig(
+        hidden_size=spec.vision_hidden_size,
+        intermediate_size=4 * spec.vision_hidden_size,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        projection_dim=64,
+        hidden_act="gelu",  # open_clip's ViT uses exact GELU, not OpenAI's quick_gelu
+    )
+    text = LlamaConfig(
+        hidden_size=spec.text_hidden_size,
+        intermediate_size=spec.text_intermediate_size,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        num_key_value_heads=spec.text_heads,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=spec.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(spec.seed)
+    model = LlavaForConditionalGeneration(config).eval().to(torch.bfloat16)
+    config.dtype = "bfloat16"
+    config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    save_file(_vllm_weight_layout(model.state_dict()), str(out / "model.safetensors"), metadata={"format": "pt"})
+
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": spec.image_size},
+        crop_size={"height": spec.image_size, "width": spec.image_size},
+        do_center_crop=True,
+        do_convert_rgb=True,
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+    (out / "semclip_build.json").write_text(json.dumps({"builder": "build_tiny_llava", **asdict(spec)}, indent=2))
+    return out
+
+
+def build_tiny_relevance(out_dir: Path | str = DEFAULT_RELEVANCE_DIR, seed: int = 0) -> Path:
+    """Write a randomly initialised (seeded) ``SemClip-ViT-T-16`` in open_clip's local-dir format."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    from .relevance import register_model_configs
+
+    register_model_configs()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = open_clip.create_model(RELEVANCE_MODEL_NAME, pretrained=None)
+    model_cfg = open_clip.get_model_config(RELEVANCE_MODEL_NAME)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
+    (out / "open_clip_config.json").write_text(
+        json.dumps(
+            {
+                "model_cfg": model_cfg,
+                "preprocess_cfg": {"mean": list(model.visual.image_mean), "std": list(model.visual.image_std)},
+            },
+            indent=2,
+        )
+    )
+    return out
+
+
+def ensure_default_models(force: bool = False) -> tuple[Path, Path]:
+    """Build the bundled models if they are missing (seconds on a CPU)."""
+    if force or not (DEFAULT_MODEL_DIR / "model.safetensors").is_file():
+        build_tiny_llava(DEFAULT_MODEL_DIR)
+    if force or not (DEFAULT_RELEVANCE_DIR / "open_clip_model.safetensors").is_file():
+        build_tiny_relevance(DEFAULT_RELEVANCE_DIR)
+    return DEFAULT_MODEL_DIR, DEFAULT_RELEVANCE_DIR
