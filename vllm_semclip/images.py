@@ -21,10 +21,26 @@ def max_image_pixels() -> int:
     return int(os.environ.get("VLLM_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS))
 
 
+def defer_pixel_limit_to_vllm() -> None:
+    """Make vLLM's pixel limit the one that applies, so an over-limit image is a 400.
+
+    vLLM 0.32's image loader opens the header, checks ``VLLM_MAX_IMAGE_PIXELS`` and
+    raises a ValueError (HTTP 400) before decoding. But PIL's own decompression-bomb
+    check runs first, inside ``Image.open``, and its ``DecompressionBombError`` is
+    not caught there, so the client got a 500 for an image just over the limit.
+    While vLLM's limit is active we switch PIL's check off; vLLM's check still
+    rejects the image from its header, before any pixel is decoded.
+    """
+    if max_image_pixels() > 0:
+        Image.MAX_IMAGE_PIXELS = None
+
+
 def load_image(path: str | Path) -> Image.Image:
     """Open an image, refusing one over the pixel limit before its pixels are decoded."""
     try:
         im = Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"{path}: {exc}") from exc
     except (OSError, Image.UnidentifiedImageError) as exc:
         raise ValueError(f"cannot read an image from {path}: {exc}") from exc
     with im:

@@ -99,6 +99,11 @@ def serve_command(
             cmd += [flag, value]
     if not has_cuda() and "--enforce-eager" not in extra:
         cmd.append("--enforce-eager")
+    # vLLM refuses per-request mm_processor_kwargs unless trusted. SemClip's processor
+    # validates every key itself (unknown keys refused, topk capped at the profiled
+    # maximum, ψ and device fixed at start), so per-request selection is safe to allow.
+    if "--trust-request-mm-kwargs" not in extra:
+        cmd.append("--trust-request-mm-kwargs")
     return cmd + extra
 
 

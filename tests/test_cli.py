@@ -1,0 +1,109 @@
+"""The `semclip` command: select (JSON + overlay), argument errors, serve's command line, the demo."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vllm_semclip import select_crops
+from vllm_semclip.config import SemClipConfig
+from vllm_semclip.server import serve_command
+
+
+def semclip(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "vllm_semclip.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def photo_path(tmp_path_factory, photo):
+    path = tmp_path_factory.mktemp("img") / "astronaut.png"
+    photo.save(path)
+    return path
+
+
+def test_select_json_matches_the_python_api(model_dir, photo_path, photo):
+    question = "What is the color of the flag?"
+    out = semclip("select", str(photo_path), question, "--topk", "2", "--json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(doc) == {"boxes", "scores", "candidates"}
+    assert doc["candidates"] == 13 and len(doc["boxes"]) == 2 == len(doc["scores"])
+    expected = select_crops(photo, question, SemClipConfig(topk=2))
+    assert doc["boxes"] == [list(b) for b in expected.boxes]
+    assert doc["scores"] == pytest.approx(expected.scores, abs=1e-6)
+    for x0, y0, x1, y1 in doc["boxes"]:
+        assert 0 <= x0 < x1 <= photo.width and 0 <= y0 < y1 <= photo.height
+
+
+def test_select_overlay_draws_heatmap_and_boxes(model_dir, photo_path, tmp_path):
+    overlay = tmp_path / "overlay.png"
+    out = semclip("select", str(photo_path), "What is the astronaut holding?", "--out", str(overlay), "--grids", "2")
+    assert out.returncode == 0, out.stderr
+    assert "#1 box=" in out.stdout and str(overlay) in out.stdout
+    drawn = np.asarray(Image.open(overlay).convert("RGB")).astype(int)
+    original = np.asarray(Image.open(photo_path).convert("RGB")).astype(int)
+    assert drawn.shape == original.shape
+    assert np.abs(drawn - original).mean() > 5  # the heatmap is blended in
+    green = (drawn[..., 1] == 255) & (drawn[..., 0] == 0) & (drawn[..., 2] == 80)
+    assert green.sum() > 100  # the chosen box is outlined
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [(("--topk", "11"), "topk must be an integer in 0..8"), (("--grids", "2,x"), "grids"),
+     (("--overlap", "0.9"), "overlap")],
+)
+def test_select_bad_options_exit_2_with_message(model_dir, photo_path, args, words):
+    out = semclip("select", str(photo_path), "q", *args)
+    assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr
+
+
+def test_select_corrupt_and_oversized_images(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    out = semclip("select", str(bad), "q")
+    assert out.returncode == 2 and "cannot read an image" in out.stderr
+    big = tmp_path / "big.png"
+    Image.new("1", (20000, 10000)).save(big)
+    out = semclip("select", str(big), "q")
+    assert out.returncode == 2 and "pixels" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_serve_refuses_bad_flags_before_starting():
+    out = semclip("serve", "--topk", "12", timeout=60)
+    assert out.returncode == 2 and "topk" in out.stderr
+
+
+def test_serve_command_translates_flags():
+    cmd = serve_command("/m", {"topk": 2, "grids": (2, 3)}, port=9000,
+                        vllm_args=["--hf-overrides", '{"semclip_config": {"overlap": 0.1}, "foo": 1}', "--max-model-len", "2048"])
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    overrides = json.loads(cmd[cmd.index("--hf-overrides") + 1])
+    assert overrides == {"architectures": ["SemClipLlavaForConditionalGeneration"], "foo": 1,
+                         "semclip_config": {"overlap": 0.1, "topk": 2, "grids": [2, 3]}}
+    assert cmd.count("--max-model-len") == 1 and cmd[cmd.index("--max-model-len") + 1] == "2048"
+    assert "--trust-request-mm-kwargs" in cmd and cmd[cmd.index("--port") + 1] == "9000"
+
+
+def test_demo_answers_and_writes_overlays(model_dir, tmp_path, tokens_per_tile):
+    """`make demo`'s command: a real server, real photos, the openai client; the server is stopped after."""
+    out = semclip("demo", "--out", str(tmp_path), timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    records = json.loads((tmp_path / "demo.json").read_text())
+    assert len(records) == 4
+    for i, rec in enumerate(records):
+        assert isinstance(rec["answer"], str)
+        assert rec["visual_tokens"] == 2 * tokens_per_tile and len(rec["boxes"]) == 1
+        assert (tmp_path / f"{i}_{rec['photo']}.png").is_file()
+    assert "server stopped" in out.stdout
+    import re
+
+    pid = int(re.search(r"pid (\d+)", out.stdout).group(1))
+    with pytest.raises(ProcessLookupError):
+        import os
+
+        os.kill(pid, 0)
