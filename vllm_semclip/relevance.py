@@ -118,6 +118,74 @@ class RelevanceModel:
         emb = self.model.encode_image(batch)
         return torch.nn.functional.normalize(emb.float(), dim=-1)
 
+    @property
+    def resize_mode(self) -> str:
+        cfg = getattr(self.model.visual, "preprocess_cfg", None) or {}
+        return cfg.get("resize_mode", "shortest")
+
+    def region_batch(self, image: Image.Image, boxes: Sequence[tuple[int, int, int, int]], pad_to_square: bool) -> torch.Tensor:
+        """ψ's input tensors for many regions of one image, without a full-resolution crop each.
+
+        The image is downscaled once — only as far as its smallest region allows, so no
+        region is later upsampled from a needlessly reduced copy — and every region is
+        then cut, padded and resized as a tensor slice. The result matches open_clip's
+        preprocessing (resize to the model's size, bicubic with antialiasing, center
+        crop, normalise) of each region padded to a square (LLaVA-1.5's expand2square),
+        at a fraction of the cost of doing it per PIL crop on a 2000-px photo.
+        """
+        import torch
+        import torch.nn.functional as F
+        from PIL import Image
+        from torchvision.transforms.functional import pil_to_tensor
+
+        size = self.image_size
+        width, height = image.size
+        sides = [max(x1 - x0, y1 - y0) if pad_to_square else min(x1 - x0, y1 - y0) for x0, y0, x1, y1 in boxes]
+        factor = min(1.0, size / max(1, min(sides)))
+        if factor < 1.0:
+            image = image.resize((max(1, round(width * factor)), max(1, round(height * factor))),
+                                 Image.BICUBIC, reducing_gap=1.0)
+        pixels = pil_to_tensor(image).float().div_(255.0)
+        mean = torch.tensor(self.model.visual.image_mean).view(3, 1, 1)
+        std = torch.tensor(self.model.visual.image_std).view(3, 1, 1)
+        sw, sh = image.size[0] / width, image.size[1] / height
+        out = []
+        for x0, y0, x1, y1 in boxes:
+            a0, b0 = min(int(x0 * sw), image.size[0] - 1), min(int(y0 * sh), image.size[1] - 1)
+            a1, b1 = max(a0 + 1, min(round(x1 * sw), image.size[0])), max(b0 + 1, min(round(y1 * sh), image.size[1]))
+            region = pixels[:, b0:b1, a0:a1]
+            h, w = region.shape[1:]
+            if pad_to_square and h != w:
+                side = max(h, w)
+                canvas = mean.expand(3, side, side).clone()
+                canvas[:, (side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = region
+                region = canvas
+            if self.resize_mode == "squash" or region.shape[1] == region.shape[2]:
+                target = (size, size)
+            else:  # resize the shortest side, then center crop
+                scale = size / min(h, w)
+                target = (max(size, round(h * scale)), max(size, round(w * scale)))
+            region = F.interpolate(region[None], size=target, mode="bicubic", antialias=True, align_corners=False)[0]
+            if target != (size, size):
+                top, left = (target[0] - size) // 2, (target[1] - size) // 2
+                region = region[:, top:top + size, left:left + size]
+            out.append(((region.clamp_(0, 1) - mean) / std))
+        return torch.stack(out)
+
+    def score_regions(
+        self, question: str, image: Image.Image, boxes: Sequence[tuple[int, int, int, int]], pad_to_square: bool = True
+    ) -> torch.Tensor:
+        """Cosine similarity of each region of ``image`` with the question, in one batched forward."""
+        import torch
+
+        if not boxes:
+            return torch.empty(0)
+        batch = self.region_batch(image, boxes, pad_to_square).to(self.device)
+        with self._lock, torch.inference_mode():
+            text = self._text_embedding(question)
+            images = torch.nn.functional.normalize(self.model.encode_image(batch).float(), dim=-1)
+            return (images @ text).cpu()
+
     def score(self, question: str, crops: Sequence[Image.Image]) -> torch.Tensor:
         """Cosine similarity of each crop with the question, in one batched forward."""
         import torch

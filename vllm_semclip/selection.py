@@ -95,11 +95,7 @@ def select_crops(image: Image.Image, question: str, config: SemClipConfig | None
         return result([], None)
 
     psi = get_relevance_model(config.relevance_model, config.relevance_pretrained, config.device)
-    crops = crop_boxes(rgb, candidates)
-    if config.pad_to_square:
-        fill = tuple(int(round(255 * m)) for m in psi.model.visual.image_mean)
-        crops = [pad_to_square(c, fill) for c in crops]
-    scores = [float(s) for s in psi.score(question, crops)]
+    scores = [float(s) for s in psi.score_regions(question, rgb, candidates, config.pad_to_square)]
     return result(_topk(scores, k), scores)
 
 
