@@ -7,6 +7,8 @@
 ``semclip demo``
     serves the bundled model on 127.0.0.1, asks questions about real photos, prints
     answers, boxes and visual-token counts, writes overlays, stops the server.
+``semclip bench-data --out DIR --n N --seed S``
+    writes a V*-style benchmark (V* Bench's layout) of small shapes on large photos.
 ``semclip build-models [--force]``
     (re)builds the bundled tiny models.
 """
@@ -116,6 +118,22 @@ def cmd_demo(argv: list[str]) -> int:
     return demo_main(argv)
 
 
+def cmd_bench_data(argv: list[str]) -> int:
+    from .benchdata import write_bench
+
+    p = argparse.ArgumentParser(prog="semclip bench-data", description="write a V*-style benchmark (V* Bench layout)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=191, help="questions (default 191, V* Bench's count)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.n < 1:
+        raise ValueError("--n must be at least 1")
+    records = write_bench(args.out, args.n, args.seed)
+    counts = {c: sum(r.category == c for r in records) for c in ("direct_attributes", "relative_position")}
+    print(f"wrote {len(records)} questions to {args.out}: {counts}; JSONL: {args.out}/records.jsonl")
+    return 0
+
+
 def cmd_build_models(argv: list[str]) -> int:
     from .tiny_models import ensure_default_models
 
@@ -127,7 +145,8 @@ def cmd_build_models(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "select": cmd_select, "demo": cmd_demo, "build-models": cmd_build_models}
+COMMANDS = {"serve": cmd_serve, "select": cmd_select, "demo": cmd_demo, "bench-data": cmd_bench_data,
+            "build-models": cmd_build_models}
 
 
 def main(argv: list[str] | None = None) -> int:
