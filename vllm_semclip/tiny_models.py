@@ -197,6 +197,7 @@ def build_tiny_llava(out_dir: Path | str = DEFAULT_MODEL_DIR, spec: TinyLlavaSpe
     torch.manual_seed(spec.seed)
     model = LlavaForConditionalGeneration(config).eval().to(torch.bfloat16)
     config.dtype = "bfloat16"
+    config.architectures = ["LlavaForConditionalGeneration"]  # stock LLaVA unless --hf-overrides says otherwise
     config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
     save_file(_vllm_weight_layout(model.state_dict()), str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -214,6 +215,7 @@ def build_tiny_llava(out_dir: Path | str = DEFAULT_MODEL_DIR, spec: TinyLlavaSpe
         tokenizer=tokenizer,
         patch_size=spec.patch_size,
         vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # the CLS token, as llava-hf's processors declare it
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
     processor.save_pretrained(out)
