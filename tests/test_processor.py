@@ -86,7 +86,7 @@ def test_tiles_are_exactly_select_crops(processor, photo):
     config = SemClipConfig(topk=2, max_topk=MAX_TOPK)
     selection = select_crops(photo, question, config)
     assert selection.num_crops == 2
-    tiles = selected_tiles(photo, selection, processor.info.pad_fill)
+    tiles = selected_tiles(photo, selection, processor.info.pad_fill, 2 * processor.info.tile_size)
     expected = processor.info.get_hf_processor().image_processor(tiles, return_tensors="pt")["pixel_values"]
     assert torch.allclose(_pixel_values(out).float(), expected.to(torch.bfloat16).float())
 
@@ -151,7 +151,8 @@ def test_each_image_gets_its_own_selection(processor, tokens_per_tile):
     pv = _pixel_values(out)
     ip = processor.info.get_hf_processor().image_processor
     for i, image in enumerate(images):
-        tiles = selected_tiles(image, select_crops(image, question, config), processor.info.pad_fill)
+        tiles = selected_tiles(image, select_crops(image, question, config), processor.info.pad_fill,
+                               2 * processor.info.tile_size)
         expected = ip(tiles, return_tensors="pt")["pixel_values"].to(torch.bfloat16)
         assert torch.equal(pv[2 * i: 2 * i + 2], expected)
 

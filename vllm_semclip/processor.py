@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Mapping, Sequence
 from functools import cached_property
 
@@ -42,6 +43,7 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from vllm.multimodal.processing.context import TimingContext
 from vllm.multimodal.processing.inputs import ProcessorInputs
 
+from . import timings
 from .config import SemClipConfig
 from .question import QuestionExtractor
 from .selection import select_crops, selected_tiles
@@ -170,8 +172,13 @@ class SemClipMultiModalProcessor(BaseLlavaMultiModalProcessor[SemClipProcessingI
         tiles = []
         num_tiles = []
         for image, question in zip(images, questions):
+            start = time.perf_counter()
             selection = select_crops(image, question, config)
-            image_tiles = selected_tiles(image, selection, pad_fill)
+            if timings.enabled():
+                timings.record(time=time.time(), selection_ms=(time.perf_counter() - start) * 1000, method=config.method,
+                               candidates=len(selection.candidates), crops=selection.num_crops,
+                               width=selection.image_size[0], height=selection.image_size[1])
+            image_tiles = selected_tiles(image, selection, pad_fill, max_side=2 * self.info.tile_size)
             tiles.extend(image_tiles)
             num_tiles.append(len(image_tiles))
         image_processor = self.info.get_hf_processor().image_processor

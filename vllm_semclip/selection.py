@@ -99,10 +99,22 @@ def select_crops(image: Image.Image, question: str, config: SemClipConfig | None
     return result(_topk(scores, k), scores)
 
 
-def selected_tiles(image: Image.Image, selection: Selection, pad_fill: tuple[int, int, int] | None) -> list[Image.Image]:
-    """[overview, crop_1, …, crop_k] as RGB images, padded to squares when ``pad_fill`` is given."""
+def selected_tiles(
+    image: Image.Image,
+    selection: Selection,
+    pad_fill: tuple[int, int, int] | None,
+    max_side: int | None = None,
+) -> list[Image.Image]:
+    """[overview, crop_1, …, crop_k] as RGB images, padded to squares when ``pad_fill`` is given.
+
+    With ``max_side``, a tile larger than that is first box-reduced by an integer factor (to
+    between ``max_side`` and twice it): padding a 2700-px photo and letting the CLIP image
+    processor resample it all the way down costs far more than the final resize from there.
+    """
     rgb = to_rgb(image)
     tiles = [rgb, *crop_boxes(rgb, selection.boxes)]
+    if max_side is not None:
+        tiles = [t.reduce(f) if (f := max(t.size) // max_side) >= 2 else t for t in tiles]
     if pad_fill is not None:
         tiles = [pad_to_square(t, pad_fill) for t in tiles]
     return tiles
