@@ -9,6 +9,8 @@
     answers, boxes and visual-token counts, writes overlays, stops the server.
 ``semclip bench-data --out DIR --n N --seed S``
     writes a V*-style benchmark (V* Bench's layout) of small shapes on large photos.
+``semclip bench serve [--quick]``
+    serving throughput/latency of overview, semclip, given, all and hf, side by side.
 ``semclip build-models [--force]``
     (re)builds the bundled tiny models.
 """
@@ -134,6 +136,15 @@ def cmd_bench_data(argv: list[str]) -> int:
     return 0
 
 
+def cmd_bench(argv: list[str]) -> int:
+    if not argv or argv[0] != "serve":
+        print("usage: semclip bench serve [--quick] [...]  (see --help)", file=sys.stderr)
+        return 2
+    from .serve_bench import main as bench_main
+
+    return bench_main(argv[1:])
+
+
 def cmd_build_models(argv: list[str]) -> int:
     from .tiny_models import ensure_default_models
 
@@ -146,6 +157,7 @@ def cmd_build_models(argv: list[str]) -> int:
 
 
 COMMANDS = {"serve": cmd_serve, "select": cmd_select, "demo": cmd_demo, "bench-data": cmd_bench_data,
+            "bench": cmd_bench,
             "build-models": cmd_build_models}
 
 

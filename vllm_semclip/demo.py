@@ -21,9 +21,9 @@ QUESTIONS = [
 ]
 
 
-def text_token_count(tokenizer, question: str) -> int:
-    """Tokens of the chat prompt with the image placeholder counted as one token."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+def text_token_count(tokenizer, question: str, num_images: int = 1) -> int:
+    """Tokens of the chat prompt with each image placeholder counted as one token."""
+    messages = [{"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": question}]}]
     ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]

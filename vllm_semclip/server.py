@@ -70,6 +70,26 @@ def _flag_value(args: list[str], flag: str) -> tuple[str | None, list[str]]:
     return value, rest
 
 
+def _with_defaults(cmd: list[str], extra: list[str]) -> list[str]:
+    """vLLM flags SemClip's servers use unless the caller gave them."""
+    defaults: dict[str, str] = {"--limit-mm-per-prompt": json.dumps({"image": 8})}
+    if not has_cuda():
+        defaults.update({"--dtype": "bfloat16", "--max-model-len": "8192"})
+    for flag, value in defaults.items():
+        if not any(a == flag or a.startswith(flag + "=") for a in extra):
+            cmd += [flag, value]
+    if not has_cuda() and "--enforce-eager" not in extra:
+        cmd.append("--enforce-eager")
+    return cmd + extra
+
+
+def stock_serve_command(model: str, *, host: str = "127.0.0.1", port: int = 8000, vllm_args: Sequence[str] = ()) -> list[str]:
+    """Plain vLLM serving the model's own architecture (stock LLaVA): the baseline."""
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+           "--model", model, "--host", host, "--port", str(port)]
+    return _with_defaults(cmd, list(vllm_args))
+
+
 def serve_command(
     model: str,
     semclip_config: Mapping[str, Any],
@@ -91,20 +111,12 @@ def serve_command(
         "--port", str(port),
         "--hf-overrides", json.dumps(overrides),
     ]
-    defaults: dict[str, str] = {"--limit-mm-per-prompt": json.dumps({"image": 8})}
-    if not has_cuda():
-        defaults.update({"--dtype": "bfloat16", "--max-model-len": "8192"})
-    for flag, value in defaults.items():
-        if not any(a == flag or a.startswith(flag + "=") for a in extra):
-            cmd += [flag, value]
-    if not has_cuda() and "--enforce-eager" not in extra:
-        cmd.append("--enforce-eager")
     # vLLM refuses per-request mm_processor_kwargs unless trusted. SemClip's processor
     # validates every key itself (unknown keys refused, topk capped at the profiled
     # maximum, ψ and device fixed at start), so per-request selection is safe to allow.
     if "--trust-request-mm-kwargs" not in extra:
         cmd.append("--trust-request-mm-kwargs")
-    return cmd + extra
+    return _with_defaults(cmd, extra)
 
 
 # SemClipConfig field → `semclip serve` flag
@@ -165,12 +177,16 @@ class ServerProcess:
         log_path: str | Path | None = None,
         env: Mapping[str, str] | None = None,
         startup_timeout: float = 300.0,
+        stock: bool = False,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
-        self.command = semclip_serve_command(
-            model, semclip_config or {}, host=host, port=self.port, vllm_args=vllm_args
-        )
+        if stock:  # the model's own architecture, no SemClip: the baseline
+            self.command = stock_serve_command(model, host=host, port=self.port, vllm_args=vllm_args)
+        else:
+            self.command = semclip_serve_command(
+                model, semclip_config or {}, host=host, port=self.port, vllm_args=vllm_args
+            )
         self.env = runtime_env(env)
         self.log_path = Path(log_path) if log_path else None
         self.startup_timeout = startup_timeout
