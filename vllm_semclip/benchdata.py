@@ -91,12 +91,17 @@ def _distractors(draw, size, shapes: list[str], taken, rng, side) -> list[Placed
     return [place(draw, s, rng.choice(list(COLORS)), side, (0, 0, w, h), taken, rng) for s in shapes]
 
 
-def make_attribute(index: int, seed: int) -> tuple[Image.Image, BenchRecord]:
-    rng = random.Random(f"attr-{seed}-{index}")
+def _new_scene(kind: str, index: int, seed: int):
+    """The record's own generator, canvas size, background name, canvas and a pen on it."""
+    rng = random.Random(f"{kind}-{seed}-{index}")
     size = _canvas_size(rng)
     bg = rng.choice(background_names())
     image = background(bg, size, rng)
-    draw = ImageDraw.Draw(image)
+    return rng, size, bg, image, ImageDraw.Draw(image)
+
+
+def make_attribute(index: int, seed: int) -> tuple[Image.Image, BenchRecord]:
+    rng, size, bg, image, draw = _new_scene("attr", index, seed)
     shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
     side = _side(size, rng)
     taken: list = []
@@ -116,11 +121,7 @@ def make_attribute(index: int, seed: int) -> tuple[Image.Image, BenchRecord]:
 
 
 def make_spatial(index: int, seed: int) -> tuple[Image.Image, BenchRecord]:
-    rng = random.Random(f"spatial-{seed}-{index}")
-    size = _canvas_size(rng)
-    bg = rng.choice(background_names())
-    image = background(bg, size, rng)
-    draw = ImageDraw.Draw(image)
+    rng, size, bg, image, draw = _new_scene("spatial", index, seed)
     a, b = rng.sample(SHAPES, 2)
     side = _side(size, rng)
     region = _cell_region(size, rng)  # both inside one 3×3 cell: one crop can show both
