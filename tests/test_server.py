@@ -187,44 +187,15 @@ def test_bad_requests_do_not_lose_concurrent_good_ones(server, client, served_mo
 
 def test_plain_vllm_server_with_hf_overrides(model_dir, photo, tokenizer, tokens_per_tile, tmp_path):
     """No wrapper: the documented vLLM command line, the plugin found through its entry point."""
-    import subprocess
-    import sys
-    import time
+    from vllm_semclip.server import ServerProcess
 
-    from vllm_semclip.server import free_port, runtime_env
-
-    port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
-           "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16", "--enforce-eager",
-           "--max-model-len", "4096",
-           "--hf-overrides", json.dumps({"architectures": ["SemClipLlavaForConditionalGeneration"],
-                                         "semclip_config": {"topk": 2}})]
-    log = open(tmp_path / "plain.log", "wb")
-    proc = subprocess.Popen(cmd, env=runtime_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, (tmp_path / "plain.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "plain vLLM server did not start"
-            time.sleep(1)
-        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="EMPTY", max_retries=0)
+    overrides = {"architectures": ["SemClipLlavaForConditionalGeneration"], "semclip_config": {"topk": 2}}
+    plain = ServerProcess(model_dir, stock=True, log_path=tmp_path / "plain.log",
+                          vllm_args=["--hf-overrides", json.dumps(overrides), "--max-model-len", "4096"])
+    assert plain.command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert "vllm_semclip.cli" not in " ".join(plain.command)
+    with plain:
+        c = openai.OpenAI(base_url=plain.base_url + "/v1", api_key="EMPTY", max_retries=0)
         reply = _ask(c, model_dir, [photo])
         assert reply.usage.prompt_tokens == _text_tokens(tokenizer, 1) + 3 * tokens_per_tile  # server-wide topk=2
-    finally:
-        import os
-        import signal
-
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        log.close()
-    assert proc.poll() is not None
+    assert plain.process.poll() is not None

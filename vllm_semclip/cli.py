@@ -121,7 +121,7 @@ def cmd_demo(argv: list[str]) -> int:
 
 
 def cmd_bench_data(argv: list[str]) -> int:
-    from .benchdata import write_bench
+    from .benchdata import CATEGORIES, write_bench
 
     p = argparse.ArgumentParser(prog="semclip bench-data", description="write a V*-style benchmark (V* Bench layout)")
     p.add_argument("--out", required=True)
@@ -131,7 +131,7 @@ def cmd_bench_data(argv: list[str]) -> int:
     if args.n < 1:
         raise ValueError("--n must be at least 1")
     records = write_bench(args.out, args.n, args.seed)
-    counts = {c: sum(r.category == c for r in records) for c in ("direct_attributes", "relative_position")}
+    counts = {c: sum(r.category == c for r in records) for c in CATEGORIES}
     print(f"wrote {len(records)} questions to {args.out}: {counts}; JSONL: {args.out}/records.jsonl")
     return 0
 

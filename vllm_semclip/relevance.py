@@ -111,12 +111,14 @@ class RelevanceModel:
             self._text_cache.popitem(last=False)
         return emb
 
-    def encode_images(self, crops: Sequence[Image.Image]) -> torch.Tensor:
+    def _similarity(self, question: str, batch: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of each preprocessed image in ``batch`` with the question (one forward)."""
         import torch
 
-        batch = torch.stack([self.preprocess(c) for c in crops]).to(self.device)
-        emb = self.model.encode_image(batch)
-        return torch.nn.functional.normalize(emb.float(), dim=-1)
+        with self._lock, torch.inference_mode():
+            text = self._text_embedding(question)
+            images = torch.nn.functional.normalize(self.model.encode_image(batch.to(self.device)).float(), dim=-1)
+            return (images @ text).cpu()
 
     @property
     def resize_mode(self) -> str:
@@ -180,11 +182,7 @@ class RelevanceModel:
 
         if not boxes:
             return torch.empty(0)
-        batch = self.region_batch(image, boxes, pad_to_square).to(self.device)
-        with self._lock, torch.inference_mode():
-            text = self._text_embedding(question)
-            images = torch.nn.functional.normalize(self.model.encode_image(batch).float(), dim=-1)
-            return (images @ text).cpu()
+        return self._similarity(question, self.region_batch(image, boxes, pad_to_square))
 
     def score(self, question: str, crops: Sequence[Image.Image]) -> torch.Tensor:
         """Cosine similarity of each crop with the question, in one batched forward."""
@@ -192,10 +190,7 @@ class RelevanceModel:
 
         if not crops:
             return torch.empty(0)
-        with self._lock, torch.inference_mode():
-            text = self._text_embedding(question)
-            images = self.encode_images(crops)
-            return (images @ text).cpu()
+        return self._similarity(question, torch.stack([self.preprocess(c) for c in crops]))
 
 
 def get_relevance_model(model_name: str, pretrained: str | None = None, device: str = "cpu") -> RelevanceModel:

@@ -35,20 +35,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 CONFIGS = ("overview", "semclip", "given", "all", "hf")
 METRICS = ("request_throughput", "output_throughput", "p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms",
            "p99_tpot_ms", "p50_e2el_ms", "p99_e2el_ms")
 NO_CACHE_ARGS = ["--mm-processor-cache-gb", "0", "--no-enable-prefix-caching"]
 DEFAULT_RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    pos = q * (len(ordered) - 1)
-    lo, hi = int(pos), min(int(pos) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def _data_url(path: str | Path) -> str:
@@ -80,7 +73,7 @@ def build_workload(out: Path, n: int, seed: int) -> dict[str, Path]:
 
 
 def client_argv(base_url: str, model: str, dataset: Path, concurrency: int, num_prompts: int, output_len: int,
-                extra_body: dict | None, result_dir: Path, tag: str) -> list[str]:
+                result_dir: Path, tag: str) -> list[str]:
     """Arguments of one ``vllm bench serve`` run (openai-chat backend, custom_image dataset)."""
     argv = ["--backend", "openai-chat", "--base-url", base_url, "--endpoint", "/v1/chat/completions",
             "--model", model, "--tokenizer", model,
@@ -89,8 +82,6 @@ def client_argv(base_url: str, model: str, dataset: Path, concurrency: int, num_
             "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency), "--request-rate", "inf",
             "--percentile-metrics", "ttft,tpot,e2el", "--metric-percentiles", "50,99",
             "--save-result", "--result-dir", str(result_dir), "--result-filename", f"{tag}.json", "--seed", "0"]
-    if extra_body:
-        argv += ["--extra-body", json.dumps(extra_body)]
     return argv
 
 
@@ -111,7 +102,7 @@ def run_vllm_client(plan: list[dict], plan_path: Path, result_dir: Path) -> dict
     return results
 
 
-def visual_tokens(base_url: str, model: str, row: dict, extra_body: dict | None) -> int:
+def visual_tokens(base_url: str, model: str, row: dict) -> int:
     """Visual tokens of one request: the server's prompt tokens minus the text's."""
     from openai import OpenAI
     from transformers import AutoTokenizer
@@ -122,7 +113,7 @@ def visual_tokens(base_url: str, model: str, row: dict, extra_body: dict | None)
     content = [{"type": "image_url", "image_url": {"url": url}} for url in row["image_files"]]
     content.append({"type": "text", "text": row["prompt"]})
     reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
-                                           max_tokens=1, extra_body=extra_body)
+                                           max_tokens=1)
     tokenizer = AutoTokenizer.from_pretrained(model)
     n = len(row["image_files"])
     return reply.usage.prompt_tokens - (text_token_count(tokenizer, row["prompt"], n) - n)
@@ -170,7 +161,7 @@ def run_hf(model: str, rows: list[dict], num_prompts: int, output_len: int) -> d
     duration = time.perf_counter() - begin
     return {
         "request_throughput": num_prompts / duration, "output_throughput": num_prompts * output_len / duration,
-        **{f"p{q}_{name}_ms": _percentile(v, q / 100) for name, v in (("ttft", ttft), ("tpot", tpot), ("e2el", e2el))
+        **{f"p{q}_{name}_ms": float(np.percentile(v, q)) for name, v in (("ttft", ttft), ("tpot", tpot), ("e2el", e2el))
            for q in (50, 99)},
         "completed": num_prompts, "duration": duration, "visual_tokens_per_request": visual,
     }
@@ -181,11 +172,12 @@ def _median_of(runs: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def _selection_stats(records: list[dict], window: dict) -> dict[str, float]:
-    values = [t["selection_ms"] for t in records if window["start"] <= t.get("time", 0) <= window["end"]]
-    if not values:
+    inside = [t for t in records if window["start"] <= t.get("time", 0) <= window["end"]]
+    if not inside:
         return {}
-    return {"p50_selection_ms": _percentile(values, 0.5), "p99_selection_ms": _percentile(values, 0.99),
-            "selection_samples": len(values), "candidates": 13}
+    values = [t["selection_ms"] for t in inside]
+    return {"p50_selection_ms": float(np.percentile(values, 50)), "p99_selection_ms": float(np.percentile(values, 99)),
+            "selection_samples": len(values), "candidates": statistics.median(t["candidates"] for t in inside)}
 
 
 def plot(results: dict, path: Path, concurrency: str) -> None:
@@ -250,11 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     workload = build_workload(out / "serve_workload", args.workload_size, args.seed)
     rows = {k: [json.loads(line) for line in v.read_text().splitlines()] for k, v in workload.items()}
 
-    servers = {  # which server answers which config, and how
-        "overview": ("stock", {}, "one", None),
-        "given": ("stock", {}, "two", None),
-        "semclip": ("semclip", {"topk": 1}, "one", None),
-        "all": ("semclip-all", {"method": "all"}, "one", None),
+    servers = {  # config: (server it runs on, that server's SemClip settings, workload)
+        "overview": ("stock", {}, "one"),
+        "given": ("stock", {}, "two"),
+        "semclip": ("semclip", {"topk": 1}, "one"),
+        "all": ("semclip-all", {"method": "all"}, "one"),
     }
     results: dict[str, dict[str, dict[str, Any]]] = {}
     groups: dict[str, list[str]] = {}
@@ -273,14 +265,14 @@ def main(argv: list[str] | None = None) -> int:
             tokens = {}
             plan = []
             for name in names:
-                _, _, dataset_key, extra = servers[name]
-                tokens[name] = visual_tokens(server.base_url, model, rows[dataset_key][0], extra)  # warms up ψ too
+                dataset_key = servers[name][2]
+                tokens[name] = visual_tokens(server.base_url, model, rows[dataset_key][0])  # warms up ψ too
                 for c in concurrencies:
                     for r in range(repeats):
                         tag = f"{name}_c{c}_r{r}"
                         plan.append({"tag": tag, "name": name, "concurrency": c, "num_prompts": prompts_for(c),
                                      "argv": client_argv(server.base_url, model, workload[dataset_key], c,
-                                                         prompts_for(c), args.output_len, extra, runs_dir, tag)})
+                                                         prompts_for(c), args.output_len, runs_dir, tag)})
             done = run_vllm_client(plan, runs_dir / f"plan_{server_kind}.json", runs_dir)
             bar.update(len(plan))
         selection_log = timings.read(timings_file)

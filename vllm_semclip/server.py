@@ -72,13 +72,14 @@ def _flag_value(args: list[str], flag: str) -> tuple[str | None, list[str]]:
 
 def _with_defaults(cmd: list[str], extra: list[str]) -> list[str]:
     """vLLM flags SemClip's servers use unless the caller gave them."""
+    cpu_only = not has_cuda()
     defaults: dict[str, str] = {"--limit-mm-per-prompt": json.dumps({"image": 8})}
-    if not has_cuda():
+    if cpu_only:
         defaults.update({"--dtype": "bfloat16", "--max-model-len": "8192"})
     for flag, value in defaults.items():
         if not any(a == flag or a.startswith(flag + "=") for a in extra):
             cmd += [flag, value]
-    if not has_cuda() and "--enforce-eager" not in extra:
+    if cpu_only and "--enforce-eager" not in extra:
         cmd.append("--enforce-eager")
     return cmd + extra
 
