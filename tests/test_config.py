@@ -35,7 +35,14 @@ def test_error_is_typed_for_vllm_and_python():
         ({"grids": 3}, "grids", "list"),
         ({"overlap": 0.9}, "overlap", "[0.0, 0.5]"),
         ({"overlap": "x"}, "overlap", "number"),
-        ({"method": "magic"}, "method", "relevance, random, overview, all"),
+        ({"method": "magic"}, "method", "relevance, random, overview, all, given"),
+        ({"method": "given"}, "boxes", "needs boxes"),
+        ({"boxes": [[0, 0, 5, 5]]}, "boxes", "only used with method 'given'"),
+        ({"method": "given", "boxes": [[5, 0, 5, 5]]}, "boxes", "x1 > x0"),
+        ({"method": "given", "boxes": [[0, 0, 5]]}, "boxes", "[x0, y0, x1, y1]"),
+        ({"method": "given", "boxes": [[0, 0, 5.5, 5]]}, "boxes", "integers"),
+        ({"method": "given", "boxes": [[0, 0, 5, 5]] * 4}, "boxes", "at most 3 crops"),
+        ({"method": "given", "boxes": "0,0,5,5"}, "boxes", "1 to 8 boxes"),
         ({"bogus": 1}, "bogus", "unknown"),
     ],
 )
@@ -88,3 +95,16 @@ def test_from_hf_config():
 
     with pytest.raises(SemClipConfigError, match="topk"):
         SemClipConfig.from_hf_config(Bad())
+
+
+def test_given_boxes_become_the_crops_clipped_to_the_image():
+    from PIL import Image
+
+    from vllm_semclip.selection import select_crops
+
+    config = SemClipConfig(max_topk=3).replace({"method": "given", "boxes": [[10, 20, 110, 80], [50, 50, 9999, 9999]]},
+                                               request=True)
+    assert config.num_crops == 2 and config.boxes == ((10, 20, 110, 80), (50, 50, 9999, 9999))
+    sel = select_crops(Image.new("RGB", (300, 200)), "anything", config)
+    assert sel.boxes == [(10, 20, 110, 80), (50, 50, 300, 200)]
+    assert config.selection_key() != config.replace({"boxes": [[0, 0, 5, 5]]}).selection_key()

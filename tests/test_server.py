@@ -71,6 +71,13 @@ def test_request_body_mm_processor_kwargs(client, served_model, photo, tokenizer
     assert reply.usage.prompt_tokens == _text_tokens(tokenizer, 1) + (1 + topk) * tokens_per_tile
 
 
+def test_given_boxes_are_the_crops(client, served_model, photo, tokenizer, tokens_per_tile):
+    """Method 'given' (how the harness sends the oracle crop): one tile per box, the same as SemClip's layout."""
+    boxes = [[0, 0, 100, 100], [50, 50, 300, 200]]
+    reply = _ask(client, served_model, [photo], mm_processor_kwargs={"method": "given", "boxes": boxes})
+    assert reply.usage.prompt_tokens == _text_tokens(tokenizer, 1) + 3 * tokens_per_tile
+
+
 def _png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -135,6 +142,8 @@ BAD_REQUESTS = {
     "topk-above-server-max": ({"mm": {"topk": MAX_TOPK + 1}}, f"at most {MAX_TOPK}"),
     "method-all-above-server-max": ({"mm": {"method": "all"}}, "method 'all'"),
     "server-only-field": ({"mm": {"relevance_model": "/etc"}}, "fixed when the server starts"),
+    "given-without-boxes": ({"mm": {"method": "given"}}, "needs boxes"),
+    "given-bad-box": ({"mm": {"method": "given", "boxes": [[9, 9, 1, 1]]}}, "x1 > x0"),
 }
 
 

@@ -69,9 +69,9 @@ class BenchRecord:
                 "options": self.options, **({"semclip": self.extra} if self.extra else {})}
 
 
-def _canvas_size(rng: random.Random) -> tuple[int, int]:
+def _canvas_size(rng: random.Random, scale: float = 1.0) -> tuple[int, int]:
     aw, ah = rng.choice(ASPECTS)
-    long_side = rng.randint(1500, 2700)
+    long_side = round(rng.randint(1500, 2700) * scale)
     return (long_side, round(long_side * ah / aw)) if aw >= ah else (round(long_side * aw / ah), long_side)
 
 
@@ -91,17 +91,21 @@ def _distractors(draw, size, shapes: list[str], taken, rng, side) -> list[Placed
     return [place(draw, s, rng.choice(list(COLORS)), side, (0, 0, w, h), taken, rng) for s in shapes]
 
 
-def _new_scene(kind: str, index: int, seed: int):
-    """The record's own generator, canvas size, background name, canvas and a pen on it."""
+def _new_scene(kind: str, index: int, seed: int, scale: float = 1.0):
+    """The record's own generator, canvas size, background name, canvas and a pen on it.
+
+    ``scale`` < 1 draws the same kind of scene on a smaller canvas (every size relative to
+    it), which is how the VLM trainer makes thousands of scenes cheaply.
+    """
     rng = random.Random(f"{kind}-{seed}-{index}")
-    size = _canvas_size(rng)
+    size = _canvas_size(rng, scale)
     bg = rng.choice(background_names())
     image = background(bg, size, rng)
     return rng, size, bg, image, ImageDraw.Draw(image)
 
 
-def make_attribute(index: int, seed: int) -> tuple[Image.Image, BenchRecord]:
-    rng, size, bg, image, draw = _new_scene("attr", index, seed)
+def make_attribute(index: int, seed: int, scale: float = 1.0) -> tuple[Image.Image, BenchRecord]:
+    rng, size, bg, image, draw = _new_scene("attr", index, seed, scale)
     shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
     side = _side(size, rng)
     taken: list = []
@@ -120,8 +124,8 @@ def make_attribute(index: int, seed: int) -> tuple[Image.Image, BenchRecord]:
     return image, record
 
 
-def make_spatial(index: int, seed: int) -> tuple[Image.Image, BenchRecord]:
-    rng, size, bg, image, draw = _new_scene("spatial", index, seed)
+def make_spatial(index: int, seed: int, scale: float = 1.0) -> tuple[Image.Image, BenchRecord]:
+    rng, size, bg, image, draw = _new_scene("spatial", index, seed, scale)
     a, b = rng.sample(SHAPES, 2)
     side = _side(size, rng)
     region = _cell_region(size, rng)  # both inside one 3×3 cell: one crop can show both

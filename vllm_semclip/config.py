@@ -27,8 +27,8 @@ from vllm.exceptions import VLLMValidationError
 from .crops import num_candidates
 from .tiny_models import DEFAULT_RELEVANCE_DIR
 
-Method = Literal["relevance", "random", "overview", "all"]
-METHODS: tuple[str, ...] = ("relevance", "random", "overview", "all")
+Method = Literal["relevance", "random", "overview", "all", "given"]
+METHODS: tuple[str, ...] = ("relevance", "random", "overview", "all", "given")
 MAX_TOPK = 8
 MAX_GRID = 8
 MAX_GRIDS = 4
@@ -52,7 +52,8 @@ class SemClipConfig:
         grids: grid sizes whose cells are the candidates; (2, 3) gives 4 + 9 = 13.
         overlap: widen each cell by this fraction of its size on every side (0–0.5).
         method: ``relevance`` (ψ scores, the default), ``random`` (seeded),
-            ``overview`` (no crops) or ``all`` (every candidate, AnyRes-like).
+            ``overview`` (no crops), ``all`` (every candidate, AnyRes-like) or
+            ``given`` (the ``boxes`` the caller chose: an oracle, another method's crops).
         relevance_model: ψ — an open_clip model name, or a directory in open_clip's
             local-dir format. Default: the bundled tiny model.
         relevance_pretrained: open_clip ``pretrained`` tag or checkpoint path for a
@@ -65,6 +66,9 @@ class SemClipConfig:
         pad_to_square: pad the overview and each crop to a square before the image
             processor (LLaVA-1.5's ``expand2square``), so the center crop of the
             CLIP preprocessing cuts nothing off.
+        boxes: with method ``given``, the crops as ``[x0, y0, x1, y1]`` pixel boxes
+            (at most 8, clipped to each image); the same boxes apply to every image
+            of the request.
     """
 
     topk: int = 1
@@ -77,6 +81,7 @@ class SemClipConfig:
     seed: int = 0
     max_topk: int | None = None
     pad_to_square: bool = True
+    boxes: tuple[tuple[int, int, int, int], ...] | None = None
 
     def __post_init__(self) -> None:
         _check_int("topk", self.topk, 0, MAX_TOPK)
@@ -104,6 +109,26 @@ class SemClipConfig:
             raise SemClipConfigError(
                 f"pad_to_square must be true or false, got {self.pad_to_square!r}", parameter="pad_to_square"
             )
+        self._check_boxes()
+
+    def _check_boxes(self) -> None:
+        if self.method == "given" and not self.boxes:
+            raise SemClipConfigError("method 'given' needs boxes: [[x0, y0, x1, y1], ...]", parameter="boxes")
+        if self.boxes is None:
+            return
+        if self.method != "given":
+            raise SemClipConfigError(f"boxes are only used with method 'given', not {self.method!r}",
+                                     parameter="boxes")
+        if not isinstance(self.boxes, tuple) or not 1 <= len(self.boxes) <= MAX_TOPK:
+            raise SemClipConfigError(f"boxes must be 1 to {MAX_TOPK} boxes, got {self.boxes!r}", parameter="boxes")
+        for box in self.boxes:
+            ok = isinstance(box, tuple) and len(box) == 4 and all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in box)
+            if not ok or box[2] <= box[0] or box[3] <= box[1]:
+                raise SemClipConfigError(
+                    f"each box must be [x0, y0, x1, y1] non-negative integers with x1 > x0 and y1 > y0, got {box!r}",
+                    parameter="boxes",
+                )
 
     # ---- derived values -------------------------------------------------
     @property
@@ -117,6 +142,8 @@ class SemClipConfig:
             return 0
         if self.method == "all":
             return self.num_candidates
+        if self.method == "given":
+            return len(self.boxes or ())
         return min(self.topk, self.num_candidates)
 
     @property
@@ -125,12 +152,14 @@ class SemClipConfig:
         limit = max(self.topk, self.max_topk if self.max_topk is not None else 0)
         if self.method == "all":
             limit = max(limit, self.num_candidates)
+        if self.method == "given":
+            limit = max(limit, len(self.boxes or ()))
         return limit
 
     def selection_key(self) -> tuple:
         """What the selection depends on, for the multimodal cache key."""
         return (self.topk, self.grids, self.overlap, self.method, self.relevance_model,
-                self.relevance_pretrained, self.seed, self.pad_to_square)
+                self.relevance_pretrained, self.seed, self.pad_to_square, self.boxes)
 
     # ---- construction ---------------------------------------------------
     @classmethod
@@ -176,6 +205,10 @@ class SemClipConfig:
                 f"or a larger --max-topk",
                 parameter="method",
             )
+        if requested.method == "given":
+            raise SemClipConfigError(
+                f"{requested.num_crops} boxes given, but this server was started for at most {limit} crops per "
+                f"image (max_topk)", parameter="boxes")
         raise SemClipConfigError(
             f"topk must be at most {limit}, the maximum this server was started with (max_topk); "
             f"got {requested.topk}",
@@ -221,6 +254,8 @@ def _coerce(key: str, value: Any) -> Any:
         if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
             return tuple(value)
         raise SemClipConfigError(f"grids must be a list of grid sizes like [2, 3], got {value!r}", parameter="grids")
+    if key == "boxes" and isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return tuple(tuple(b) if isinstance(b, Sequence) and not isinstance(b, (str, bytes)) else b for b in value)
     if key == "overlap" and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value

@@ -96,3 +96,23 @@ def box_iou(a: Box, b: Box) -> float:
 
 def box_contains(outer: Box, inner: Box) -> bool:
     return outer[0] <= inner[0] and outer[1] <= inner[1] and outer[2] >= inner[2] and outer[3] >= inner[3]
+
+
+def box_area(box: Box) -> int:
+    return max(0, box[2] - box[0]) * max(0, box[3] - box[1])
+
+
+def oracle_index(candidates: Sequence[Box], targets: Sequence[Box]) -> int:
+    """The candidate that best covers the target boxes (the paper's oracle crop).
+
+    Best = covers the largest share of the targets' area; among equals, the smallest
+    candidate (the one that shows the targets at the highest resolution); then the first.
+    """
+    if not candidates:
+        raise ValueError("no candidates")
+    total = sum(box_area(t) for t in targets) or 1
+
+    def covered(c: Box) -> float:
+        return sum(box_area((max(c[0], t[0]), max(c[1], t[1]), min(c[2], t[2]), min(c[3], t[3]))) for t in targets) / total
+
+    return min(range(len(candidates)), key=lambda i: (-round(covered(candidates[i]), 9), box_area(candidates[i]), i))

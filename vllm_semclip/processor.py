@@ -99,11 +99,11 @@ class SemClipDummyInputsBuilder(LlavaDummyInputsBuilder[SemClipProcessingInfo]):
         config = self.info.server_config
         most = config.max_crops
         if most == 0:
-            return {"method": "overview"}
+            return {"method": "overview", "boxes": None}
         if config.method == "all" and most == config.num_candidates:
             return {"method": "all"}
         # random selection needs no question; one grid with at least `most` cells
-        return {"method": "random", "topk": most, "grids": [math.ceil(math.sqrt(most))]}
+        return {"method": "random", "topk": most, "grids": [math.ceil(math.sqrt(most))], "boxes": None}
 
 
 class SemClipMultiModalProcessor(BaseLlavaMultiModalProcessor[SemClipProcessingInfo]):

@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image
 
 from .config import SemClipConfig
-from .crops import Box, candidate_boxes, crop_boxes, pad_to_square, to_rgb
+from .crops import Box, _clip_box, candidate_boxes, crop_boxes, pad_to_square, to_rgb
 from .relevance import get_relevance_model
 
 
@@ -89,6 +89,10 @@ def select_crops(image: Image.Image, question: str, config: SemClipConfig | None
         return result([], None)
     if config.method == "all":
         return result(list(range(len(candidates))), None)
+    if config.method == "given":
+        given = [_clip_box(*box, *size) for box in config.boxes or ()]
+        return Selection(boxes=given, scores=[None] * len(given), candidates=candidates, candidate_scores=None,
+                         method=config.method, question=question, image_size=size)
     if config.method == "random":
         return result(_random_generator(config, question, size).sample(range(len(candidates)), k), None)
     if not question:
