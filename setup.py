@@ -12,7 +12,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["vllm_semclip", "vllm_semclip.*"]),
-    package_data={"vllm_semclip": ["model_configs/*.json"]},
+    package_data={"vllm_semclip": ["model_configs/*.json", "models/*/*"]},
     install_requires=[
         "open_clip_torch>=3.0",
         "pillow",

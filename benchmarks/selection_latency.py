@@ -58,7 +58,7 @@ def main() -> None:
             "candidates": configs[name].num_candidates,
         }
     meta = {"torch_threads": torch.get_num_threads(), "repeats": args.repeats,
-            "relevance_model": "bundled SemClip-ViT-T-16 (224 px, 4 layers)"}
+            "relevance_model": "bundled SemClip-ViT-T-16 (224 px, patch 16, 4 layers)"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     print(f"\n{'method':<16}{'image':>12}{'p50 ms':>10}{'p99 ms':>10}")

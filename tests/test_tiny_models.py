@@ -38,7 +38,90 @@ def test_heads_are_wide_enough_for_vllm_cpu(model_dir):
 
 
 def test_build_is_reproducible(tmp_path, model_dir):
-    out = build_tiny_llava(tmp_path / "again", TinyLlavaSpec())
-    for name in ("model.safetensors", "tokenizer.json"):
-        assert (out / name).read_bytes() == (Path(model_dir) / name).read_bytes(), name
+    one = build_tiny_llava(tmp_path / "one", TinyLlavaSpec())
+    two = build_tiny_llava(tmp_path / "two", TinyLlavaSpec())
+    assert (one / "model.safetensors").read_bytes() == (two / "model.safetensors").read_bytes()
+    # the tokenizer is rebuilt from the same corpus: the bundled model's ids stay valid
+    assert (one / "tokenizer.json").read_bytes() == (Path(model_dir) / "tokenizer.json").read_bytes()
     assert (DEFAULT_RELEVANCE_DIR / "open_clip_config.json").is_file()
+
+
+def test_llava_tower_is_the_bundled_psi(model_dir):
+    """The LLaVA vision tower and ψ's ViT are one model: same features on the same pixels."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from vllm_semclip.relevance import RelevanceModel
+
+    psi = RelevanceModel.from_pretrained(str(DEFAULT_RELEVANCE_DIR)).model.float()
+    tower = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).model.vision_tower
+    pixels = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        psi.visual.output_tokens = True
+        pooled, _ = psi.visual(pixels)
+        psi.visual.output_tokens = False
+        hf = tower(pixels).pooler_output @ psi.visual.proj
+    # LLaVA's tower is stored in bf16 (ψ in fp16): compare at that precision
+    assert torch.allclose(hf, pooled, atol=0.05, rtol=0.05)
+    assert not torch.allclose(hf, pooled.roll(1, dims=0), atol=0.05, rtol=0.05)  # and different images differ
+
+
+def _scene_inputs(index: int, spatial: bool):
+    from vllm_semclip.benchdata import make_attribute, make_spatial
+    from vllm_semclip.crops import candidate_boxes, oracle_index
+
+    image, rec = (make_spatial if spatial else make_attribute)(index, seed=4242, scale=0.4)
+    candidates = candidate_boxes(*image.size, (2, 3))
+    box = candidates[oracle_index(candidates, rec.target_boxes)]
+    return image, rec, box
+
+
+def test_vllm_greedy_answers_match_transformers(llm, model_dir, tokens_per_tile):
+    """Same image, question and crop: vLLM with the plugin and transformers' LLaVA decode the same tokens.
+
+    Both run in bf16 but with different kernels, so a step where transformers' two best tokens
+    are within a rounding error of each other may go either way; there (and only there) the
+    two may part, and vLLM's token must be one of transformers' two best. Every other step must agree.
+    """
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from vllm import SamplingParams
+
+    from vllm_semclip.selection import Selection, selected_tiles
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    tok = processor.tokenizer
+    hf = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    pad_fill = tuple(int(round(255 * m)) for m in processor.image_processor.image_mean)
+    params = SamplingParams(temperature=0.0, max_tokens=14)
+    full_matches = 0
+    for index, spatial in ((0, False), (1, False), (2, False), (0, True), (1, True), (2, True)):
+        image, rec, box = _scene_inputs(index, spatial)
+        prompt = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                          "text": rec.question}]}], add_generation_prompt=True, tokenize=False)
+        out = llm.generate({"prompt": prompt, "multi_modal_data": {"image": image},
+                            "mm_processor_kwargs": {"method": "given", "boxes": [list(box)]}}, params, use_tqdm=False)
+        vllm_ids = list(out[0].outputs[0].token_ids)
+
+        tiles = selected_tiles(image, Selection([box], [None], [], None, "given", "", image.size), pad_fill, 448)
+        pixel_values = processor.image_processor(tiles, return_tensors="pt")["pixel_values"].to(torch.bfloat16)
+        ids = []
+        for t in tok(prompt)["input_ids"]:
+            ids.extend([t] * (len(tiles) * tokens_per_tile) if t == hf.config.image_token_index else [t])
+        with torch.inference_mode():
+            gen = hf.generate(input_ids=torch.tensor([ids]), pixel_values=pixel_values, max_new_tokens=14,
+                              do_sample=False, output_scores=True, return_dict_in_generate=True)
+        hf_ids = gen.sequences[0, len(ids):].tolist()
+        if tok.eos_token_id in hf_ids:
+            hf_ids = hf_ids[:hf_ids.index(tok.eos_token_id) + 1]
+        assert tok.decode(vllm_ids, skip_special_tokens=True).strip().startswith("The ")
+        if vllm_ids == hf_ids:
+            full_matches += 1
+            continue
+        step = next(i for i, (a, b) in enumerate(zip(vllm_ids, hf_ids)) if a != b)
+        logprobs = torch.log_softmax(gen.scores[step][0].float(), -1)
+        top2 = logprobs.topk(2)
+        assert vllm_ids[:step] == hf_ids[:step]
+        assert vllm_ids[step] in top2.indices.tolist(), (rec.question, tok.decode(vllm_ids), tok.decode(hf_ids))
+        assert float(top2.values[0] - top2.values[1]) < 0.1, (rec.question, float(top2.values[0] - top2.values[1]))
+    assert full_matches >= 4

@@ -11,8 +11,14 @@
     writes a V*-style benchmark (V* Bench's layout) of small shapes on large photos.
 ``semclip bench serve [--quick]``
     serving throughput/latency of overview, semclip, given, all and hf, side by side.
+``semclip eval --data DIR --method M[,M...] [--topk K] [--protocol likelihood|generate] --out results.json``
+    accuracy, crop hit rate and visual tokens of overview/random/all/clip/oracle through vLLM.
+``semclip train clip [--out DIR] [--steps N] [--seed S]``
+    trains the tiny CLIP (ψ's default and the LLaVA tower) and evaluates it on held-out cards.
+``semclip train vlm [--relevance-dir DIR] [--out DIR] [--steps N] [--seed S]``
+    builds the tiny LLaVA on ψ's tower, trains projector + LM, evaluates held-out questions.
 ``semclip build-models [--force]``
-    (re)builds the bundled tiny models.
+    builds random (seeded) stand-ins where the bundled trained models are missing.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ def _add_selection_flags(p: argparse.ArgumentParser, *, server: bool) -> None:
     p.add_argument("--topk", type=int, help="crops kept next to the overview (0-8; default 1)")
     p.add_argument("--grids", help="grid sizes of the candidates, e.g. 2,3 (default)")
     p.add_argument("--overlap", type=float, help="widen each cell by this fraction on each side (0-0.5)")
-    p.add_argument("--method", choices=("relevance", "random", "overview", "all"))
+    p.add_argument("--method", choices=("relevance", "random", "overview", "all"),
+                   help="how crops are chosen (method 'given' takes boxes: set it per request)")
     p.add_argument("--relevance-model", help="ψ: an open_clip model name or a local-dir checkpoint directory")
     p.add_argument("--relevance-pretrained", help="open_clip pretrained tag or checkpoint path (e.g. openai)")
     p.add_argument("--relevance-device", dest="device", help="where ψ runs (cpu, cuda, ...)")
@@ -145,6 +152,65 @@ def cmd_bench(argv: list[str]) -> int:
     return bench_main(argv[1:])
 
 
+def cmd_eval(argv: list[str]) -> int:
+    from .evaluate import EVAL_METHODS, PROTOCOLS, TABLE_HEADER, format_row, run
+
+    p = argparse.ArgumentParser(prog="semclip eval", description="V*-style evaluation through vLLM with SemClip")
+    p.add_argument("--data", required=True, help="V*-layout directory or records.jsonl")
+    p.add_argument("--model", help="LLaVA checkpoint (default: the bundled tiny LLaVA)")
+    p.add_argument("--method", required=True,
+                   help=f"one of {', '.join(EVAL_METHODS)}, or several separated by commas")
+    p.add_argument("--topk", type=int, default=1, help="crops for random and clip (default 1)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="likelihood")
+    p.add_argument("--grids", default="2,3", help="candidate grids (default 2,3)")
+    p.add_argument("--relevance-model", help="ψ for clip: open_clip name or local-dir (default: bundled)")
+    p.add_argument("--limit", type=int, help="only the first N questions")
+    p.add_argument("--out", required=True, help="results .json (one method) or a directory (several)")
+    args = p.parse_args(argv)
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    grids = [int(g) for g in args.grids.split(",") if g.strip()]
+    docs = run(args.data, methods, args.out, model=args.model, topk=args.topk, protocol=args.protocol,
+               grids=grids, relevance_model=args.relevance_model, limit=args.limit)
+    print(TABLE_HEADER)
+    for doc in docs:
+        print(format_row(doc))
+    return 0
+
+
+def cmd_train(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("clip", "vlm"):
+        print("usage: semclip train clip|vlm [--out DIR] [--steps N] [--seed S] ...", file=sys.stderr)
+        return 2
+    what, argv = argv[0], argv[1:]
+    from .tiny_models import DEFAULT_MODEL_DIR, DEFAULT_RELEVANCE_DIR
+
+    p = argparse.ArgumentParser(prog=f"semclip train {what}")
+    p.add_argument("--out", default=str(DEFAULT_RELEVANCE_DIR if what == "clip" else DEFAULT_MODEL_DIR))
+    p.add_argument("--steps", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    if what == "clip":
+        p.add_argument("--init", help="continue from this ψ checkpoint directory")
+        p.add_argument("--curriculum", type=float, help="fraction of steps over which cards shrink (default 0.3)")
+        p.add_argument("--lr", type=float)
+    if what == "vlm":
+        p.add_argument("--relevance-dir", default=str(DEFAULT_RELEVANCE_DIR), help="trained ψ whose ViT is the tower")
+    args = p.parse_args(argv)
+    overrides = {k: getattr(args, k, None) for k in ("steps", "seed", "threads", "init", "curriculum", "lr")}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if what == "clip":
+        from .train_clip import ClipTrainConfig, train_clip
+
+        report = train_clip(ClipTrainConfig(**overrides), args.out)
+    else:
+        from .train_vlm import VlmTrainConfig, train_vlm
+
+        report = train_vlm(VlmTrainConfig(**overrides), args.relevance_dir, args.out)
+    print(json.dumps({k: v for k, v in report.items() if k not in ("config", "spec")}, indent=2))
+    print(f"written to {args.out} (report: {args.out}/train_report.json)")
+    return 0
+
+
 def cmd_build_models(argv: list[str]) -> int:
     from .tiny_models import ensure_default_models
 
@@ -157,8 +223,7 @@ def cmd_build_models(argv: list[str]) -> int:
 
 
 COMMANDS = {"serve": cmd_serve, "select": cmd_select, "demo": cmd_demo, "bench-data": cmd_bench_data,
-            "bench": cmd_bench,
-            "build-models": cmd_build_models}
+            "bench": cmd_bench, "eval": cmd_eval, "train": cmd_train, "build-models": cmd_build_models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,9 @@
-"""``semclip demo``: serve the bundled model, ask about real photos, show what SemClip did.
+"""``semclip demo``: serve the bundled model, ask about small details in large scenes, show what SemClip did.
+
+The scenes are the V*-style benchmark's (:mod:`vllm_semclip.benchdata`, a seed no training
+run uses): 1500–2700 px photos with small shapes that vanish when the image is shrunk to one
+tile. Each question is asked twice of the same real server — with SemClip (overview + the
+crop ψ picks) and as stock LLaVA (``topk: 0``, overview only) — so the difference is visible.
 
 The server is real (vLLM's OpenAI server on 127.0.0.1 with the plugin) and so is the
 client (the ``openai`` package, images sent as base64 data URLs). Visual tokens are
@@ -13,12 +18,8 @@ import json
 import time
 from pathlib import Path
 
-QUESTIONS = [
-    ("astronaut", "What is the color of the flag on the astronaut's suit?"),
-    ("astronaut", "What is the astronaut holding in his hand?"),
-    ("coffee", "What color is the saucer under the cup?"),
-    ("rocket", "What is written on the side of the rocket?"),
-]
+DEMO_SEED = 2026  # not a training seed (training scenes use 1_000_000 and up)
+SCENES = [("attribute", 0), ("attribute", 1), ("spatial", 0), ("spatial", 1)]
 
 
 def text_token_count(tokenizer, question: str, num_images: int = 1) -> int:
@@ -34,8 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     from openai import OpenAI
     from transformers import AutoTokenizer
 
+    from .benchdata import make_attribute, make_spatial
     from .config import SemClipConfig
-    from .images import sample_photo, to_data_url
+    from .crops import box_contains
+    from .evaluate import choose_option
+    from .images import to_data_url
     from .overlay import draw_selection
     from .selection import select_crops
     from .server import ServerProcess
@@ -44,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="semclip demo")
     p.add_argument("--out", default="out/demo", help="where overlays and the server log go")
     p.add_argument("--topk", type=int, default=1)
-    p.add_argument("--max-tokens", type=int, default=12)
+    p.add_argument("--max-tokens", type=int, default=16)
     args = p.parse_args(argv)
 
     model_dir, _ = ensure_default_models()
@@ -58,32 +62,51 @@ def main(argv: list[str] | None = None) -> int:
         print(f"server ready at {server.base_url} in {time.monotonic() - t0:.0f}s (pid {server.pid})\n")
         client = OpenAI(base_url=server.base_url + "/v1", api_key="EMPTY")
         served = client.models.list().data[0].id
-        records = []
-        for i, (photo, question) in enumerate(QUESTIONS):
-            image = sample_photo(photo)
+
+        def ask(image, question: str, topk: int):
             t = time.monotonic()
             reply = client.chat.completions.create(
                 model=served,
                 messages=[{"role": "user", "content": [
-                    {"type": "image_url", "image_url": {"url": to_data_url(image)}},
+                    {"type": "image_url", "image_url": {"url": to_data_url(image, "JPEG")}},
                     {"type": "text", "text": question},
                 ]}],
                 max_tokens=args.max_tokens,
                 temperature=0.0,
+                extra_body={"mm_processor_kwargs": {"topk": topk}},
             )
-            latency = time.monotonic() - t
+            return reply, time.monotonic() - t
+
+        records = []
+        for i, (kind, index) in enumerate(SCENES):
+            image, rec = (make_attribute if kind == "attribute" else make_spatial)(index, DEMO_SEED)
+            question = rec.question
+            reply, latency = ask(image, question, args.topk)
+            stock, _ = ask(image, question, 0)
+            answer, stock_answer = reply.choices[0].message.content, stock.choices[0].message.content
+            right = choose_option(answer, rec.options) == 0
+            stock_right = choose_option(stock_answer, rec.options) == 0
             selection = select_crops(image, question, config)
+            hit = any(all(box_contains(b, t) for t in rec.target_boxes) for b in selection.boxes)
             visual = reply.usage.prompt_tokens - text_token_count(tokenizer, question) + 1
-            overlay = out / f"{i}_{photo}.png"
+            overlay = out / f"{i}_{rec.name}.png"
             draw_selection(image, selection, overlay)
-            print(f"[{photo} {image.width}x{image.height}] {question}")
-            print(f"  answer: {reply.choices[0].message.content!r}  ({latency * 1000:.0f} ms)")
+            mark = lambda ok: "right" if ok else "wrong"  # noqa: E731
+            print(f"[{rec.name} {image.width}x{image.height}, target {rec.target_object} at {rec.bbox}] {question}")
+            print(f"  SemClip (k={args.topk}): {answer!r} — {mark(right)} ({latency * 1000:.0f} ms)")
+            print(f"  stock LLaVA (overview only): {stock_answer!r} — {mark(stock_right)}")
+            print(f"  expected: {rec.answer!r}")
             for rank, (box, score) in enumerate(zip(selection.boxes, selection.scores), start=1):
-                print(f"  crop #{rank}: box {list(box)}  ψ score {score:.3f}")
+                print(f"  crop #{rank}: box {list(box)}  ψ score {score:.3f}  "
+                      f"{'contains' if hit else 'misses'} the target")
             print(f"  visual tokens: {visual} ({1 + selection.num_crops} tiles)  overlay: {overlay}\n")
-            records.append({"photo": photo, "question": question, "answer": reply.choices[0].message.content,
-                            "boxes": [list(b) for b in selection.boxes], "visual_tokens": visual,
-                            "prompt_tokens": reply.usage.prompt_tokens})
+            records.append({"name": rec.name, "question": question, "expected": rec.answer, "answer": answer,
+                            "correct": right, "stock_answer": stock_answer, "stock_correct": stock_right,
+                            "boxes": [list(b) for b in selection.boxes], "crop_hit": hit, "visual_tokens": visual,
+                            "prompt_tokens": reply.usage.prompt_tokens, "overlay": str(overlay)})
         (out / "demo.json").write_text(json.dumps(records, indent=2))
+    n = len(records)
+    print(f"SemClip right on {sum(r['correct'] for r in records)}/{n}, stock LLaVA on "
+          f"{sum(r['stock_correct'] for r in records)}/{n}.")
     print(f"server stopped. Answers and boxes: {out / 'demo.json'}")
     return 0

@@ -55,17 +55,16 @@ SHAPES = ("circle", "rectangle", "triangle", "square", "star", "cross", "diamond
 
 @dataclass(frozen=True)
 class TinyLlavaSpec:
-    """Sizes of the tiny LLaVA. Every attention head is 32 wide (vLLM's CPU backend needs ≥ 32)."""
+    """Sizes of the tiny LLaVA's language side; the vision tower is ψ's (``vision_model``).
 
-    image_size: int = 224
-    patch_size: int = 16
-    vision_hidden_size: int = 128
-    vision_layers: int = 4
-    vision_heads: int = 4
-    text_hidden_size: int = 128
-    text_layers: int = 2
-    text_heads: int = 4
-    text_intermediate_size: int = 344
+    Every attention head is 32 wide (vLLM's CPU backend needs ≥ 32).
+    """
+
+    vision_model: str = RELEVANCE_MODEL_NAME  # open_clip config whose ViT is the tower
+    text_hidden_size: int = 160
+    text_layers: int = 4
+    text_heads: int = 5
+    text_intermediate_size: int = 432
     vocab_size: int = 640
     max_position_embeddings: int = 8192
     seed: int = 0
@@ -147,32 +146,54 @@ def _vllm_weight_layout(state_dict: dict) -> dict:
     return out
 
 
-def build_tiny_llava(out_dir: Path | str = DEFAULT_MODEL_DIR, spec: TinyLlavaSpec = TinyLlavaSpec()) -> Path:
-    """Write a randomly initialised (seeded) tiny LLaVA-1.5-style checkpoint to ``out_dir``."""
+def _vision_source(spec: TinyLlavaSpec, relevance_dir: Path | str | None):
+    """(open_clip model, its config): the trained ψ in ``relevance_dir``, or a seeded random one."""
+    import open_clip
+    import torch
+
+    from .relevance import register_model_configs
+
+    register_model_configs()
+    if relevance_dir is not None:
+        path = Path(relevance_dir).resolve()
+        model_cfg = json.loads((path / "open_clip_config.json").read_text())["model_cfg"]
+        model = open_clip.create_model(f"local-dir:{path}")
+        return model.float().eval(), model_cfg
+    torch.manual_seed(spec.seed)
+    return open_clip.create_model(spec.vision_model, pretrained=None).eval(), open_clip.get_model_config(spec.vision_model)
+
+
+def build_tiny_llava(
+    out_dir: Path | str = DEFAULT_MODEL_DIR,
+    spec: TinyLlavaSpec = TinyLlavaSpec(),
+    relevance_dir: Path | str | None = None,
+    weights: dict | None = None,
+) -> Path:
+    """Write a tiny LLaVA-1.5-style checkpoint to ``out_dir``.
+
+    The vision tower is the ViT of ψ: converted from the open_clip checkpoint in
+    ``relevance_dir`` (LLaVA's recipe: a contrastively trained CLIP tower), or from a
+    seeded random ``spec.vision_model`` when none is given. The projector and language
+    model are seeded random unless ``weights`` (a LLaVA state dict, e.g. a trained one)
+    is given.
+    """
     import torch
     from safetensors.torch import save_file
     from transformers import (
         CLIPImageProcessor,
-        CLIPVisionConfig,
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
     )
 
+    from .convert import clip_vision_config, clip_vision_state_dict
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(spec.vocab_size)
-    vision = CLIPVisionConfig(
-        hidden_size=spec.vision_hidden_size,
-        intermediate_size=4 * spec.vision_hidden_size,
-        num_hidden_layers=spec.vision_layers,
-        num_attention_heads=spec.vision_heads,
-        image_size=spec.image_size,
-        patch_size=spec.patch_size,
-        projection_dim=64,
-        hidden_act="gelu",  # open_clip's ViT uses exact GELU, not OpenAI's quick_gelu
-    )
+    clip, clip_cfg = _vision_source(spec, relevance_dir)
+    vision = clip_vision_config(clip, clip_cfg)
     text = LlamaConfig(
         hidden_size=spec.text_hidden_size,
         intermediate_size=spec.text_intermediate_size,
@@ -195,16 +216,25 @@ def build_tiny_llava(out_dir: Path | str = DEFAULT_MODEL_DIR, spec: TinyLlavaSpe
         projector_hidden_act="gelu",
     )
     torch.manual_seed(spec.seed)
-    model = LlavaForConditionalGeneration(config).eval().to(torch.bfloat16)
+    model = LlavaForConditionalGeneration(config).eval()
+    tower = model.model.vision_tower
+    prefix = "vision_model." if any(k.startswith("vision_model.") for k in tower.state_dict()) else ""
+    tower_weights = {k: v for k, v in clip_vision_state_dict(clip, prefix=prefix).items()
+                     if not k.startswith(("visual_projection", "text_projection"))}
+    tower.load_state_dict(tower_weights, strict=True)
+    if weights is not None:
+        model.load_state_dict(weights, strict=True)
+    model = model.to(torch.bfloat16)
     config.dtype = "bfloat16"
     config.architectures = ["LlavaForConditionalGeneration"]  # stock LLaVA unless --hf-overrides says otherwise
     config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
     save_file(_vllm_weight_layout(model.state_dict()), str(out / "model.safetensors"), metadata={"format": "pt"})
 
+    size = vision.image_size
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": spec.image_size},
-        crop_size={"height": spec.image_size, "width": spec.image_size},
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
         do_center_crop=True,
         do_convert_rgb=True,
         image_mean=[0.48145466, 0.4578275, 0.40821073],
@@ -213,13 +243,15 @@ def build_tiny_llava(out_dir: Path | str = DEFAULT_MODEL_DIR, spec: TinyLlavaSpe
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=spec.patch_size,
+        patch_size=vision.patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # the CLS token, as llava-hf's processors declare it
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
     processor.save_pretrained(out)
-    (out / "semclip_build.json").write_text(json.dumps({"builder": "build_tiny_llava", **asdict(spec)}, indent=2))
+    build = {"builder": "build_tiny_llava", **asdict(spec),
+             "vision_tower_from": Path(relevance_dir).name if relevance_dir is not None else f"random {spec.vision_model}"}
+    (out / "semclip_build.json").write_text(json.dumps(build, indent=2))
     return out
 
 

@@ -1,0 +1,94 @@
+"""Training code paths (fast): batch building, curriculum, token layout, a few real steps."""
+
+import random
+
+import pytest
+
+from vllm_semclip.cards import CAPTIONS, CROP_SIDE_RANGE
+from vllm_semclip.train_clip import ClipTrainConfig, sample_blocks, side_range_at, train_clip
+from vllm_semclip.train_vlm import LlavaTrainer, Sample, VlmTrainConfig, scene_sample, tile_sample
+
+
+def test_clip_blocks_hold_every_caption_once():
+    blocks = sample_blocks(random.Random(0), 224, 2, CROP_SIDE_RANGE)
+    assert len(blocks) == 4  # 2 caption blocks + shape questions + pair questions
+    for texts, images in blocks[:2]:
+        assert sorted(texts) == sorted(CAPTIONS) and len(images) == 24
+    for texts, images in blocks[2:]:
+        assert len(texts) == len(set(texts)) == len(images) == 3
+    assert all("left or right" in t for t in blocks[3][0])
+
+
+def test_curriculum_shrinks_cards_to_crop_size():
+    first, later = side_range_at(0.0, 0.3), side_range_at(0.5, 0.3)
+    assert first[0] > later[0] and first[1] > later[1]
+    assert later == pytest.approx(CROP_SIDE_RANGE)
+
+
+@pytest.mark.parametrize("bad", [{"steps": 0}, {"lr": 2.0}, {"curriculum": 1.5}])
+def test_clip_config_is_validated(bad):
+    with pytest.raises(ValueError):
+        ClipTrainConfig(**bad)
+
+
+@pytest.mark.parametrize("bad", [{"batch_size": 0}, {"scene_fraction": -0.1}, {"scene_scale": 2.0}])
+def test_vlm_config_is_validated(bad):
+    with pytest.raises(ValueError):
+        VlmTrainConfig(**bad)
+
+
+def test_clip_training_writes_a_checkpoint_open_clip_loads(tmp_path):
+    from vllm_semclip.relevance import RelevanceModel
+
+    report = train_clip(ClipTrainConfig(steps=2, caption_blocks=1, eval_cards=24, eval_mosaics=3), tmp_path / "psi",
+                        progress=False)
+    assert 0.0 <= report["zero_shot_accuracy"] <= 1.0 and report["eval_mosaics"] == 3
+    psi = RelevanceModel.from_pretrained(str(tmp_path / "psi"))
+    assert psi.image_size == 224 and (tmp_path / "psi" / "train_report.json").is_file()
+
+
+def test_samples_carry_the_right_answer_first():
+    rng = random.Random(1)
+    for _ in range(20):
+        s = tile_sample(rng, n_cards=2, spatial=True)
+        assert len(s.options) == 2 and s.category == "relative_position"
+        s = tile_sample(rng, n_cards=3, spatial=False)
+        assert len(s.options) == 4 and len(set(s.options)) == 4 and s.category == "direct_attributes"
+    scene = scene_sample(rng, 0, spatial=False, scale=0.3, crops=2, pad_fill=(122, 116, 104), tile_size=224)
+    assert len(scene.tiles) == 3 and all(t.size[0] == t.size[1] for t in scene.tiles)
+
+
+@pytest.fixture(scope="module")
+def trainer(model_dir):
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return LlavaTrainer(model, AutoProcessor.from_pretrained(model_dir))
+
+
+def test_token_layout_matches_what_vllm_serves(trainer, tokens_per_tile):
+    sample = Sample([None, None], "What is the color of the circle?", ["The color of the circle is red."],
+                    "direct_attributes")
+    ids, start = trainer.encode(sample, sample.options[0])
+    assert ids.count(trainer.image_token_id) == 2 * tokens_per_tile
+    answer = trainer.tokenizer.decode(ids[start:])
+    assert answer.strip() == "The color of the circle is red." + trainer.tokenizer.eos_token
+    prompt = trainer.tokenizer.decode([t for t in ids[:start] if t != trainer.image_token_id])
+    assert prompt.startswith("<s>USER:") and prompt.rstrip().endswith("ASSISTANT:")
+
+
+def test_likelihood_scores_match_a_plain_forward(trainer):
+    """The batched option scorer equals scoring each option alone with the model's own forward."""
+    import torch
+
+    sample = tile_sample(random.Random(4), n_cards=2, spatial=False)
+    batched = trainer.option_scores([sample])[0]
+    pixel_values = trainer.pixel_values([sample])
+    for opt, score in zip(sample.options, batched):
+        ids, start = trainer.encode(sample, opt, eos=False)
+        with torch.inference_mode():
+            logits = trainer.model(input_ids=torch.tensor([ids]), pixel_values=pixel_values).logits[0]
+        logprobs = torch.log_softmax(logits.float(), -1)
+        alone = sum(float(logprobs[i - 1, ids[i]]) for i in range(start, len(ids)))
+        assert score == pytest.approx(alone, abs=1e-3)

@@ -1,0 +1,274 @@
+"""Train the tiny CLIP (``SemClip-ViT-T-16``): ψ's zero-shot default and the tiny LLaVA's eyes.
+
+The recipe is CLIP's: an open_clip dual encoder created by open_clip's factory from the
+package's named config, trained with open_clip's own contrastive loss (``ClipLoss``) on
+(text, image) pairs. The images are photo tiles with one easy-VQA card at the sizes cards
+have inside a benchmark crop (:mod:`vllm_semclip.cards`); the texts are the 24 captions
+"a {color} {shape}".
+
+Why the batch is built of *blocks*: with only 24 captions, a random batch of 96 repeats
+each caption ~4 times and the contrastive loss would push apart images that share a
+caption (false negatives). Each block holds every caption exactly once, and the loss is
+``ClipLoss`` applied to each block. Two small extra blocks pair the benchmark's question
+phrasings ("What is the color of the triangle?", "Is the circle on the left or right side
+of the square?") with tiles that show the named shapes, one text per shape (pair), so ψ
+also reads a raw question zero-shot — it is what the processor hands it.
+
+Why a curriculum: the card is large at first and shrinks to its real size over the first
+30% of the steps. Colour is learned in minutes at any size; shape needs the larger
+views first.
+
+``semclip train clip`` runs it, evaluates on held-out cards and writes an open_clip
+``local-dir`` checkpoint (fp16 weights, a few MB) plus ``train_report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .cards import (
+    CAPTIONS,
+    CROP_SIDE_RANGE,
+    SHAPES,
+    attribute_question,
+    caption,
+    card_tile,
+    mosaic,
+    spatial_question,
+)
+from .scenes import COLORS
+from .tiny_models import DEFAULT_RELEVANCE_DIR, RELEVANCE_MODEL_NAME
+
+EVAL_SEED_OFFSET = 1_000_003  # held-out cards come from a different stream than training
+
+
+@dataclass(frozen=True)
+class ClipTrainConfig:
+    """Hyper-parameters of ``semclip train clip`` (defaults reproduce the committed weights)."""
+
+    model: str = RELEVANCE_MODEL_NAME
+    steps: int = 1500
+    caption_blocks: int = 3  # blocks of 24 distinct captions per step
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup: int = 100
+    curriculum: float = 0.2  # fraction of steps over which cards shrink to their real size
+    seed: int = 0
+    threads: int = 0  # torch threads; 0 = torch's default
+    eval_cards: int = 480
+    eval_mosaics: int = 400
+    init: str | None = None  # continue from this local-dir checkpoint (same config) instead of random weights
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.caption_blocks < 1:
+            raise ValueError("steps and caption_blocks must be at least 1")
+        if not 0 < self.lr < 1 or self.weight_decay < 0 or self.warmup < 0:
+            raise ValueError("lr must be in (0, 1), weight_decay and warmup non-negative")
+        if not 0 <= self.curriculum <= 1:
+            raise ValueError("curriculum is a fraction of the steps (0-1)")
+
+
+def _lerp(a: float, b: float, t: float) -> float:
+    return a + (b - a) * t
+
+
+def side_range_at(progress: float, curriculum: float) -> tuple[float, float]:
+    """Card side (fraction of the tile) at ``progress`` ∈ [0, 1]: large first, real size after the curriculum."""
+    t = 1.0 if curriculum <= 0 else min(1.0, progress / curriculum)
+    return _lerp(0.2, CROP_SIDE_RANGE[0], t), _lerp(0.5, CROP_SIDE_RANGE[1], t)
+
+
+def to_tensor(images, mean, std):
+    """PIL tiles (already at the model's size) → a normalised batch, as open_clip's preprocess would give."""
+    import torch
+    from torchvision.transforms.functional import pil_to_tensor
+
+    x = torch.stack([pil_to_tensor(im) for im in images]).float().div_(255.0)
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def sample_blocks(rng: random.Random, size: int, blocks: int, side_range: tuple[float, float]):
+    """One step's blocks: ``blocks`` × (24 captions, once each) + one shape-question and one pair-question block."""
+    out = []
+    for _ in range(blocks):
+        texts, images = [], []
+        for text in rng.sample(CAPTIONS, len(CAPTIONS)):
+            color, shape = text.split()[1:]
+            texts.append(text)
+            images.append(card_tile(rng, size, shapes=[shape], colors=[color], side_range=side_range).image)
+        out.append((texts, images))
+    texts, images = [], []
+    for shape in SHAPES:
+        texts.append(rng.choice([f"a {shape}", f"the {shape}", attribute_question(shape)]))
+        images.append(card_tile(rng, size, shapes=[shape], side_range=side_range).image)
+    out.append((texts, images))
+    texts, images = [], []
+    for a, b in ((SHAPES[0], SHAPES[1]), (SHAPES[0], SHAPES[2]), (SHAPES[1], SHAPES[2])):
+        if rng.random() < 0.5:
+            a, b = b, a
+        texts.append(spatial_question(a, b))
+        images.append(card_tile(rng, size, shapes=[a, b], n_cards=2, side_range=side_range).image)
+    out.append((texts, images))
+    return out
+
+
+def zero_shot_accuracy(model, tokenizer, rng: random.Random, n: int, size: int, batch: int = 96) -> float:
+    """Held-out single cards at crop size: argmax over the 24 caption embeddings."""
+    import torch
+
+    mean, std = model.visual.image_mean, model.visual.image_std
+    with torch.inference_mode():
+        text = torch.nn.functional.normalize(model.encode_text(tokenizer(list(CAPTIONS))), dim=-1)
+        correct = 0
+        labels = [CAPTIONS[i % len(CAPTIONS)] for i in range(n)]
+        for start in range(0, n, batch):
+            chunk = labels[start:start + batch]
+            tiles = [card_tile(rng, size, shapes=[t.split()[2]], colors=[t.split()[1]]).image for t in chunk]
+            img = torch.nn.functional.normalize(model.encode_image(to_tensor(tiles, mean, std)), dim=-1)
+            pred = (img @ text.T).argmax(dim=-1).tolist()
+            correct += sum(CAPTIONS[p] == t for p, t in zip(pred, chunk))
+    return correct / n
+
+
+def cell_pick_accuracy(relevance, rng: random.Random, n: int, size: int, query: str = "caption") -> float:
+    """3×3 mosaics: the card's cell must score highest among the 9 (ψ's real scoring path).
+
+    ``query="caption"``: one target card "a {color} {shape}"; each other cell holds, with
+    probability 1/2, a card with a different caption (same shape in another colour included).
+    ``query="question"``: the text is "What is the color of the {shape}?" and the other
+    cells' cards are of other shapes.
+    """
+    boxes = [((i % 3) * size, (i // 3) * size, (i % 3 + 1) * size, (i // 3 + 1) * size) for i in range(9)]
+    correct = 0
+    for _ in range(n):
+        shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+        target = rng.randrange(9)
+        tiles = []
+        for i in range(9):
+            if i == target:
+                tiles.append(card_tile(rng, size, shapes=[shape], colors=[color]).image)
+                continue
+            if rng.random() < 0.5:
+                while True:
+                    s = rng.choice([x for x in SHAPES if x != shape] if query == "question" else SHAPES)
+                    c = rng.choice(list(COLORS))
+                    if (s, c) != (shape, color):
+                        break
+                tiles.append(card_tile(rng, size, shapes=[s], colors=[c]).image)
+            else:
+                tiles.append(card_tile(rng, size, shapes=[], colors=[]).image)
+        text = caption(color, shape) if query == "caption" else attribute_question(shape)
+        scores = relevance.score_regions(text, mosaic(tiles), boxes, pad_to_square=True)
+        correct += int(scores.argmax()) == target
+    return correct / n
+
+
+def save_local_dir(model, model_name: str, out_dir: Path) -> None:
+    """open_clip's ``local-dir`` format: ``open_clip_config.json`` + fp16 ``open_clip_model.safetensors``."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out_dir / "open_clip_model.safetensors"))
+    (out_dir / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": open_clip.get_model_config(model_name),
+        "preprocess_cfg": {"mean": list(model.visual.image_mean), "std": list(model.visual.image_std)},
+    }, indent=2))
+
+
+def evaluate(model_dir: Path | str, seed: int = 0, n_cards: int = 480, n_mosaics: int = 400) -> dict:
+    """Held-out figures of a saved ψ: zero-shot caption accuracy and 3×3 cell pick (caption and question)."""
+    import open_clip
+
+    from .relevance import RelevanceModel, register_model_configs
+
+    register_model_configs()
+    relevance = RelevanceModel.from_pretrained(str(model_dir))
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{Path(model_dir).resolve()}")
+    size = relevance.image_size
+    rng = random.Random(seed + EVAL_SEED_OFFSET)
+    return {
+        "zero_shot_accuracy": zero_shot_accuracy(relevance.model, tokenizer, rng, n_cards, size),
+        "cell_pick_accuracy": cell_pick_accuracy(relevance, rng, n_mosaics, size, "caption"),
+        "cell_pick_accuracy_question": cell_pick_accuracy(relevance, rng, n_mosaics, size, "question"),
+        "eval_cards": n_cards,
+        "eval_mosaics": n_mosaics,
+        "eval_seed": seed + EVAL_SEED_OFFSET,
+    }
+
+
+def train_clip(config: ClipTrainConfig = ClipTrainConfig(), out_dir: Path | str = DEFAULT_RELEVANCE_DIR,
+               progress: bool = True) -> dict:
+    """Train, evaluate and save; return the report (also written as ``train_report.json``)."""
+    import open_clip
+    import torch
+    from tqdm import tqdm
+
+    from .relevance import register_model_configs
+
+    register_model_configs()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    if config.init:
+        model = open_clip.create_model(f"local-dir:{Path(config.init).resolve()}").float()
+    else:
+        model = open_clip.create_model(config.model, pretrained=None)
+    tokenizer = open_clip.get_tokenizer(config.model)
+    size = int(open_clip.get_model_config(config.model)["vision_cfg"]["image_size"])
+    mean, std = model.visual.image_mean, model.visual.image_std
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, config.warmup))
+                                              * 0.5 * (1 + math.cos(math.pi * min(1.0, s / config.steps))))
+    loss_fn = open_clip.ClipLoss()
+    model.train()
+    start = time.time()
+    bar = tqdm(range(config.steps), desc="train clip", disable=not progress, mininterval=5)
+    running = None
+    for step in bar:
+        blocks = sample_blocks(rng, size, config.caption_blocks, side_range_at(step / config.steps, config.curriculum))
+        texts = [t for ts, _ in blocks for t in ts]
+        images = [im for _, ims in blocks for im in ims]
+        image_features = model.encode_image(to_tensor(images, mean, std), normalize=True)
+        text_features = model.encode_text(tokenizer(texts), normalize=True)
+        scale = model.logit_scale.exp()
+        loss, offset = 0.0, 0
+        for ts, _ in blocks:
+            sl = slice(offset, offset + len(ts))
+            loss = loss + loss_fn(image_features[sl], text_features[sl], scale) * len(ts)
+            offset += len(ts)
+        loss = loss / offset
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{running:.3f}", refresh=False)
+        if progress and (step + 1) % 250 == 0:  # a quick look at held-out cards (its own generator)
+            model.eval()
+            acc = zero_shot_accuracy(model, tokenizer, random.Random(config.seed + EVAL_SEED_OFFSET), 96, size)
+            model.train()
+            bar.write(f"step {step + 1}: loss {running:.3f}, zero-shot accuracy on 96 held-out cards {acc:.2f}")
+    train_seconds = time.time() - start
+    model.eval()
+    out = Path(out_dir)
+    save_local_dir(model, config.model, out)
+    report = {"model": config.model, "config": asdict(config), "train_seconds": round(train_seconds, 1),
+              "final_loss": round(running or 0.0, 4), "torch_threads": torch.get_num_threads(),
+              **evaluate(out, config.seed, config.eval_cards, config.eval_mosaics)}
+    (out / "train_report.json").write_text(json.dumps(report, indent=2))
+    return report

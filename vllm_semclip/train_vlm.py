@@ -1,0 +1,337 @@
+"""Train the tiny LLaVA: ψ's trained ViT as the frozen tower, then projector + language model.
+
+LLaVA-1.5's recipe in miniature, with the tower frozen throughout:
+
+1. *alignment* (the first ``align_fraction`` of the steps): tiles with one card and the
+   question about its colour — the projector learns to hand the language model what
+   the tower sees, on the simplest data (the curriculum: one card first);
+2. *instruction tuning*: tiles with 1–3 cards and both question kinds, plus SemClip-style
+   inputs — a small benchmark scene's overview followed by 1–3 candidate crops, one of
+   which shows the targets — so the model learns to read the detail in whichever tile
+   has it, in the token layout the plugin serves (overview first, then crops).
+
+Unlike LLaVA, the language model has no text pretraining (none ships in a package), so
+it is trained in both stages; the tower never is. Samples are generated on the fly
+(every step sees new cards), the targets are the benchmark's own option sentences, and
+the loss covers the answer tokens only. Half the prompts carry a BOS token and half do
+not, so the model answers the same whether a front end adds one or not.
+
+``semclip train vlm`` trains, evaluates on held-out data with the V* protocol (each
+option scored by its likelihood; correct when the first option scores highest) and
+writes the checkpoint (bf16, a few MB) with ``train_report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from .benchdata import make_attribute, make_spatial
+from .cards import (
+    CROP_SIDE_RANGE,
+    VISIBLE_SIDE_RANGE,
+    attribute_option,
+    attribute_question,
+    card_tile,
+    spatial_option,
+    spatial_question,
+)
+from .crops import candidate_boxes, oracle_index
+from .scenes import COLORS
+from .selection import Selection, selected_tiles
+from .tiny_models import DEFAULT_MODEL_DIR, DEFAULT_RELEVANCE_DIR, TinyLlavaSpec, build_tiny_llava
+
+TRAIN_SCENE_SEED = 1_000_000  # benchmark scenes for training use seeds from here; held-out splits use small ones
+EVAL_SEED_OFFSET = 2_000_003
+GRIDS = (2, 3)
+
+
+@dataclass(frozen=True)
+class VlmTrainConfig:
+    """Hyper-parameters of ``semclip train vlm`` (defaults reproduce the committed weights)."""
+
+    steps: int = 1200
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: int = 100
+    align_fraction: float = 0.15
+    scene_fraction: float = 0.4  # share of SemClip-style (overview + crops) samples after alignment
+    spatial_fraction: float = 0.45  # share of spatial questions among multi-card samples
+    scene_scale: float = 0.4  # training scenes are benchmark scenes drawn at this scale
+    seed: int = 0
+    threads: int = 0
+    eval_questions: int = 400
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be at least 1")
+        for name in ("align_fraction", "scene_fraction", "spatial_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be a fraction (0-1)")
+        if not 0.1 <= self.scene_scale <= 1:
+            raise ValueError("scene_scale must be in [0.1, 1]")
+
+
+@dataclass
+class Sample:
+    """One multiple-choice question about a list of tiles (the first option is the answer)."""
+
+    tiles: list[Image.Image]
+    question: str
+    options: list[str]
+    category: str  # "direct_attributes" | "relative_position"
+
+
+def tile_sample(rng: random.Random, *, n_cards: int, spatial: bool, side_range=CROP_SIDE_RANGE) -> Sample:
+    """A tile with ``n_cards`` cards (distinct shapes) and a question about it."""
+    tile = card_tile(rng, n_cards=n_cards, side_range=side_range, min_dx=spatial)
+    if spatial:
+        a, b = tile.cards[0], tile.cards[1]
+        left = a.center[0] < b.center[0]
+        sides = ("left", "right") if left else ("right", "left")
+        options = [spatial_option(a.shape, b.shape, s) for s in sides]
+        return Sample([tile.image], spatial_question(a.shape, b.shape), options, "relative_position")
+    target = rng.choice(tile.cards)
+    wrong = rng.sample([c for c in COLORS if c != target.color], 3)
+    options = [attribute_option(target.shape, c) for c in (target.color, *wrong)]
+    return Sample([tile.image], attribute_question(target.shape), options, "direct_attributes")
+
+
+def scene_tiles(image: Image.Image, targets: list[tuple[int, int, int, int]], crops: int, rng: random.Random,
+                pad_fill: tuple[int, int, int], tile_size: int) -> list[Image.Image]:
+    """[overview, crops…] as the plugin builds them: the oracle crop and ``crops - 1`` others, shuffled."""
+    candidates = candidate_boxes(*image.size, GRIDS)
+    best = oracle_index(candidates, targets)
+    others = rng.sample([i for i in range(len(candidates)) if i != best], crops - 1)
+    chosen = [best, *others]
+    rng.shuffle(chosen)
+    selection = Selection([candidates[i] for i in chosen], [None] * len(chosen), candidates, None, "oracle", "",
+                          image.size)
+    return selected_tiles(image, selection, pad_fill, max_side=2 * tile_size)
+
+
+def scene_sample(rng: random.Random, index: int, *, spatial: bool, scale: float, crops: int,
+                 pad_fill: tuple[int, int, int], tile_size: int, seed: int = TRAIN_SCENE_SEED) -> Sample:
+    image, rec = (make_spatial if spatial else make_attribute)(index, seed, scale=scale)
+    tiles = scene_tiles(image, rec.target_boxes, crops, rng, pad_fill, tile_size) if crops else \
+        selected_tiles(image, Selection([], [], [], None, "overview", "", image.size), pad_fill, 2 * tile_size)
+    return Sample(tiles, rec.question, rec.options, rec.category)
+
+
+class LlavaTrainer:
+    """Batches → loss for a Hugging Face ``LlavaForConditionalGeneration`` with a frozen tower.
+
+    It fills the image-token positions with projected tower features exactly as the model
+    (and vLLM's LLaVA) does — overview first, then crops, ``tokens_per_tile`` each.
+    """
+
+    def __init__(self, model, processor) -> None:
+        import torch
+
+        self.model = model
+        self.tokenizer = processor.tokenizer
+        self.image_processor = processor.image_processor
+        self.image_token_id = model.config.image_token_index
+        cfg = model.config.vision_config
+        self.tokens_per_tile = (cfg.image_size // cfg.patch_size) ** 2
+        self.pad_fill = tuple(int(round(255 * m)) for m in self.image_processor.image_mean)
+        self.tile_size = cfg.image_size
+        for p in model.model.vision_tower.parameters():
+            p.requires_grad_(False)
+        self.torch = torch
+
+    def prompt(self, question: str) -> str:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def encode(self, sample: Sample, answer: str | None, bos: bool = True, eos: bool = True) -> tuple[list[int], int]:
+        """Token ids of prompt (+ " answer" [+ </s>]) with the image token expanded; and where the answer starts."""
+        prompt_ids = self.tokenizer(self.prompt(sample.question), add_special_tokens=bos)["input_ids"]
+        answer_ids = [] if answer is None else self.tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+        if answer is not None and eos:
+            answer_ids = answer_ids + [self.tokenizer.eos_token_id]
+        expanded: list[int] = []
+        for t in prompt_ids:
+            expanded.extend([t] * (self.tokens_per_tile * len(sample.tiles)) if t == self.image_token_id else [t])
+        return expanded + answer_ids, len(expanded)
+
+    def pixel_values(self, samples: list[Sample]):
+        tiles = [t for s in samples for t in s.tiles]
+        return self.image_processor(tiles, return_tensors="pt")["pixel_values"]
+
+    def tile_features(self, pixel_values):
+        """Tower features (frozen, layer -2, CLS dropped): (tiles, tokens_per_tile, width)."""
+        with self.torch.no_grad():
+            out = self.model.model.vision_tower(pixel_values.to(self.model.dtype), output_hidden_states=True)
+            return out.hidden_states[self.model.config.vision_feature_layer][:, 1:]
+
+    def logits(self, ids: list[list[int]], features):
+        """Padded batch forward; image positions take the projected features in order."""
+        torch = self.torch
+        width = max(len(x) for x in ids)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+        embeds = self.model.get_input_embeddings()(input_ids)
+        image_pos = input_ids == self.image_token_id
+        projected = self.model.model.multi_modal_projector(features).reshape(-1, embeds.shape[-1])
+        embeds = embeds.masked_scatter(image_pos.unsqueeze(-1), projected.to(embeds.dtype))
+        hidden = self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        return self.model.lm_head(hidden)
+
+    def loss(self, samples: list[Sample], rng: random.Random):
+        torch = self.torch
+        encoded = [self.encode(s, s.options[0], bos=rng.random() < 0.5) for s in samples]
+        ids = [e[0] for e in encoded]
+        logits = self.logits(ids, self.tile_features(self.pixel_values(samples)))
+        labels = torch.full(logits.shape[:2], -100, dtype=torch.long)
+        for row, (x, start) in enumerate(encoded):
+            labels[row, start:len(x)] = torch.tensor(x[start:])
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                                 labels[:, 1:].reshape(-1), ignore_index=-100)
+
+    def option_scores(self, samples: list[Sample], batch: int = 32) -> list[list[float]]:
+        """Sum of each option's token log-probabilities given image and question (V* Bench's protocol)."""
+        torch = self.torch
+        scores: list[list[float]] = []
+        with torch.inference_mode():
+            for start in range(0, len(samples), batch):
+                chunk = samples[start:start + batch]
+                features = self.tile_features(self.pixel_values(chunk))
+                offsets = [0]
+                for s in chunk:
+                    offsets.append(offsets[-1] + len(s.tiles))
+                rows, owners, spans = [], [], []
+                for i, s in enumerate(chunk):
+                    for opt in s.options:
+                        ids, begin = self.encode(s, opt, eos=False)  # the option's own tokens, as vLLM scores them
+                        rows.append(ids)
+                        owners.append(i)
+                        spans.append((begin, len(ids)))
+                feats = torch.cat([features[offsets[i]:offsets[i + 1]] for i in owners])
+                logprobs = torch.log_softmax(self.logits(rows, feats).float(), dim=-1)
+                per_row = []
+                for r, (ids, (b, e)) in enumerate(zip(rows, spans)):
+                    target = torch.tensor(ids[b:e])
+                    per_row.append(float(logprobs[r, b - 1:e - 1].gather(1, target[:, None]).sum()))
+                k = 0
+                for s in chunk:
+                    scores.append(per_row[k:k + len(s.options)])
+                    k += len(s.options)
+        return scores
+
+
+def accuracy(trainer: LlavaTrainer, samples: list[Sample]) -> float:
+    scores = trainer.option_scores(samples)
+    return sum(max(range(len(s)), key=s.__getitem__) == 0 for s in scores) / len(samples)
+
+
+def held_out_sets(n: int, seed: int, pad_fill, tile_size: int) -> dict[str, list[Sample]]:
+    """The issue's three held-out conditions, ``n`` questions each, from seeds training never uses."""
+    rng = random.Random(seed + EVAL_SEED_OFFSET)
+    return {
+        "visible_attribute": [tile_sample(rng, n_cards=rng.randint(1, 3), spatial=False, side_range=VISIBLE_SIDE_RANGE)
+                              for _ in range(n)],
+        "visible_spatial": [tile_sample(rng, n_cards=rng.randint(2, 3), spatial=True, side_range=VISIBLE_SIDE_RANGE)
+                            for _ in range(n)],
+        # full-size benchmark scenes (1500-2700 px) shrunk whole to one tile: the detail should be lost
+        "overview_attribute": [scene_sample(rng, i, spatial=False, scale=1.0, crops=0, pad_fill=pad_fill,
+                                            tile_size=tile_size, seed=seed + EVAL_SEED_OFFSET) for i in range(n)],
+    }
+
+
+def evaluate(model_dir: Path | str, n: int = 400, seed: int = 0, progress: bool = True) -> dict:
+    """Held-out accuracies of a saved tiny LLaVA (likelihood protocol, Hugging Face forward)."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    trainer = LlavaTrainer(model, AutoProcessor.from_pretrained(model_dir))
+    sets = held_out_sets(n, seed, trainer.pad_fill, trainer.tile_size)
+    return {f"{name}_accuracy": accuracy(trainer, samples) for name, samples in sets.items()} | {"eval_questions": n}
+
+
+def _batch(rng: random.Random, config: VlmTrainConfig, step: int, trainer: LlavaTrainer, counter: list[int]) -> list[Sample]:
+    """One step's samples. A step is all single tiles or all scenes with the same crop count:
+    similar lengths in a batch, so little compute goes to padding."""
+    if step < config.align_fraction * config.steps:
+        return [tile_sample(rng, n_cards=1, spatial=False) for _ in range(config.batch_size)]
+    if rng.random() < config.scene_fraction:
+        crops = rng.choice((1, 1, 2))
+        out = []
+        for _ in range(config.batch_size):
+            counter[0] += 1
+            out.append(scene_sample(rng, counter[0], spatial=rng.random() < config.spatial_fraction,
+                                    scale=config.scene_scale, crops=crops, pad_fill=trainer.pad_fill,
+                                    tile_size=trainer.tile_size, seed=TRAIN_SCENE_SEED + config.seed))
+        return out
+    out = []
+    for _ in range(config.batch_size):
+        n_cards = rng.randint(1, 3)
+        out.append(tile_sample(rng, n_cards=n_cards, spatial=n_cards > 1 and rng.random() < config.spatial_fraction))
+    return out
+
+
+def train_vlm(config: VlmTrainConfig = VlmTrainConfig(), relevance_dir: Path | str = DEFAULT_RELEVANCE_DIR,
+              out_dir: Path | str = DEFAULT_MODEL_DIR, spec: TinyLlavaSpec = TinyLlavaSpec(),
+              progress: bool = True) -> dict:
+    """Build the tiny LLaVA on ψ's tower, train projector + LM, save, evaluate; return the report."""
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    out = Path(out_dir)
+    build_tiny_llava(out, spec, relevance_dir=relevance_dir)  # random projector + LM on the trained tower
+    model = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+    trainer = LlavaTrainer(model, AutoProcessor.from_pretrained(out))
+    model.train()
+    model.model.vision_tower.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, config.warmup))
+                                              * 0.5 * (1 + math.cos(math.pi * min(1.0, s / config.steps))))
+    rng = random.Random(config.seed)
+    torch.manual_seed(config.seed)
+    probe_rng = random.Random(config.seed + EVAL_SEED_OFFSET + 1)
+    probe = {
+        "attr": [tile_sample(probe_rng, n_cards=probe_rng.randint(1, 3), spatial=False) for _ in range(64)],
+        "spatial": [tile_sample(probe_rng, n_cards=2, spatial=True) for _ in range(64)],
+    }
+    counter = [0]
+    running = None
+    start = time.time()
+    bar = tqdm(range(config.steps), desc="train vlm", disable=not progress, mininterval=5)
+    for step in bar:
+        loss = trainer.loss(_batch(rng, config, step, trainer, counter), rng)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{running:.3f}", refresh=False)
+        if progress and (step + 1) % 200 == 0:
+            model.eval()
+            accs = {k: accuracy(trainer, v) for k, v in probe.items()}
+            model.train()
+            model.model.vision_tower.eval()
+            bar.write(f"step {step + 1}: loss {running:.3f}, probe accuracy " +
+                      ", ".join(f"{k} {v:.2f}" for k, v in accs.items()))
+    train_seconds = time.time() - start
+    model.eval()
+    weights = {k: v.detach().float() for k, v in model.state_dict().items()}
+    build_tiny_llava(out, spec, relevance_dir=relevance_dir, weights=weights)
+    report = {"config": asdict(config), "spec": asdict(spec), "train_seconds": round(train_seconds, 1),
+              "final_loss": round(running or 0.0, 4), "torch_threads": torch.get_num_threads(),
+              **evaluate(out, config.eval_questions, config.seed, progress)}
+    (out / "train_report.json").write_text(json.dumps(report, indent=2))
+    return report
