@@ -171,7 +171,6 @@ def cell_pick_accuracy(relevance, rng: random.Random, n: int, size: int, query: 
 def save_local_dir(model, model_name: str, out_dir: Path) -> None:
     """open_clip's ``local-dir`` format: ``open_clip_config.json`` + fp16 ``open_clip_model.safetensors``."""
     import open_clip
-    import torch
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
