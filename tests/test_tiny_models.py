@@ -87,12 +87,14 @@ def test_vllm_greedy_answers_match_transformers(llm, model_dir, tokens_per_tile)
     from transformers import AutoProcessor, LlavaForConditionalGeneration
     from vllm import SamplingParams
 
-    from vllm_semclip.selection import Selection, selected_tiles
+    from vllm_semclip.config import SemClipConfig
+    from vllm_semclip.crops import mean_fill
+    from vllm_semclip.selection import select_crops, selected_tiles
 
     processor = AutoProcessor.from_pretrained(model_dir)
     tok = processor.tokenizer
     hf = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
-    pad_fill = tuple(int(round(255 * m)) for m in processor.image_processor.image_mean)
+    pad_fill = mean_fill(processor.image_processor.image_mean)
     params = SamplingParams(temperature=0.0, max_tokens=14)
     full_matches = 0
     for index, spatial in ((0, False), (1, False), (2, False), (0, True), (1, True), (2, True)):
@@ -103,7 +105,8 @@ def test_vllm_greedy_answers_match_transformers(llm, model_dir, tokens_per_tile)
                             "mm_processor_kwargs": {"method": "given", "boxes": [list(box)]}}, params, use_tqdm=False)
         vllm_ids = list(out[0].outputs[0].token_ids)
 
-        tiles = selected_tiles(image, Selection([box], [None], [], None, "given", "", image.size), pad_fill, 448)
+        given = select_crops(image, rec.question, SemClipConfig(method="given", boxes=(box,)))
+        tiles = selected_tiles(image, given, pad_fill, 448)
         pixel_values = processor.image_processor(tiles, return_tensors="pt")["pixel_values"].to(torch.bfloat16)
         ids = []
         for t in tok(prompt)["input_ids"]:

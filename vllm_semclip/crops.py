@@ -36,11 +36,12 @@ def candidate_boxes(width: int, height: int, grids: Sequence[int] = (2, 3), over
                 x1 = (col + 1) * cw + overlap * cw
                 y0 = row * ch - overlap * ch
                 y1 = (row + 1) * ch + overlap * ch
-                boxes.append(_clip_box(x0, y0, x1, y1, width, height))
+                boxes.append(clip_box(x0, y0, x1, y1, width, height))
     return boxes
 
 
-def _clip_box(x0: float, y0: float, x1: float, y1: float, width: int, height: int) -> Box:
+def clip_box(x0: float, y0: float, x1: float, y1: float, width: int, height: int) -> Box:
+    """A non-empty integer box inside a ``width`` × ``height`` image."""
     ix0 = min(max(math.floor(x0), 0), width - 1)
     iy0 = min(max(math.floor(y0), 0), height - 1)
     ix1 = max(min(math.ceil(x1), width), ix0 + 1)
@@ -71,6 +72,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def mean_fill(image_mean: Sequence[float]) -> tuple[int, int, int]:
+    """The 8-bit colour of an image processor's mean: what padding to a square fills with."""
+    return tuple(int(round(255 * m)) for m in image_mean)
+
+
 def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
     """LLaVA-1.5's ``expand2square``: pad the short side so a center crop loses nothing."""
     w, h = image.size
@@ -86,16 +92,23 @@ def crop_boxes(image: Image.Image, boxes: Sequence[Box]) -> list[Image.Image]:
     return [image.crop(box) for box in boxes]
 
 
+def intersection_area(a: Box, b: Box) -> int:
+    return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
 def box_iou(a: Box, b: Box) -> float:
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
+    inter = intersection_area(a, b)
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union else 0.0
 
 
 def box_contains(outer: Box, inner: Box) -> bool:
     return outer[0] <= inner[0] and outer[1] <= inner[1] and outer[2] >= inner[2] and outer[3] >= inner[3]
+
+
+def crop_hit(boxes: Sequence[Sequence[int]], targets: Sequence[Box]) -> bool:
+    """Some crop contains every target box (the benchmark's "crop hit")."""
+    return any(all(box_contains(tuple(b), t) for t in targets) for b in boxes)
 
 
 def box_area(box: Box) -> int:
@@ -113,6 +126,6 @@ def oracle_index(candidates: Sequence[Box], targets: Sequence[Box]) -> int:
     total = sum(box_area(t) for t in targets) or 1
 
     def covered(c: Box) -> float:
-        return sum(box_area((max(c[0], t[0]), max(c[1], t[1]), min(c[2], t[2]), min(c[3], t[3]))) for t in targets) / total
+        return sum(intersection_area(c, t) for t in targets) / total
 
     return min(range(len(candidates)), key=lambda i: (-round(covered(candidates[i]), 9), box_area(candidates[i]), i))

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .benchdata import make_attribute, make_spatial
     from .config import SemClipConfig
-    from .crops import box_contains
+    from .crops import crop_hit
     from .evaluate import choose_option
     from .images import to_data_url
     from .overlay import draw_selection
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             right = choose_option(answer, rec.options) == 0
             stock_right = choose_option(stock_answer, rec.options) == 0
             selection = select_crops(image, question, config)
-            hit = any(all(box_contains(b, t) for t in rec.target_boxes) for b in selection.boxes)
+            hit = crop_hit(selection.boxes, rec.target_boxes)
             visual = reply.usage.prompt_tokens - text_token_count(tokenizer, question) + 1
             overlay = out / f"{i}_{rec.name}.png"
             draw_selection(image, selection, overlay)

@@ -34,7 +34,7 @@ from typing import Any
 
 from .benchdata import CATEGORIES, BenchRecord, load_bench
 from .config import SemClipConfig
-from .crops import box_contains, candidate_boxes, oracle_index
+from .crops import candidate_boxes, crop_hit, oracle_index
 
 EVAL_METHODS = ("overview", "random", "all", "clip", "oracle")
 PROTOCOLS = ("likelihood", "generate")
@@ -159,7 +159,7 @@ def evaluate_records(llm, records: Sequence[BenchRecord], settings: EvalSettings
             entry["generated"] = text
         entry["choice"] = choice
         entry["correct"] = choice == 0
-        entry["crop_hit"] = any(all(box_contains(tuple(b), t) for t in rec.target_boxes) for b in entry["boxes"])
+        entry["crop_hit"] = crop_hit(entry["boxes"], rec.target_boxes)
         results.append(entry)
         k += n
     return summarize(results, settings, seconds=time.time() - start)

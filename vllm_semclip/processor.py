@@ -45,6 +45,7 @@ from vllm.multimodal.processing.inputs import ProcessorInputs
 
 from . import timings
 from .config import SemClipConfig
+from .crops import mean_fill
 from .question import QuestionExtractor
 from .selection import select_crops, selected_tiles
 
@@ -82,8 +83,7 @@ class SemClipProcessingInfo(LlavaProcessingInfo):
 
     @cached_property
     def pad_fill(self) -> tuple[int, int, int]:
-        mean = self.get_hf_processor().image_processor.image_mean
-        return tuple(int(round(255 * m)) for m in mean)
+        return mean_fill(self.get_hf_processor().image_processor.image_mean)
 
     def get_max_image_tokens(self) -> int:
         return (1 + self.server_config.max_crops) * self.tokens_per_tile

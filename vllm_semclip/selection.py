@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image
 
 from .config import SemClipConfig
-from .crops import Box, _clip_box, candidate_boxes, crop_boxes, pad_to_square, to_rgb
+from .crops import Box, candidate_boxes, clip_box, crop_boxes, pad_to_square, to_rgb
 from .relevance import get_relevance_model
 
 
@@ -90,7 +90,7 @@ def select_crops(image: Image.Image, question: str, config: SemClipConfig | None
     if config.method == "all":
         return result(list(range(len(candidates))), None)
     if config.method == "given":
-        given = [_clip_box(*box, *size) for box in config.boxes or ()]
+        given = [clip_box(*box, *size) for box in config.boxes or ()]
         return Selection(boxes=given, scores=[None] * len(given), candidates=candidates, candidate_scores=None,
                          method=config.method, question=question, image_size=size)
     if config.method == "random":

@@ -83,6 +83,14 @@ def side_range_at(progress: float, curriculum: float) -> tuple[float, float]:
     return _lerp(0.2, CROP_SIDE_RANGE[0], t), _lerp(0.5, CROP_SIDE_RANGE[1], t)
 
 
+def warmup_cosine(opt, warmup: int, steps: int):
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``steps`` (both trainers)."""
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup))
+                                             * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+
+
 def to_tensor(images, mean, std):
     """PIL tiles (already at the model's size) → a normalised batch, as open_clip's preprocess would give."""
     import torch
@@ -228,8 +236,7 @@ def train_clip(config: ClipTrainConfig = ClipTrainConfig(), out_dir: Path | str 
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, config.warmup))
-                                              * 0.5 * (1 + math.cos(math.pi * min(1.0, s / config.steps))))
+    sched = warmup_cosine(opt, config.warmup, config.steps)
     loss_fn = open_clip.ClipLoss()
     model.train()
     start = time.time()

@@ -24,12 +24,12 @@ writes the checkpoint (bf16, a few MB) with ``train_report.json``.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from .benchdata import make_attribute, make_spatial
@@ -42,9 +42,12 @@ from .cards import (
     spatial_option,
     spatial_question,
 )
-from .crops import candidate_boxes, oracle_index
+from .config import SemClipConfig
+from .crops import candidate_boxes, mean_fill, oracle_index
+from .evaluate import prompt_for
 from .scenes import COLORS
-from .selection import Selection, selected_tiles
+from .selection import select_crops, selected_tiles
+from .train_clip import warmup_cosine
 from .tiny_models import DEFAULT_MODEL_DIR, DEFAULT_RELEVANCE_DIR, TinyLlavaSpec, build_tiny_llava
 
 TRAIN_SCENE_SEED = 1_000_000  # benchmark scenes for training use seeds from here; held-out splits use small ones
@@ -112,16 +115,18 @@ def scene_tiles(image: Image.Image, targets: list[tuple[int, int, int, int]], cr
     others = rng.sample([i for i in range(len(candidates)) if i != best], crops - 1)
     chosen = [best, *others]
     rng.shuffle(chosen)
-    selection = Selection([candidates[i] for i in chosen], [None] * len(chosen), candidates, None, "oracle", "",
-                          image.size)
-    return selected_tiles(image, selection, pad_fill, max_side=2 * tile_size)
+    config = SemClipConfig(method="given", boxes=tuple(candidates[i] for i in chosen))
+    return selected_tiles(image, select_crops(image, "", config), pad_fill, max_side=2 * tile_size)
 
 
 def scene_sample(rng: random.Random, index: int, *, spatial: bool, scale: float, crops: int,
                  pad_fill: tuple[int, int, int], tile_size: int, seed: int = TRAIN_SCENE_SEED) -> Sample:
     image, rec = (make_spatial if spatial else make_attribute)(index, seed, scale=scale)
-    tiles = scene_tiles(image, rec.target_boxes, crops, rng, pad_fill, tile_size) if crops else \
-        selected_tiles(image, Selection([], [], [], None, "overview", "", image.size), pad_fill, 2 * tile_size)
+    if crops:
+        tiles = scene_tiles(image, rec.target_boxes, crops, rng, pad_fill, tile_size)
+    else:
+        tiles = selected_tiles(image, select_crops(image, "", SemClipConfig(method="overview")), pad_fill,
+                               max_side=2 * tile_size)
     return Sample(tiles, rec.question, rec.options, rec.category)
 
 
@@ -133,27 +138,20 @@ class LlavaTrainer:
     """
 
     def __init__(self, model, processor) -> None:
-        import torch
-
         self.model = model
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
         self.image_token_id = model.config.image_token_index
         cfg = model.config.vision_config
         self.tokens_per_tile = (cfg.image_size // cfg.patch_size) ** 2
-        self.pad_fill = tuple(int(round(255 * m)) for m in self.image_processor.image_mean)
+        self.pad_fill = mean_fill(self.image_processor.image_mean)
         self.tile_size = cfg.image_size
         for p in model.model.vision_tower.parameters():
             p.requires_grad_(False)
-        self.torch = torch
-
-    def prompt(self, question: str) -> str:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def encode(self, sample: Sample, answer: str | None, bos: bool = True, eos: bool = True) -> tuple[list[int], int]:
         """Token ids of prompt (+ " answer" [+ </s>]) with the image token expanded; and where the answer starts."""
-        prompt_ids = self.tokenizer(self.prompt(sample.question), add_special_tokens=bos)["input_ids"]
+        prompt_ids = self.tokenizer(prompt_for(self.tokenizer, sample.question), add_special_tokens=bos)["input_ids"]
         answer_ids = [] if answer is None else self.tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
         if answer is not None and eos:
             answer_ids = answer_ids + [self.tokenizer.eos_token_id]
@@ -168,13 +166,12 @@ class LlavaTrainer:
 
     def tile_features(self, pixel_values):
         """Tower features (frozen, layer -2, CLS dropped): (tiles, tokens_per_tile, width)."""
-        with self.torch.no_grad():
+        with torch.no_grad():
             out = self.model.model.vision_tower(pixel_values.to(self.model.dtype), output_hidden_states=True)
             return out.hidden_states[self.model.config.vision_feature_layer][:, 1:]
 
     def logits(self, ids: list[list[int]], features):
         """Padded batch forward; image positions take the projected features in order."""
-        torch = self.torch
         width = max(len(x) for x in ids)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
@@ -187,7 +184,6 @@ class LlavaTrainer:
         return self.model.lm_head(hidden)
 
     def loss(self, samples: list[Sample], rng: random.Random):
-        torch = self.torch
         encoded = [self.encode(s, s.options[0], bos=rng.random() < 0.5) for s in samples]
         ids = [e[0] for e in encoded]
         logits = self.logits(ids, self.tile_features(self.pixel_values(samples)))
@@ -199,7 +195,6 @@ class LlavaTrainer:
 
     def option_scores(self, samples: list[Sample], batch: int = 32) -> list[list[float]]:
         """Sum of each option's token log-probabilities given image and question (V* Bench's protocol)."""
-        torch = self.torch
         scores: list[list[float]] = []
         with torch.inference_mode():
             for start in range(0, len(samples), batch):
@@ -249,7 +244,6 @@ def held_out_sets(n: int, seed: int, pad_fill, tile_size: int) -> dict[str, list
 
 def evaluate(model_dir: Path | str, n: int = 400, seed: int = 0, progress: bool = True) -> dict:
     """Held-out accuracies of a saved tiny LLaVA (likelihood protocol, Hugging Face forward)."""
-    import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -283,7 +277,6 @@ def train_vlm(config: VlmTrainConfig = VlmTrainConfig(), relevance_dir: Path | s
               out_dir: Path | str = DEFAULT_MODEL_DIR, spec: TinyLlavaSpec = TinyLlavaSpec(),
               progress: bool = True) -> dict:
     """Build the tiny LLaVA on ψ's tower, train projector + LM, save, evaluate; return the report."""
-    import torch
     from tqdm import tqdm
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -297,8 +290,7 @@ def train_vlm(config: VlmTrainConfig = VlmTrainConfig(), relevance_dir: Path | s
     model.model.vision_tower.eval()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, config.warmup))
-                                              * 0.5 * (1 + math.cos(math.pi * min(1.0, s / config.steps))))
+    sched = warmup_cosine(opt, config.warmup, config.steps)
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     probe_rng = random.Random(config.seed + EVAL_SEED_OFFSET + 1)
