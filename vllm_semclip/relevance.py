@@ -193,6 +193,27 @@ class RelevanceModel:
         return self._similarity(question, torch.stack([self.preprocess(c) for c in crops]))
 
 
+def save_local_dir(model, model_cfg: dict, out_dir: Path | str, half: bool = True) -> Path:
+    """Write ψ in open_clip's ``local-dir`` format: ``open_clip_config.json`` + ``open_clip_model.safetensors``.
+
+    safetensors, not pickle: a checkpoint is data, never code. ``half`` stores fp16 (a few MB
+    for the tiny model); :meth:`RelevanceModel.from_pretrained` reads it back either way.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "open_clip_model.safetensors"))
+    (out / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": model_cfg,
+        "preprocess_cfg": {"mean": list(model.visual.image_mean), "std": list(model.visual.image_std)},
+    }, indent=2))
+    return out
+
+
 def get_relevance_model(model_name: str, pretrained: str | None = None, device: str = "cpu") -> RelevanceModel:
     """Process-wide cache: ψ is loaded once per (model, weights, device)."""
     key = (model_name, pretrained, device)

@@ -259,27 +259,13 @@ def build_tiny_relevance(out_dir: Path | str = DEFAULT_RELEVANCE_DIR, seed: int 
     """Write a randomly initialised (seeded) ``SemClip-ViT-T-16`` in open_clip's local-dir format."""
     import open_clip
     import torch
-    from safetensors.torch import save_file
 
-    from .relevance import register_model_configs
+    from .relevance import register_model_configs, save_local_dir
 
     register_model_configs()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = open_clip.create_model(RELEVANCE_MODEL_NAME, pretrained=None)
-    model_cfg = open_clip.get_model_config(RELEVANCE_MODEL_NAME)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
-    (out / "open_clip_config.json").write_text(
-        json.dumps(
-            {
-                "model_cfg": model_cfg,
-                "preprocess_cfg": {"mean": list(model.visual.image_mean), "std": list(model.visual.image_std)},
-            },
-            indent=2,
-        )
-    )
-    return out
+    return save_local_dir(model, open_clip.get_model_config(RELEVANCE_MODEL_NAME), out_dir, half=False)
 
 
 def ensure_default_models(force: bool = False) -> tuple[Path, Path]:

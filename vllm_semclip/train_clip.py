@@ -41,6 +41,7 @@ from .cards import (
     mosaic,
     spatial_question,
 )
+from .relevance import save_local_dir
 from .scenes import COLORS
 from .tiny_models import DEFAULT_RELEVANCE_DIR, RELEVANCE_MODEL_NAME
 
@@ -176,20 +177,6 @@ def cell_pick_accuracy(relevance, rng: random.Random, n: int, size: int, query: 
     return correct / n
 
 
-def save_local_dir(model, model_name: str, out_dir: Path) -> None:
-    """open_clip's ``local-dir`` format: ``open_clip_config.json`` + fp16 ``open_clip_model.safetensors``."""
-    import open_clip
-    from safetensors.torch import save_file
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out_dir / "open_clip_model.safetensors"))
-    (out_dir / "open_clip_config.json").write_text(json.dumps({
-        "model_cfg": open_clip.get_model_config(model_name),
-        "preprocess_cfg": {"mean": list(model.visual.image_mean), "std": list(model.visual.image_std)},
-    }, indent=2))
-
-
 def evaluate(model_dir: Path | str, seed: int = 0, n_cards: int = 480, n_mosaics: int = 400) -> dict:
     """Held-out figures of a saved ψ: zero-shot caption accuracy and 3×3 cell pick (caption and question)."""
     import open_clip
@@ -272,7 +259,7 @@ def train_clip(config: ClipTrainConfig = ClipTrainConfig(), out_dir: Path | str 
     train_seconds = time.time() - start
     model.eval()
     out = Path(out_dir)
-    save_local_dir(model, config.model, out)
+    save_local_dir(model, open_clip.get_model_config(config.model), out)
     report = {"model": config.model, "config": asdict(config), "train_seconds": round(train_seconds, 1),
               "final_loss": round(running or 0.0, 4), "torch_threads": torch.get_num_threads(),
               **evaluate(out, config.seed, config.eval_cards, config.eval_mosaics)}
