@@ -17,7 +17,7 @@ setup(
         "open_clip_torch>=3.0",
         "pillow",
         "numpy",
-        "ray[data]>=2.40",
+        "ray>=2.40",
         "openai",
         "matplotlib",
         "scikit-image",

@@ -32,6 +32,15 @@ def test_oracle_request_sends_that_box_as_method_given():
     assert EvalSettings("clip", topk=2).request_kwargs(rec, (900, 600))["method"] == "relevance"
     with pytest.raises(ValueError, match="method"):
         EvalSettings("best")
+    # clip and trained are both method relevance, each on an engine with its own ψ
+    from vllm_semclip.train_relevance import DEFAULT_TRAINED_RELEVANCE_DIR
+
+    trained = EvalSettings("trained")
+    assert trained.request_kwargs(rec, (900, 600))["method"] == "relevance"
+    assert trained.server_config()["relevance_model"] == str(DEFAULT_TRAINED_RELEVANCE_DIR)
+    assert "relevance_model" not in EvalSettings("clip").server_config()  # the plugin's default: zero-shot ψ
+    assert EvalSettings("trained", relevance_model="/psi").server_config()["relevance_model"] == "/psi"
+    assert EvalSettings("oracle", relevance_model="/psi").psi is None
     with pytest.raises(ValueError, match="protocol"):
         EvalSettings("clip", protocol="vibes")
 
@@ -66,7 +75,7 @@ def small_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("eval")
     write_bench(root / "bench", 10, seed=99, progress=False)
-    docs = run(root / "bench", ["overview", "oracle", "clip", "all"], root / "out", progress=False)
+    docs = run(root / "bench", ["overview", "oracle", "clip", "all", "trained"], root / "out", progress=False)
     return root, {d["method"]: d for d in docs}
 
 
@@ -84,6 +93,7 @@ def test_small_evaluation_writes_results_and_plot(small_run, tokens_per_tile):
     # visual tokens are counted in the prompts vLLM ran
     assert docs["overview"]["mean_visual_tokens"] == tokens_per_tile
     assert docs["oracle"]["mean_visual_tokens"] == docs["clip"]["mean_visual_tokens"] == 2 * tokens_per_tile
+    assert docs["trained"]["mean_visual_tokens"] == 2 * tokens_per_tile
     assert docs["all"]["mean_visual_tokens"] == 14 * tokens_per_tile
     assert docs["oracle"]["crop_hit_rate"] == docs["all"]["crop_hit_rate"] == 1.0
     assert docs["overview"]["crop_hit_rate"] == 0.0
@@ -98,4 +108,15 @@ def test_recorded_boxes_are_what_the_method_chose(small_run):
         (box,) = r["boxes"]
         assert all(box_contains(tuple(box), t) for t in records[r["name"]].target_boxes)
     assert all(len(r["boxes"]) == 1 for r in docs["clip"]["records"])
+    # trained and clip are the same request on engines with different ψ: the records say which
+    from vllm_semclip.config import SemClipConfig
+    from vllm_semclip.selection import select_crops
+    from vllm_semclip.train_relevance import DEFAULT_TRAINED_RELEVANCE_DIR
+
+    assert docs["trained"]["relevance_model"] == str(DEFAULT_TRAINED_RELEVANCE_DIR)
+    assert docs["clip"]["relevance_model"] is None
+    trained = SemClipConfig(relevance_model=str(DEFAULT_TRAINED_RELEVANCE_DIR))
+    for r in docs["trained"]["records"]:
+        rec = records[r["name"]]
+        assert r["boxes"] == [list(b) for b in select_crops(rec.load_image(), rec.question, trained).boxes]
     assert all(r["boxes"] == [] for r in docs["overview"]["records"])

@@ -12,11 +12,16 @@
 ``semclip bench serve [--quick]``
     serving throughput/latency of overview, semclip, given, all and hf, side by side.
 ``semclip eval --data DIR --method M[,M...] [--topk K] [--protocol likelihood|generate] --out results.json``
-    accuracy, crop hit rate and visual tokens of overview/random/all/clip/oracle through vLLM.
+    accuracy, crop hit rate and visual tokens of overview/random/all/clip/trained/oracle through vLLM.
 ``semclip train clip [--out DIR] [--steps N] [--seed S]``
     trains the tiny CLIP (ψ's default and the LLaVA tower) and evaluates it on held-out cards.
 ``semclip train vlm [--relevance-dir DIR] [--out DIR] [--steps N] [--seed S]``
     builds the tiny LLaVA on ψ's tower, trains projector + LM, evaluates held-out questions.
+``semclip label --data DIR [--model DIR] --out LABELS [--address RAY_ADDRESS] [--actors N]``
+    distant supervision: the VLM scores overview + each candidate crop per question, on Ray
+    actors holding one vLLM engine each; resumable JSONL shards.
+``semclip train-relevance --labels LABELS [--init DIR] [--out DIR] [--epochs N]``
+    fine-tunes ψ on the labels (each question's most helpful crop is its positive).
 ``semclip build-models [--force]``
     builds random (seeded) stand-ins where the bundled trained models are missing.
 """
@@ -163,14 +168,15 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--topk", type=int, default=1, help="crops for random and clip (default 1)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="likelihood")
     p.add_argument("--grids", default="2,3", help="candidate grids (default 2,3)")
-    p.add_argument("--relevance-model", help="ψ for clip: open_clip name or local-dir (default: bundled)")
+    p.add_argument("--relevance-model", help="ψ of method trained: local-dir or open_clip name (default: bundled trained ψ)")
+    p.add_argument("--clip-model", help="ψ of method clip: open_clip name or local-dir (default: bundled zero-shot ψ)")
     p.add_argument("--limit", type=int, help="only the first N questions")
     p.add_argument("--out", required=True, help="results .json (one method) or a directory (several)")
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     grids = [int(g) for g in args.grids.split(",") if g.strip()]
     docs = run(args.data, methods, args.out, model=args.model, topk=args.topk, protocol=args.protocol,
-               grids=grids, relevance_model=args.relevance_model, limit=args.limit)
+               grids=grids, relevance_model=args.relevance_model, clip_model=args.clip_model, limit=args.limit)
     print(TABLE_HEADER)
     for doc in docs:
         print(format_row(doc))
@@ -211,6 +217,57 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
+def cmd_label(argv: list[str]) -> int:
+    from .label import LabelConfig, run_labelling
+    from .tiny_models import DEFAULT_MODEL_DIR, ensure_default_models
+
+    p = argparse.ArgumentParser(prog="semclip label", description="label candidate crops with the VLM (Ray + vLLM)")
+    p.add_argument("--data", required=True, help="V*-layout directory or records.jsonl (a training split)")
+    p.add_argument("--model", help="LLaVA checkpoint (default: the bundled tiny LLaVA)")
+    p.add_argument("--out", required=True, help="directory of label shards (a rerun resumes it)")
+    p.add_argument("--address", help="an existing Ray cluster (default: start a local Ray)")
+    p.add_argument("--actors", type=int, default=1, help="Ray actors, one vLLM engine each (default 1)")
+    p.add_argument("--cpus-per-actor", type=int, help="CPUs each actor reserves (default: shared equally)")
+    p.add_argument("--shard-size", type=int, default=16, help="questions per shard (default 16)")
+    p.add_argument("--grids", default="2,3", help="candidate grids (default 2,3)")
+    p.add_argument("--limit", type=int, help="only the first N questions")
+    args = p.parse_args(argv)
+    if args.model is None:
+        ensure_default_models()
+    config = LabelConfig(data=args.data, model=args.model or str(DEFAULT_MODEL_DIR), out=args.out,
+                         grids=tuple(int(g) for g in args.grids.split(",") if g.strip()),
+                         shard_size=args.shard_size, actors=args.actors, address=args.address,
+                         cpus_per_actor=args.cpus_per_actor, limit=args.limit)
+    print(json.dumps(run_labelling(config), indent=1))
+    return 0
+
+
+def cmd_train_relevance(argv: list[str]) -> int:
+    from .train_relevance import DEFAULT_TRAINED_RELEVANCE_DIR, RelevanceTrainConfig, train_relevance
+
+    p = argparse.ArgumentParser(prog="semclip train-relevance", description="fine-tune ψ on the VLM's crop labels")
+    p.add_argument("--labels", required=True, help="directory of label shards from `semclip label`")
+    p.add_argument("--init", help="ψ to start from: local-dir or open_clip name (default: bundled zero-shot ψ)")
+    p.add_argument("--init-pretrained", help="open_clip pretrained tag or file for a named --init (e.g. openai)")
+    p.add_argument("--out", default=str(DEFAULT_TRAINED_RELEVANCE_DIR))
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--unlock-image", action="store_true", help="also train the image tower (default: locked)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int)
+    args = p.parse_args(argv)
+    fields = {"init": args.init, "init_pretrained": args.init_pretrained, "epochs": args.epochs,
+              "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "threads": args.threads}
+    config = RelevanceTrainConfig(labels=args.labels, lock_image=not args.unlock_image,
+                                  **{k: v for k, v in fields.items() if v is not None})
+    report = train_relevance(config, args.out)
+    print(json.dumps({k: report[k] for k in ("train_questions", "val_questions", "train_seconds", "zero_shot",
+                                             "best_epoch")}, indent=1))
+    print(f"written to {args.out} (report: {args.out}/train_report.json)")
+    return 0
+
+
 def cmd_build_models(argv: list[str]) -> int:
     from .tiny_models import ensure_default_models
 
@@ -223,7 +280,8 @@ def cmd_build_models(argv: list[str]) -> int:
 
 
 COMMANDS = {"serve": cmd_serve, "select": cmd_select, "demo": cmd_demo, "bench-data": cmd_bench_data,
-            "bench": cmd_bench, "eval": cmd_eval, "train": cmd_train, "build-models": cmd_build_models}
+            "bench": cmd_bench, "eval": cmd_eval, "train": cmd_train, "label": cmd_label, "train-relevance": cmd_train_relevance,
+            "build-models": cmd_build_models}
 
 
 def main(argv: list[str] | None = None) -> int:

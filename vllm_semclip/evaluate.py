@@ -6,6 +6,8 @@ Methods (each one a SemClip configuration sent per request, so one engine serves
 * ``random``   — ``topk`` random candidate crops (seeded);
 * ``all``      — every candidate crop (AnyRes-like; the most tokens);
 * ``clip``     — SemClip with ψ (method ``relevance``; the bundled zero-shot ψ by default);
+* ``trained``  — SemClip with the ψ trained by distant supervision (``semclip train-relevance``;
+  the bundled trained ψ by default);
 * ``oracle``   — the candidate that best covers the target boxes (the paper's upper bound),
   sent as method ``given`` with that box.
 
@@ -36,7 +38,8 @@ from .benchdata import CATEGORIES, BenchRecord, load_bench
 from .config import SemClipConfig
 from .crops import candidate_boxes, crop_hit, oracle_index
 
-EVAL_METHODS = ("overview", "random", "all", "clip", "oracle")
+EVAL_METHODS = ("overview", "random", "all", "clip", "trained", "oracle")
+PSI_METHODS = ("clip", "trained")
 PROTOCOLS = ("likelihood", "generate")
 
 
@@ -48,7 +51,7 @@ class EvalSettings:
     topk: int = 1
     protocol: str = "likelihood"
     grids: tuple[int, ...] = (2, 3)
-    relevance_model: str | None = None  # ψ for ``clip``; the bundled one when None
+    relevance_model: str | None = None  # ψ of ``clip``/``trained``; the bundled zero-shot/trained one when None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -67,16 +70,28 @@ class EvalSettings:
             return {"method": "all", "grids": grids}
         if self.method == "random":
             return {"method": "random", "topk": self.topk, "grids": grids, "seed": self.seed}
-        if self.method == "clip":
+        if self.method in PSI_METHODS:
             return {"method": "relevance", "topk": self.topk, "grids": grids}
         candidates = candidate_boxes(*size, self.grids)
         return {"method": "given", "boxes": [list(candidates[oracle_index(candidates, record.target_boxes)])]}
 
+    @property
+    def psi(self) -> str | None:
+        """The ψ this method's engine loads (None: not a ψ method, or the plugin's default)."""
+        if self.method == "trained":
+            from .train_relevance import DEFAULT_TRAINED_RELEVANCE_DIR
+
+            return self.relevance_model or str(DEFAULT_TRAINED_RELEVANCE_DIR)
+        return self.relevance_model if self.method == "clip" else None
+
     def server_config(self) -> dict[str, Any]:
-        """The engine's SemClip defaults: room for every candidate (``all``), ψ if one was named."""
+        """The engine's SemClip defaults: room for every candidate (``all``), ψ if one was named.
+
+        ψ is fixed when an engine starts, so methods with different ψ need their own engine.
+        """
         config: dict[str, Any] = {"method": "all", "grids": list(self.grids), "max_topk": max(1, self.topk)}
-        if self.relevance_model:
-            config["relevance_model"] = self.relevance_model
+        if self.psi:
+            config["relevance_model"] = self.psi
         return config
 
 
@@ -175,7 +190,8 @@ def summarize(results: list[dict], settings: EvalSettings, seconds: float | None
                    for c in CATEGORIES if any(r["category"] == c for r in results)}
     return {
         "method": settings.method,
-        "topk": settings.topk if settings.method in ("random", "clip") else None,
+        "topk": settings.topk if settings.method in ("random", *PSI_METHODS) else None,
+        "relevance_model": settings.psi,
         "protocol": settings.protocol,
         "grids": list(settings.grids),
         "questions": len(results),
@@ -242,17 +258,21 @@ def make_engine(model: str, server_config: dict[str, Any], max_model_len: int = 
 
 def run(data: str | Path, methods: Sequence[str], out: str | Path, *, model: str | None = None, topk: int = 1,
         protocol: str = "likelihood", grids: Sequence[int] = (2, 3), relevance_model: str | None = None,
-        limit: int | None = None, progress: bool = True) -> list[dict]:
+        clip_model: str | None = None, limit: int | None = None, progress: bool = True) -> list[dict]:
     """Evaluate ``methods`` on the benchmark at ``data``; write results and the plot; return the documents.
 
-    ``out`` is a ``.json`` file for one method, or a directory (``METHOD.json`` each) for several.
+    ``relevance_model`` is the ψ of ``trained`` (default: the bundled trained ψ), ``clip_model``
+    the ψ of ``clip`` (default: the bundled zero-shot ψ). ``out`` is a ``.json`` file for one
+    method, or a directory (``METHOD.json`` each) for several. Methods run one after the
+    other; consecutive ones that need the same engine (same ψ) share it.
     """
     import os
 
     from .server import runtime_env
     from .tiny_models import DEFAULT_MODEL_DIR, ensure_default_models
 
-    settings = [EvalSettings(m, topk=topk, protocol=protocol, grids=tuple(grids), relevance_model=relevance_model)
+    settings = [EvalSettings(m, topk=topk, protocol=protocol, grids=tuple(grids),
+                             relevance_model=relevance_model if m == "trained" else clip_model if m == "clip" else None)
                 for m in methods]
     records = load_bench(data)
     if limit:
@@ -264,12 +284,19 @@ def run(data: str | Path, methods: Sequence[str], out: str | Path, *, model: str
     files[0].parent.mkdir(parents=True, exist_ok=True)
     for key, value in runtime_env().items():
         os.environ.setdefault(key, value)
-    if model is None or relevance_model is None:
-        ensure_default_models()
-    engine = make_engine(model or str(DEFAULT_MODEL_DIR), settings[0].server_config())
+    ensure_default_models()
+    for s in settings:
+        if s.psi and not Path(s.psi).exists() and s.method == "trained" and s.relevance_model is None:
+            raise FileNotFoundError(f"no trained ψ at {s.psi}: run `semclip train-relevance` or give --relevance-model")
     docs = []
+    engine, engine_config = None, None
     try:
         for s, path in zip(settings, files):
+            if s.server_config() != engine_config:
+                if engine is not None:
+                    engine.llm_engine.engine_core.shutdown()
+                engine_config = s.server_config()
+                engine = make_engine(model or str(DEFAULT_MODEL_DIR), engine_config)
             doc = evaluate_records(engine, records, s, progress)
             doc.update({"data": str(data), "model": model or str(DEFAULT_MODEL_DIR)})
             path.write_text(json.dumps(doc, indent=1))
@@ -277,7 +304,8 @@ def run(data: str | Path, methods: Sequence[str], out: str | Path, *, model: str
             if progress:
                 print(format_row(doc))
     finally:
-        engine.llm_engine.engine_core.shutdown()
+        if engine is not None:
+            engine.llm_engine.engine_core.shutdown()
     everything = [json.loads(p.read_text()) for p in sorted(files[0].parent.glob("*.json"))]
     everything = [d for d in everything if isinstance(d, dict) and "overall_accuracy" in d and "mean_visual_tokens" in d]
     plot_accuracy_vs_tokens(everything, files[0].parent / "accuracy_vs_tokens.png")

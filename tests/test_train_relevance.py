@@ -1,0 +1,168 @@
+"""Training ψ on crop labels: the loss, a tiny run, and the checkpoint round trip (open_clip and the plugin)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm_semclip.benchdata import load_bench, write_bench
+from vllm_semclip.crops import candidate_boxes, oracle_index
+from vllm_semclip.label import label_row, write_shard
+from vllm_semclip.train_relevance import (
+    DEFAULT_TRAINED_RELEVANCE_DIR,
+    CropContrastiveLoss,
+    RelevanceTrainConfig,
+    train_relevance,
+)
+
+
+def test_loss_is_text_to_crop_infonce_with_same_text_crops_of_other_images_masked():
+    torch.manual_seed(0)
+    b, c, d = 3, 4, 8
+    text = torch.nn.functional.normalize(torch.randn(b, d), dim=-1)
+    crops = torch.nn.functional.normalize(torch.randn(b, c, d), dim=-1)
+    positives = torch.tensor([1, 3, 0])
+    qids = torch.tensor([0, 1, 0])  # questions 0 and 2 ask the same thing about different images
+    loss = CropContrastiveLoss()(text, crops, positives, torch.tensor(10.0), qids)
+    expected = 0.0
+    for i in range(b):
+        allowed = [(j, k) for j in range(b) for k in range(c) if j == i or qids[j] != qids[i]]
+        logits = torch.stack([10.0 * text[i] @ crops[j, k] for j, k in allowed])
+        expected += -torch.log_softmax(logits, 0)[allowed.index((i, int(positives[i])))]
+    assert loss.item() == pytest.approx(expected.item() / b, rel=1e-5)
+    # a batch of one text: the loss is plain softmax over its own image's crops
+    one = CropContrastiveLoss()(text[:1], crops[:1], positives[:1], torch.tensor(1.0), qids[:1])
+    assert one.item() == pytest.approx(-torch.log_softmax(crops[0] @ text[0], 0)[1].item(), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def perfect_labels(tmp_path_factory) -> Path:
+    """Labels from a perfect labeller: the crop that best covers the targets is the one that helps."""
+    root = tmp_path_factory.mktemp("relevance")
+    write_bench(root / "bench", 16, seed=515, progress=False)
+    rows = []
+    for rec in load_bench(root / "bench"):
+        from PIL import Image
+
+        with Image.open(rec.image) as im:
+            size = im.size
+        candidates = candidate_boxes(*size, (2, 3))
+        best = oracle_index(candidates, rec.target_boxes)
+        wrong = [-2.0] + [-1.0] * (len(rec.options) - 1)
+        scored = [wrong] + [[-0.1] + [-3.0] * (len(rec.options) - 1) if i == best else wrong
+                            for i in range(len(candidates))]
+        rows.append(label_row(rec, size, (2, 3), scored))
+    write_shard(root / "labels", 0, rows[:8])
+    write_shard(root / "labels", 1, rows[8:])
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_run(perfect_labels):
+    out = perfect_labels / "psi"
+    config = RelevanceTrainConfig(labels=str(perfect_labels / "labels"), epochs=12, batch_size=6, lr=1e-3,
+                                  warmup=2, val_fraction=0.25)
+    return out, train_relevance(config, out, progress=False)
+
+
+def test_the_loss_decreases_and_the_best_epoch_is_kept(tiny_run):
+    out, report = tiny_run
+    losses = [h["loss"] for h in report["history"][1:]]
+    assert len(losses) == 12 and losses[-1] < losses[0]
+    assert report["train_questions"] == 12 and report["val_questions"] == 4
+    best = report["best_epoch"]
+    assert best["mean_gain"] == max(h["mean_gain"] for h in report["history"])
+    assert report["zero_shot"]["epoch"] == 0
+    assert json.loads((out / "train_config.json").read_text())["lock_image"] is True
+
+
+def test_the_checkpoint_is_safetensors_and_open_clip_loads_it(tiny_run, perfect_labels):
+    from PIL import Image
+
+    from vllm_semclip.relevance import RelevanceModel
+
+    out, _ = tiny_run
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["open_clip_config.json", "open_clip_model.safetensors", "train_config.json", "train_report.json",
+                     "validation.png"]
+    trained = RelevanceModel.from_pretrained(str(out))
+    zero_shot = RelevanceModel.from_pretrained(RelevanceTrainConfig(labels="-").init)
+    rec = load_bench(perfect_labels / "bench")[0]
+    with Image.open(rec.image) as im:
+        image = im.convert("RGB")
+    boxes = candidate_boxes(*image.size, (2, 3))
+    # the image tower was locked: same crop embeddings; the text tower moved
+    a = trained.model.encode_image(trained.region_batch(image, boxes[:2], True))
+    b = zero_shot.model.encode_image(zero_shot.region_batch(image, boxes[:2], True))
+    assert torch.allclose(a, b, atol=1e-3)
+    assert not torch.allclose(trained.score_regions(rec.question, image, boxes),
+                              zero_shot.score_regions(rec.question, image, boxes), atol=1e-4)
+
+
+def test_unlocking_the_image_tower_trains_it(perfect_labels):
+    from safetensors.torch import load_file
+
+    out = perfect_labels / "psi-unlocked"
+    config = RelevanceTrainConfig(labels=str(perfect_labels / "labels"), epochs=1, batch_size=6, lr=1e-3,
+                                  warmup=0, lock_image=False, keep_best=False, val_fraction=0.25,
+                                  min_gain=0.0)
+    report = train_relevance(config, out, progress=False)
+    assert report["history"][1]["loss"] is not None
+    before = load_file(str(Path(config.init) / "open_clip_model.safetensors"))
+    after = load_file(str(out / "open_clip_model.safetensors"))
+    assert report["best_epoch"]["epoch"] == 1  # keep_best=False: the last epoch is saved
+    assert not torch.equal(before["visual.conv1.weight"], after["visual.conv1.weight"])
+
+
+def test_labels_with_no_helpful_crop_are_refused(perfect_labels, tmp_path):
+    rows = [json.loads(line) for line in (perfect_labels / "labels" / "shard-00000.jsonl").read_text().splitlines()]
+    for row in rows:
+        for crop in row["crops"]:
+            crop["gain"] = 0.0
+    write_shard(tmp_path, 0, rows)
+    with pytest.raises(ValueError, match="min_gain"):
+        train_relevance(RelevanceTrainConfig(labels=str(tmp_path)), tmp_path / "out", progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        RelevanceTrainConfig(labels="x", batch_size=1)
+
+
+@pytest.mark.skipif(not (DEFAULT_TRAINED_RELEVANCE_DIR / "open_clip_model.safetensors").is_file(),
+                    reason="the bundled trained ψ is built by `semclip train-relevance`")
+def test_the_plugin_serves_the_trained_psi(perfect_labels, model_dir):
+    """An engine started with the trained ψ picks its crops: same outputs as sending those boxes."""
+    from vllm import SamplingParams
+
+    from vllm_semclip.config import SemClipConfig
+    from vllm_semclip.evaluate import make_engine, prompt_for
+    from vllm_semclip.selection import select_crops
+
+    trained, zero_shot = SemClipConfig(relevance_model=str(DEFAULT_TRAINED_RELEVANCE_DIR)), SemClipConfig()
+    cases = []
+    for rec in load_bench(perfect_labels / "bench"):
+        image = rec.load_image()
+        t, z = select_crops(image, rec.question, trained).boxes, select_crops(image, rec.question, zero_shot).boxes
+        if t != z:
+            cases.append((rec, image, t, z))
+    assert cases, "the trained ψ chose what the zero-shot one chose on every question"
+    cases = cases[:3]
+    llm = make_engine(model_dir, {"method": "relevance", "max_topk": 1, "relevance_model": str(DEFAULT_TRAINED_RELEVANCE_DIR)})
+    try:
+        tok = llm.get_tokenizer()
+        prompts = []
+        for rec, image, t, z in cases:
+            text = prompt_for(tok, rec.question) + " " + rec.options[0]
+            for kwargs in ({"method": "relevance", "topk": 1}, {"method": "given", "boxes": [list(t[0])]},
+                           {"method": "given", "boxes": [list(z[0])]}):
+                prompts.append({"prompt": text, "multi_modal_data": {"image": image}, "mm_processor_kwargs": kwargs})
+        outs = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0), use_tqdm=False)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+    def logprobs(out):
+        return [next(iter(e.values())).logprob if e else None for e in out.prompt_logprobs]
+
+    for i in range(len(cases)):
+        served, given_trained, given_zero_shot = (logprobs(o) for o in outs[3 * i:3 * i + 3])
+        assert served == given_trained
+        assert served != given_zero_shot
