@@ -152,3 +152,50 @@ def test_the_ray_job_labels_every_crop_and_shuts_ray_down(bench, uninterrupted):
     assert again["labelled_shards"] == 0 and again["skipped_shards"] == QUESTIONS
     assert time.time() - start < 10 and not ray.is_initialized()
     assert load_labels(out) == before
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A Ray head started as a cluster is (``ray start --head``), in a session of its own; stopped after."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_cli = Path(sys.executable).with_name("ray")
+    head = subprocess.Popen([str(ray_cli), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                             "--include-dashboard=false", "--node-ip-address=127.0.0.1", "--disable-usage-stats"],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert head.poll() is None, "ray start --head exited"
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}", head
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.time() + 30
+        while _session_processes(head.pid) and time.time() < deadline:
+            time.sleep(0.5)
+        for pid in _session_processes(head.pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_the_same_job_runs_on_an_existing_cluster(bench, model_dir, ray_cluster, uninterrupted):
+    import ray
+
+    address, head = ray_cluster
+    out = bench / "on-cluster"
+    summary = run_labelling(LabelConfig(data=str(bench / "bench"), model=model_dir, out=str(out), shard_size=1,
+                                        address=address), progress=False)
+    assert summary["labelled_shards"] == QUESTIONS
+    assert load_labels(out) == load_labels(uninterrupted[0])
+    assert not ray.is_initialized()  # the driver disconnected ...
+    assert head.poll() is None  # ... and left the cluster it does not own running

@@ -96,8 +96,11 @@ def test_the_checkpoint_is_safetensors_and_open_clip_loads_it(tiny_run, perfect_
     a = trained.model.encode_image(trained.region_batch(image, boxes[:2], True))
     b = zero_shot.model.encode_image(zero_shot.region_batch(image, boxes[:2], True))
     assert torch.allclose(a, b, atol=1e-3)
-    assert not torch.allclose(trained.score_regions(rec.question, image, boxes),
-                              zero_shot.score_regions(rec.question, image, boxes), atol=1e-4)
+    scores = trained.score_regions(rec.question, image, boxes)
+    assert not torch.allclose(scores, zero_shot.score_regions(rec.question, image, boxes), atol=1e-4)
+    # the weights file alone also serves as `relevance_pretrained` for the named config
+    by_name = RelevanceModel.from_pretrained("SemClip-ViT-T-16", str(out / "open_clip_model.safetensors"))
+    assert torch.allclose(by_name.score_regions(rec.question, image, boxes), scores, atol=1e-3)
 
 
 def test_unlocking_the_image_tower_trains_it(perfect_labels):
