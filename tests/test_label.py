@@ -22,6 +22,16 @@ from vllm_semclip.label import LabelConfig, LabelError, label_row, load_labels, 
 QUESTIONS = 3
 
 
+def test_without_an_address_the_job_starts_its_own_local_ray(monkeypatch):
+    from vllm_semclip.label import ray_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert ray_address(None) == "local"  # never a stale cluster from /tmp/ray/ray_current_cluster
+    assert ray_address("10.0.0.5:6379") == "10.0.0.5:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    assert ray_address(None) == "ray://head:10001"
+
+
 def test_condition_scores_normalise_over_the_options():
     s = score_condition([-1.0, -2.0, -3.0, -0.5])
     assert s["loglik"] == -1.0
@@ -186,6 +196,10 @@ def ray_cluster():
             time.sleep(0.5)
         for pid in _session_processes(head.pid):
             os.kill(pid, signal.SIGKILL)
+        # `ray start` records its cluster for later bare `ray.init()` calls; do not leave a dead one behind
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.is_file() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
 
 
 def test_the_same_job_runs_on_an_existing_cluster(bench, model_dir, ray_cluster, uninterrupted):

@@ -15,7 +15,7 @@ the raw likelihood of a sentence also rises with crops that merely make the *wor
 likelier; among the options, only evidence for the answer counts. The question's
 positive crop (``best``) is the crop of largest gain.
 
-The job runs on Ray: ``ray.init()`` starts a local Ray unless an address is given; each
+The job runs on Ray: it starts a local Ray unless an address is given (:func:`ray_address`); each
 actor (:class:`LabelWorker`) holds one vLLM engine with the plugin and labels a *shard*
 (a fixed, contiguous slice of the questions in load order) per call, with one batched
 ``LLM.generate``. The driver writes each finished shard as JSONL — written to a temporary
@@ -203,6 +203,15 @@ def write_shard(out: Path | str, index: int, rows: Sequence[dict[str, Any]]) -> 
     return path
 
 
+def ray_address(address: str | None) -> str:
+    """Where the job runs: ``address``, else ``$RAY_ADDRESS``, else a new local Ray (``"local"``).
+
+    Not Ray's bare ``ray.init()``: that also joins the last cluster ``ray start`` left in
+    ``/tmp/ray/ray_current_cluster`` — and hangs when that cluster has since died.
+    """
+    return address or os.environ.get("RAY_ADDRESS") or "local"
+
+
 def run_labelling(config: LabelConfig, progress: bool = True) -> dict[str, Any]:
     """Label every pending shard on Ray actors; return a summary (also written into ``manifest.json``)."""
     import ray
@@ -220,7 +229,7 @@ def run_labelling(config: LabelConfig, progress: bool = True) -> dict[str, Any]:
     if pending:
         started_ray = not ray.is_initialized()
         if started_ray:
-            ray.init(address=config.address, include_dashboard=False, log_to_driver=False,
+            ray.init(address=ray_address(config.address), include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
         try:
             _label_on_ray(config, out, pending, skipped, progress)
