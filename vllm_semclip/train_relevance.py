@@ -101,6 +101,7 @@ class LabelledSet:
 
     questions: list[str]
     gains: list[list[float]]
+    best: list[int]  # the labeller's positive crop per question (``best`` of its label row)
     hits: list[list[bool]]
     crops: Any  # [Q, C, 3, H, W] fp16 pixels, or [Q, C, D] frozen features with lock_image
 
@@ -142,9 +143,8 @@ def validate(model, tokenizer, data: LabelledSet, lock_image: bool) -> dict[str,
         feats = data.crops if lock_image else _encode_crops(model, data.crops)
         choice = torch.einsum("qd,qcd->qc", texts, feats).argmax(dim=1).tolist()
     n = len(data)
-    best = [max(range(len(g)), key=lambda c, g=g: (g[c], -c)) for g in data.gains]
     return {"hit_rate": sum(h[c] for h, c in zip(data.hits, choice)) / n,
-            "best_agreement": sum(c == b for c, b in zip(choice, best)) / n,
+            "best_agreement": sum(c == b for c, b in zip(choice, data.best)) / n,
             "mean_gain": sum(g[c] for g, c in zip(data.gains, choice)) / n}
 
 
@@ -199,7 +199,7 @@ def train_relevance(config: RelevanceTrainConfig, out_dir: Path | str = DEFAULT_
                 model.eval()
                 pixels = _encode_crops(model, pixels)
         return LabelledSet([r["question"] for r in subset], [[c["gain"] for c in r["crops"]] for r in subset],
-                           [[c["hit"] for c in r["crops"]] for r in subset], pixels)
+                           [r["best"] for r in subset], [[c["hit"] for c in r["crops"]] for r in subset], pixels)
 
     train_set, val_set = prepare(train_rows), prepare(val_rows)
     if config.lock_image:
@@ -210,7 +210,7 @@ def train_relevance(config: RelevanceTrainConfig, out_dir: Path | str = DEFAULT_
     sched = warmup_cosine(opt, config.warmup, config.epochs * steps_per_epoch)
     loss_fn = CropContrastiveLoss()
     text_ids = {q: i for i, q in enumerate(sorted(set(train_set.questions)))}
-    positives = torch.tensor([max(range(len(g)), key=lambda c, g=g: (g[c], -c)) for g in train_set.gains])
+    positives = torch.tensor(train_set.best)
     history = [{"epoch": 0, "loss": None, **validate(model, tokenizer, val_set, config.lock_image)}]
     best_state, best = {k: v.detach().clone() for k, v in model.state_dict().items()}, history[0]
     rng = torch.Generator().manual_seed(config.seed)
