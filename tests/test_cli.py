@@ -39,6 +39,16 @@ def test_select_json_matches_the_python_api(model_dir, photo_path, photo):
         assert 0 <= x0 < x1 <= photo.width and 0 <= y0 < y1 <= photo.height
 
 
+def test_select_relevance_precision_flag(model_dir, photo_path, photo):
+    question = "What is the color of the flag?"
+    out = semclip("select", str(photo_path), question, "--relevance-precision", "bf16", "--json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout.strip().splitlines()[-1])
+    expected = select_crops(photo, question, SemClipConfig(relevance_precision="bf16"))
+    assert doc["scores"] == pytest.approx(expected.scores, abs=1e-6)
+    assert doc["scores"] != pytest.approx(select_crops(photo, question, SemClipConfig()).scores, abs=1e-7)
+
+
 def test_select_overlay_draws_heatmap_and_boxes(model_dir, photo_path, tmp_path):
     overlay = tmp_path / "overlay.png"
     out = semclip("select", str(photo_path), "What is the astronaut holding?", "--out", str(overlay), "--grids", "2")
@@ -55,7 +65,7 @@ def test_select_overlay_draws_heatmap_and_boxes(model_dir, photo_path, tmp_path)
 @pytest.mark.parametrize(
     "args, words",
     [(("--topk", "11"), "topk must be an integer in 0..8"), (("--grids", "2,x"), "grids"),
-     (("--overlap", "0.9"), "overlap")],
+     (("--overlap", "0.9"), "overlap"), (("--relevance-precision", "int4"), "relevance_precision must be one of")],
 )
 def test_select_bad_options_exit_2_with_message(model_dir, photo_path, args, words):
     out = semclip("select", str(photo_path), "q", *args)

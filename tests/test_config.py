@@ -53,7 +53,7 @@ def test_request_values_refused_with_field_named(overrides, field, words):
     assert words in str(info.value)
 
 
-@pytest.mark.parametrize("field", ["relevance_model", "relevance_pretrained", "device", "max_topk"])
+@pytest.mark.parametrize("field", ["relevance_model", "relevance_pretrained", "relevance_precision", "device", "max_topk"])
 def test_server_only_fields_refused_per_request(field):
     with pytest.raises(SemClipConfigError, match="fixed when the server starts"):
         SemClipConfig().replace({field: "cpu" if field != "max_topk" else 2}, request=True)
@@ -108,3 +108,12 @@ def test_given_boxes_become_the_crops_clipped_to_the_image():
     sel = select_crops(Image.new("RGB", (300, 200)), "anything", config)
     assert sel.boxes == [(10, 20, 110, 80), (50, 50, 300, 200)]
     assert config.selection_key() != config.replace({"boxes": [[0, 0, 5, 5]]}).selection_key()
+
+
+def test_relevance_precision_takes_open_clip_values():
+    assert SemClipConfig().relevance_precision == "fp32"
+    assert SemClipConfig(relevance_precision="bf16").selection_key() != SemClipConfig().selection_key()
+    with pytest.raises(SemClipConfigError) as info:
+        SemClipConfig().replace({"relevance_precision": "int4"}, source="command line")
+    assert info.value.parameter == "relevance_precision"
+    assert "fp32, bf16, fp16, pure_bf16, pure_fp16" in str(info.value)

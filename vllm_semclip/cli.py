@@ -34,7 +34,8 @@ import os
 import sys
 from typing import Any
 
-SELECTION_FLAGS = ("topk", "grids", "overlap", "method", "relevance_model", "relevance_pretrained", "seed")
+SELECTION_FLAGS = ("topk", "grids", "overlap", "method", "relevance_model", "relevance_pretrained",
+                   "relevance_precision", "seed")
 
 
 def _add_selection_flags(p: argparse.ArgumentParser, *, server: bool) -> None:
@@ -45,6 +46,8 @@ def _add_selection_flags(p: argparse.ArgumentParser, *, server: bool) -> None:
                    help="how crops are chosen (method 'given' takes boxes: set it per request)")
     p.add_argument("--relevance-model", help="ψ: an open_clip model name or a local-dir checkpoint directory")
     p.add_argument("--relevance-pretrained", help="open_clip pretrained tag or checkpoint path (e.g. openai)")
+    p.add_argument("--relevance-precision",
+                   help="ψ's precision, open_clip's: fp32 (default), bf16, fp16, pure_bf16, pure_fp16")
     p.add_argument("--relevance-device", dest="device", help="where ψ runs (cpu, cuda, ...)")
     p.add_argument("--seed", type=int, help="seed of the random method")
     if server:

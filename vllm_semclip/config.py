@@ -36,7 +36,10 @@ MAX_OVERLAP = 0.5
 HF_CONFIG_KEY = "semclip_config"
 
 # Fields that fix what the server loaded or profiled; a request may not change them.
-SERVER_ONLY_FIELDS = frozenset({"relevance_model", "relevance_pretrained", "device", "max_topk"})
+SERVER_ONLY_FIELDS = frozenset({"relevance_model", "relevance_pretrained", "relevance_precision", "device", "max_topk"})
+# open_clip's ``precision`` values: fp32, or low-precision weights with fp32 layer norms
+# ("bf16"/"fp16", OpenAI CLIP's own mixed precision), or every tensor low ("pure_*").
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "pure_bf16", "pure_fp16")
 
 
 class SemClipConfigError(VLLMValidationError, ValueError):
@@ -58,6 +61,10 @@ class SemClipConfig:
             local-dir format. Default: the bundled tiny model.
         relevance_pretrained: open_clip ``pretrained`` tag or checkpoint path for a
             named ``relevance_model`` (e.g. ``openai`` for ``ViT-L-14-336``).
+        relevance_precision: ψ's numeric precision, open_clip's ``precision``
+            argument (``fp32``, ``bf16``, ``fp16``, ``pure_bf16``, ``pure_fp16``).
+            ``bf16`` halves ψ's time on CPUs with bf16 matrix units and on GPUs,
+            with the same crop ranking in practice (embeddings agree to ~1e-3).
         device: where ψ runs (``cpu``, ``cuda``, ``cuda:1``…).
         seed: seed of the ``random`` method (mixed with the image and question).
         max_topk: the most crops per image a request may ask for; memory is
@@ -77,6 +84,7 @@ class SemClipConfig:
     method: Method = "relevance"
     relevance_model: str = str(DEFAULT_RELEVANCE_DIR)
     relevance_pretrained: str | None = None
+    relevance_precision: str = "fp32"
     device: str = "cpu"
     seed: int = 0
     max_topk: int | None = None
@@ -101,6 +109,11 @@ class SemClipConfig:
         _check_str("relevance_model", self.relevance_model)
         if self.relevance_pretrained is not None:
             _check_str("relevance_pretrained", self.relevance_pretrained)
+        if self.relevance_precision not in PRECISIONS:
+            raise SemClipConfigError(
+                f"relevance_precision must be one of {', '.join(PRECISIONS)}; got {self.relevance_precision!r}",
+                parameter="relevance_precision",
+            )
         _check_str("device", self.device)
         _check_int("seed", self.seed, 0, 2**63 - 1)
         if self.max_topk is not None:
@@ -159,7 +172,7 @@ class SemClipConfig:
     def selection_key(self) -> tuple:
         """What the selection depends on, for the multimodal cache key."""
         return (self.topk, self.grids, self.overlap, self.method, self.relevance_model,
-                self.relevance_pretrained, self.seed, self.pad_to_square, self.boxes)
+                self.relevance_pretrained, self.relevance_precision, self.seed, self.pad_to_square, self.boxes)
 
     # ---- construction ---------------------------------------------------
     @classmethod

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 
 _registered = False
-_models: dict[tuple[str, str | None, str], "RelevanceModel"] = {}
+_models: dict[tuple[str, str | None, str, str], "RelevanceModel"] = {}
 _models_lock = threading.Lock()
 
 
@@ -56,6 +56,8 @@ class RelevanceModel:
     """ψ(question, crops) → scores, on an open_clip dual encoder."""
 
     def __init__(self, model, preprocess, tokenizer, device: str = "cpu", text_cache_size: int = 4096) -> None:
+        from torch import nn
+
         self.model = model
         self.preprocess = preprocess
         self.tokenizer = tokenizer
@@ -63,11 +65,18 @@ class RelevanceModel:
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._text_cache_size = text_cache_size
         self._lock = threading.Lock()
+        # pixels enter the patch embedding in its dtype (fp32 unless a low precision was asked for;
+        # open_clip's "bf16" keeps embeddings and layer norms fp32, so ask the first conv/linear)
+        self.input_dtype = next(m.weight.dtype for m in model.visual.modules()
+                                if isinstance(m, (nn.Conv2d, nn.Linear)))
 
     @classmethod
-    def from_pretrained(cls, model_name: str, pretrained: str | None = None, device: str = "cpu") -> RelevanceModel:
+    def from_pretrained(
+        cls, model_name: str, pretrained: str | None = None, device: str = "cpu", precision: str = "fp32"
+    ) -> RelevanceModel:
         """Create ψ through open_clip's factory: weights are the explicit ``pretrained`` argument
-        (a tag such as ``openai`` or a checkpoint path), or come with a ``local-dir:`` directory."""
+        (a tag such as ``openai`` or a checkpoint path), or come with a ``local-dir:`` directory;
+        ``precision`` is open_clip's (``fp32``, ``bf16``, ``pure_bf16``…)."""
         import open_clip
 
         register_model_configs()
@@ -78,7 +87,7 @@ class RelevanceModel:
             pretrained = str(Path(pretrained).expanduser().resolve())
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
-                identifier, pretrained=pretrained, device=device
+                identifier, pretrained=pretrained, device=device, precision=precision
             )
         except RuntimeError as exc:
             if "Unknown model" in str(exc) or "not found" in str(exc):
@@ -117,7 +126,7 @@ class RelevanceModel:
 
         with self._lock, torch.inference_mode():
             text = self._text_embedding(question)
-            images = torch.nn.functional.normalize(self.model.encode_image(batch.to(self.device)).float(), dim=-1)
+            images = torch.nn.functional.normalize(self.model.encode_image(batch.to(self.device, self.input_dtype)).float(), dim=-1)
             return (images @ text).cpu()
 
     @property
@@ -214,12 +223,14 @@ def save_local_dir(model, model_cfg: dict, out_dir: Path | str, half: bool = Tru
     return out
 
 
-def get_relevance_model(model_name: str, pretrained: str | None = None, device: str = "cpu") -> RelevanceModel:
-    """Process-wide cache: ψ is loaded once per (model, weights, device)."""
-    key = (model_name, pretrained, device)
+def get_relevance_model(
+    model_name: str, pretrained: str | None = None, device: str = "cpu", precision: str = "fp32"
+) -> RelevanceModel:
+    """Process-wide cache: ψ is loaded once per (model, weights, device, precision)."""
+    key = (model_name, pretrained, device, precision)
     with _models_lock:
         model = _models.get(key)
         if model is None:
-            model = RelevanceModel.from_pretrained(model_name, pretrained, device)
+            model = RelevanceModel.from_pretrained(model_name, pretrained, device, precision)
             _models[key] = model
         return model
