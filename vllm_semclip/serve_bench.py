@@ -5,6 +5,7 @@ client (``vllm bench serve``, openai-chat backend, the custom_image dataset):
 
 1. ``overview`` — stock LLaVA architecture (plain vLLM), one image, no selection;
 2. ``semclip``  — SemClip, k=1 on the default grids;
+   ``semclip_bf16`` — the same with ψ in bf16 (``relevance_precision``), ψ's cheaper setting;
 3. ``given``    — stock LLaVA, the client sends the overview and the very crop SemClip picks as
                   two images: SemClip's tokens without its selection work (its ceiling);
 4. ``all``      — SemClip with every candidate crop (AnyRes-like);
@@ -37,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-CONFIGS = ("overview", "semclip", "given", "all", "hf")
+CONFIGS = ("overview", "semclip", "semclip_bf16", "given", "all", "hf")
 METRICS = ("request_throughput", "output_throughput", "p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms",
            "p99_tpot_ms", "p50_e2el_ms", "p99_e2el_ms")
 NO_CACHE_ARGS = ["--mm-processor-cache-gb", "0", "--no-enable-prefix-caching"]
@@ -246,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         "overview": ("stock", {}, "one"),
         "given": ("stock", {}, "two"),
         "semclip": ("semclip", {"topk": 1}, "one"),
+        "semclip_bf16": ("semclip-bf16", {"topk": 1, "relevance_precision": "bf16"}, "one"),  # ψ in bf16
         "all": ("semclip-all", {"method": "all"}, "one"),
     }
     results: dict[str, dict[str, dict[str, Any]]] = {}
@@ -302,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     for c in map(str, concurrencies):
         def thr(name: str) -> float | None:
             return results.get(name, {}).get(c, {}).get("request_throughput")
-        for a, b in (("semclip", "given"), ("semclip", "all"), ("semclip", "hf"), ("semclip", "overview")):
+        for a, b in (("semclip", "given"), ("semclip", "all"), ("semclip", "hf"), ("semclip", "overview"),
+                     ("semclip_bf16", "given"), ("semclip_bf16", "semclip")):
             if thr(a) and thr(b):
                 ratios[f"{a}/{b}@{c}"] = round(thr(a) / thr(b), 3)
     doc = {**results, "_meta": {
@@ -317,11 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     plot_c = str(max(concurrencies))
     plot(results, result_path.with_suffix(".png"), plot_c)
 
-    print(f"\n{'config':<10}{'conc':>5}{'req/s':>8}{'out tok/s':>10}{'ttft p50':>10}{'ttft p99':>10}"
+    print(f"\n{'config':<13}{'conc':>5}{'req/s':>8}{'out tok/s':>10}{'ttft p50':>10}{'ttft p99':>10}"
           f"{'e2el p50':>10}{'e2el p99':>10}{'vis tok':>8}{'sel p50':>9}{'sel p99':>9}")
     for name, by_c in results.items():
         for c, m in by_c.items():
-            print(f"{name:<10}{c:>5}{m['request_throughput']:>8.2f}{m['output_throughput']:>10.1f}"
+            print(f"{name:<13}{c:>5}{m['request_throughput']:>8.2f}{m['output_throughput']:>10.1f}"
                   f"{m['p50_ttft_ms']:>10.0f}{m['p99_ttft_ms']:>10.0f}{m['p50_e2el_ms']:>10.0f}{m['p99_e2el_ms']:>10.0f}"
                   f"{m.get('visual_tokens_per_request') or 0:>8}{m.get('p50_selection_ms', float('nan')):>9.1f}"
                   f"{m.get('p99_selection_ms', float('nan')):>9.1f}")
