@@ -103,18 +103,11 @@ class SemClipConfig:
         if len(set(self.grids)) != len(self.grids):
             raise SemClipConfigError(f"grids must not repeat a size, got {list(self.grids)}", parameter="grids")
         _check_float("overlap", self.overlap, 0.0, MAX_OVERLAP)
-        if self.method not in METHODS:
-            raise SemClipConfigError(
-                f"method must be one of {', '.join(METHODS)}; got {self.method!r}", parameter="method"
-            )
+        _check_choice("method", self.method, METHODS)
         _check_str("relevance_model", self.relevance_model)
         if self.relevance_pretrained is not None:
             _check_str("relevance_pretrained", self.relevance_pretrained)
-        if self.relevance_precision not in PRECISIONS:
-            raise SemClipConfigError(
-                f"relevance_precision must be one of {', '.join(PRECISIONS)}; got {self.relevance_precision!r}",
-                parameter="relevance_precision",
-            )
+        _check_choice("relevance_precision", self.relevance_precision, PRECISIONS)
         _check_str("device", self.device)
         _check_int("seed", self.seed, 0, 2**63 - 1)
         if self.max_topk is not None:
@@ -243,6 +236,11 @@ def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
         )
     if not lo <= value <= hi:
         raise SemClipConfigError(f"{name} must be an integer in {lo}..{hi}, got {value}", parameter=name)
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise SemClipConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}", parameter=name)
 
 
 def _check_float(name: str, value: Any, lo: float, hi: float) -> None:
