@@ -1,17 +1,21 @@
-"""The serving benchmark runs end to end and writes results of the documented shape.
+"""The benchmarks run end to end and write results of the documented shape.
 
-No speed is asserted here (benchmarks report figures; tests check behaviour): this runs the
-smallest possible benchmark — 2 images, concurrency 2, one repeat — against a real server
-with vLLM's own client, plus the transformers baseline.
+No speed or accuracy is asserted here (benchmarks report figures; tests check behaviour): the
+serving benchmark runs at its smallest — 2 images, concurrency 2, one repeat — against a real
+server with vLLM's own client, plus the transformers baseline; the tower probe runs on a few
+tiles of the bundled LLaVA.
 """
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from vllm_semclip.serve_bench import METRICS
+
+TOWER_PROBE = Path(__file__).resolve().parents[1] / "benchmarks" / "tower_probe.py"
 
 
 @pytest.mark.timeout(900)
@@ -35,3 +39,50 @@ def test_serve_benchmark_smoke(tmp_path, model_dir, tokens_per_tile):
     assert "semclip/hf@2" in doc["_ratios"]
     assert (tmp_path / "serve_throughput.png").stat().st_size > 1000
     assert "ratios of request throughput" in out.stdout
+
+
+def _tower_probe_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tower_probe", TOWER_PROBE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_position_probe_reads_a_coded_position_and_not_noise():
+    """The probe scores tiles it never saw: a feature that codes the column is read, noise is not."""
+    import torch
+
+    probe = _tower_probe_module().probe_accuracy
+    gen = torch.Generator().manual_seed(0)
+    columns = (torch.arange(49) % 7).expand(30, -1)
+    noise = torch.randn(30, 49, 16, generator=gen)
+    coded = noise.clone()
+    coded[..., :7] += 3 * torch.nn.functional.one_hot(columns, 7)
+    assert probe(coded, columns, 7) > 0.9
+    assert probe(noise, columns, 7) < 0.3  # chance is 1/7
+
+
+@pytest.mark.timeout(900)
+def test_tower_probe_runs_on_the_bundled_llava(tmp_path, model_dir):
+    out = subprocess.run(
+        [sys.executable, str(TOWER_PROBE), "--model", model_dir, "--tiles", "40", "--questions", "6",
+         "--out", str(tmp_path / "probe.json")],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    doc = json.loads((tmp_path / "probe.json").read_text())
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    layers = config["vision_config"]["num_hidden_layers"] + 1  # the embeddings, then every block
+    probe = doc["position_probe"]
+    assert [r["layer"] for r in probe] == list(range(layers))
+    assert [r["llava_feature_layer"] for r in probe].count(True) == 1
+    assert probe[config["vision_feature_layer"] % layers]["llava_feature_layer"]
+    # the position embedding is added at the input, so the embeddings' tokens carry position
+    assert probe[0]["column_accuracy"] > 2 * probe[0]["chance"]
+    assert set(doc["accuracy_by_cards"]) == {"attribute_1_card", "attribute_2_cards", "attribute_3_cards",
+                                             "spatial_2_cards", "spatial_3_cards"}
+    assert all(0 <= v <= 1 for v in doc["accuracy_by_cards"].values())
+    assert (tmp_path / "probe.png").stat().st_size > 1000
+    assert "LLaVA's feature layer" in out.stdout

@@ -1,0 +1,172 @@
+"""What a LLaVA's vision tower tells its language model about *where* things are.
+
+Left/right questions can only be answered if the patch tokens the language model receives
+carry their position (the language model's own positions are one long 1-D sequence). This
+measures it directly, per tower layer: a small MLP probe (seeded, trained on the tokens of
+most tiles, scored on the rest) predicts each patch token's column and row from its feature.
+Chance is 1 / grid side; the layer LLaVA hands the language model (``vision_feature_layer``)
+is marked. Beside it, the LLaVA's held-out accuracy by number of cards — attribute questions
+with 1, 2 and 3 cards and spatial ones with 2 and 3 — with the V* protocol (each option
+scored by its likelihood, Hugging Face forward, as ``semclip train vlm`` evaluates), which
+separates reading a colour from finding the right card.
+
+Prints both tables, writes ``benchmarks/results/tower_probe.json`` and a picture beside it.
+Any Hugging Face LLaVA checkpoint directory works (``--model``); default: the bundled one.
+
+    python benchmarks/tower_probe.py [--model DIR] [--tiles 256] [--questions 150]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+
+def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, classes: int, train_fraction: float = 0.8,
+                   steps: int = 300, seed: int = 0) -> float:
+    """Held-out accuracy of a 1-hidden-layer MLP predicting ``labels`` from per-token ``features``.
+
+    ``features`` is (tiles, tokens, width): the split is by tile, so the probe is scored on
+    tiles it never saw.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n_train = max(1, int(len(features) * train_fraction))
+    x_train, x_test = features[:n_train].flatten(0, 1), features[n_train:].flatten(0, 1)
+    y_train, y_test = labels[:n_train].flatten(), labels[n_train:].flatten()
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    torch.manual_seed(seed)
+    mlp = torch.nn.Sequential(torch.nn.Linear(features.shape[-1], 256), torch.nn.GELU(), torch.nn.Linear(256, classes))
+    opt = torch.optim.Adam(mlp.parameters(), lr=3e-3)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x_train), (min(2048, len(x_train)),), generator=gen)
+        loss = torch.nn.functional.cross_entropy(mlp(x_train[idx]), y_train[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return float((mlp(x_test).argmax(1) == y_test).float().mean())
+
+
+def position_probe(trainer, tiles: list, seed: int = 0) -> list[dict]:
+    """Column and row probe accuracy of the patch tokens at every layer of ``trainer``'s tower."""
+    model = trainer.model
+    with torch.no_grad():
+        out = model.model.vision_tower(trainer.image_processor(tiles, return_tensors="pt")["pixel_values"]
+                                       .to(model.dtype), output_hidden_states=True)
+    grid = int(round((out.hidden_states[0].shape[1] - 1) ** 0.5))
+    index = torch.arange(grid * grid)
+    columns, rows = (index % grid).expand(len(tiles), -1), (index // grid).expand(len(tiles), -1)
+    layers = len(out.hidden_states)
+    feature_layer = model.config.vision_feature_layer
+    feature_layer = feature_layer % layers if isinstance(feature_layer, int) else None
+    results = []
+    for layer, hidden in enumerate(tqdm(out.hidden_states, desc="position probe")):
+        tokens = hidden[:, 1:].float()  # CLS dropped, as LLaVA's "default" strategy does
+        results.append({"layer": layer, "llava_feature_layer": layer == feature_layer,
+                        "column_accuracy": round(probe_accuracy(tokens, columns, grid, seed=seed), 4),
+                        "row_accuracy": round(probe_accuracy(tokens, rows, grid, seed=seed), 4),
+                        "chance": round(1 / grid, 4)})
+    return results
+
+
+def accuracy_by_cards(trainer, questions: int, seed: int) -> dict[str, float]:
+    """Visible-size held-out accuracy per question kind and number of cards (V* protocol)."""
+    from vllm_semclip.cards import VISIBLE_SIDE_RANGE
+    from vllm_semclip.train_vlm import accuracy, tile_sample
+
+    conditions = [("attribute", 1), ("attribute", 2), ("attribute", 3), ("spatial", 2), ("spatial", 3)]
+    results = {}
+    for kind, cards in tqdm(conditions, desc="accuracy by cards"):
+        rng = random.Random(f"{seed}-{kind}-{cards}")
+        samples = [tile_sample(rng, n_cards=cards, spatial=kind == "spatial", side_range=VISIBLE_SIDE_RANGE)
+                   for _ in range(questions)]
+        results[f"{kind}_{cards}_card{'s' if cards > 1 else ''}"] = round(accuracy(trainer, samples), 4)
+    return results
+
+
+def plot(probe: list[dict], by_cards: dict[str, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    layers = [r["layer"] for r in probe]
+    width = 0.38
+    left.bar([x - width / 2 for x in layers], [100 * r["column_accuracy"] for r in probe], width, label="column")
+    left.bar([x + width / 2 for x in layers], [100 * r["row_accuracy"] for r in probe], width, label="row")
+    left.axhline(100 * probe[0]["chance"], color="gray", linestyle="--", linewidth=1, label="chance")
+    for r in probe:
+        if r["llava_feature_layer"]:
+            left.annotate("LLaVA's\nfeature layer", (r["layer"], 100 * max(r["column_accuracy"], r["row_accuracy"])),
+                          textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    left.set_xticks(layers, ["embed" if x == 0 else str(x) for x in layers])
+    left.set_xlabel("tower layer (hidden state)")
+    left.set_ylabel("probe accuracy (%)")
+    left.set_ylim(0, 100)
+    left.set_title("Is a patch token's position readable from it?", fontsize=10)
+    left.legend(fontsize=8)
+    names = list(by_cards)
+    chance = [25 if n.startswith("attribute") else 50 for n in names]
+    right.bar(range(len(names)), [100 * by_cards[n] for n in names],
+              color=["tab:green" if n.startswith("attribute") else "tab:purple" for n in names])
+    right.scatter(range(len(names)), chance, marker="_", s=400, color="gray", label="chance")
+    right.set_xticks(range(len(names)), [n.replace("_", " ").replace(" ", "\n", 1) for n in names], fontsize=8)
+    right.set_ylim(0, 100)
+    right.set_ylabel("accuracy (%)")
+    right.set_title("LLaVA, target visible, by number of cards", fontsize=10)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from vllm_semclip.cards import VISIBLE_SIDE_RANGE, card_tile
+    from vllm_semclip.tiny_models import DEFAULT_MODEL_DIR, ensure_default_models
+    from vllm_semclip.train_vlm import LlavaTrainer
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default=None, help="a Hugging Face LLaVA directory (default: the bundled tiny LLaVA)")
+    p.add_argument("--tiles", type=int, default=256, help="tiles whose patch tokens the position probe uses")
+    p.add_argument("--questions", type=int, default=150, help="held-out questions per card-count condition")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "tower_probe.json"))
+    args = p.parse_args()
+    if args.model is None:
+        ensure_default_models()
+    model_dir = args.model or str(DEFAULT_MODEL_DIR)
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    trainer = LlavaTrainer(model, AutoProcessor.from_pretrained(model_dir))
+    rng = random.Random(args.seed)
+    tiles = [card_tile(rng, trainer.tile_size, n_cards=rng.randint(1, 3), side_range=VISIBLE_SIDE_RANGE).image
+             for _ in range(args.tiles)]
+    probe = position_probe(trainer, tiles, seed=args.seed)
+    by_cards = accuracy_by_cards(trainer, args.questions, args.seed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"model": model_dir, "tiles": args.tiles, "questions_per_condition": args.questions, "seed": args.seed,
+            "vision_feature_layer": model.config.vision_feature_layer}
+    out.write_text(json.dumps({"meta": meta, "position_probe": probe, "accuracy_by_cards": by_cards}, indent=2))
+    plot(probe, by_cards, out.with_suffix(".png"))
+    print(f"\n{'layer':<8}{'column %':>10}{'row %':>8}   (chance {100 * probe[0]['chance']:.1f}%)")
+    for r in probe:
+        mark = "  <- LLaVA's feature layer" if r["llava_feature_layer"] else ""
+        print(f"{'embed' if r['layer'] == 0 else r['layer']:<8}{100 * r['column_accuracy']:>10.1f}"
+              f"{100 * r['row_accuracy']:>8.1f}{mark}")
+    print(f"\n{'condition':<22}{'accuracy %':>11}")
+    for name, acc in by_cards.items():
+        print(f"{name:<22}{100 * acc:>11.1f}")
+    print(f"written to {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
