@@ -40,8 +40,10 @@ def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, classes: int, t
     y_train, y_test = labels[:n_train].flatten(), labels[n_train:].flatten()
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
-    torch.manual_seed(seed)
-    mlp = torch.nn.Sequential(torch.nn.Linear(features.shape[-1], 256), torch.nn.GELU(), torch.nn.Linear(256, classes))
+    with torch.random.fork_rng():  # a seeded probe without touching the caller's global RNG
+        torch.manual_seed(seed)
+        mlp = torch.nn.Sequential(torch.nn.Linear(features.shape[-1], 256), torch.nn.GELU(),
+                                  torch.nn.Linear(256, classes))
     opt = torch.optim.Adam(mlp.parameters(), lr=3e-3)
     for _ in range(steps):
         idx = torch.randint(0, len(x_train), (min(2048, len(x_train)),), generator=gen)

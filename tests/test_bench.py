@@ -1,6 +1,6 @@
 """The benchmarks run end to end and write results of the documented shape.
 
-No speed or accuracy is asserted here (benchmarks report figures; tests check behaviour): the
+No speed or model accuracy is asserted here (benchmarks report figures; tests check behaviour): the
 serving benchmark runs at its smallest — 2 images, concurrency 2, one repeat — against a real
 server with vLLM's own client, plus the transformers baseline; the tower probe runs on a few
 tiles of the bundled LLaVA.
