@@ -5,7 +5,14 @@ import random
 import pytest
 
 from vllm_semclip.cards import CAPTIONS, CROP_SIDE_RANGE
-from vllm_semclip.train_clip import ClipTrainConfig, sample_blocks, side_range_at, train_clip
+from vllm_semclip.train_clip import (
+    ClipTrainConfig,
+    sample_blocks,
+    side_range_at,
+    train_clip,
+    zero_shot_accuracy,
+    zero_shot_scores,
+)
 from vllm_semclip.train_vlm import LlavaTrainer, Sample, VlmTrainConfig, scene_sample, tile_sample
 
 
@@ -45,6 +52,24 @@ def test_clip_training_writes_a_checkpoint_open_clip_loads(tmp_path):
     assert 0.0 <= report["zero_shot_accuracy"] <= 1.0 and report["eval_mosaics"] == 3
     psi = RelevanceModel.from_pretrained(str(tmp_path / "psi"))
     assert psi.image_size == 224 and (tmp_path / "psi" / "train_report.json").is_file()
+
+
+def test_zero_shot_breakdown_is_consistent_on_the_bundled_psi():
+    """The caption is right only when shape and colour both are, so it bounds them from both
+    sides; and the breakdown's caption figure is ``zero_shot_accuracy`` on the same cards."""
+    import open_clip
+
+    from vllm_semclip.relevance import RelevanceModel, register_model_configs
+    from vllm_semclip.tiny_models import DEFAULT_RELEVANCE_DIR
+
+    register_model_configs()
+    psi = RelevanceModel.from_pretrained(str(DEFAULT_RELEVANCE_DIR))
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{DEFAULT_RELEVANCE_DIR.resolve()}")
+    scores = zero_shot_scores(psi.model, tokenizer, random.Random(5), 72, psi.image_size)
+    assert set(scores) == {"caption", "shape", "color"}
+    assert scores["shape"] + scores["color"] - 1 <= scores["caption"] <= min(scores["shape"], scores["color"])
+    assert scores["caption"] > 3 / len(CAPTIONS)  # a trained ψ, far above chance (1/24)
+    assert zero_shot_accuracy(psi.model, tokenizer, random.Random(5), 72, psi.image_size) == scores["caption"]
 
 
 def test_samples_carry_the_right_answer_first():

@@ -126,22 +126,32 @@ def sample_blocks(rng: random.Random, size: int, blocks: int, side_range: tuple[
     return out
 
 
-def zero_shot_accuracy(model, tokenizer, rng: random.Random, n: int, size: int, batch: int = 96) -> float:
-    """Held-out single cards at crop size: argmax over the 24 caption embeddings."""
+def zero_shot_scores(model, tokenizer, rng: random.Random, n: int, size: int, batch: int = 96) -> dict[str, float]:
+    """Held-out single cards at crop size, argmax over the 24 caption embeddings: the share of
+    cards whose caption is right (``caption``), and whose predicted caption names the right
+    shape (``shape``) or colour (``color``) — which of the two a ψ confuses says what to train."""
     import torch
 
     mean, std = model.visual.image_mean, model.visual.image_std
     with torch.inference_mode():
         text = torch.nn.functional.normalize(model.encode_text(tokenizer(list(CAPTIONS))), dim=-1)
-        correct = 0
+        hits = {"caption": 0, "shape": 0, "color": 0}
         labels = [CAPTIONS[i % len(CAPTIONS)] for i in range(n)]
         for start in range(0, n, batch):
             chunk = labels[start:start + batch]
             tiles = [card_tile(rng, size, shapes=[t.split()[2]], colors=[t.split()[1]]).image for t in chunk]
             img = torch.nn.functional.normalize(model.encode_image(to_tensor(tiles, mean, std)), dim=-1)
-            pred = (img @ text.T).argmax(dim=-1).tolist()
-            correct += sum(CAPTIONS[p] == t for p, t in zip(pred, chunk))
-    return correct / n
+            for p, t in zip((img @ text.T).argmax(dim=-1).tolist(), chunk):
+                (_, p_color, p_shape), (_, color, shape) = CAPTIONS[p].split(), t.split()
+                hits["caption"] += CAPTIONS[p] == t
+                hits["shape"] += p_shape == shape
+                hits["color"] += p_color == color
+    return {k: v / n for k, v in hits.items()}
+
+
+def zero_shot_accuracy(model, tokenizer, rng: random.Random, n: int, size: int, batch: int = 96) -> float:
+    """Held-out single cards at crop size: argmax over the 24 caption embeddings."""
+    return zero_shot_scores(model, tokenizer, rng, n, size, batch)["caption"]
 
 
 def cell_pick_accuracy(relevance, rng: random.Random, n: int, size: int, query: str = "caption") -> float:
@@ -178,7 +188,8 @@ def cell_pick_accuracy(relevance, rng: random.Random, n: int, size: int, query: 
 
 
 def evaluate(model_dir: Path | str, seed: int = 0, n_cards: int = 480, n_mosaics: int = 400) -> dict:
-    """Held-out figures of a saved ψ: zero-shot caption accuracy and 3×3 cell pick (caption and question)."""
+    """Held-out figures of a saved ψ: zero-shot caption accuracy (and its shape and colour parts)
+    and 3×3 cell pick (caption and question)."""
     import open_clip
 
     from .relevance import RelevanceModel, register_model_configs
@@ -188,8 +199,11 @@ def evaluate(model_dir: Path | str, seed: int = 0, n_cards: int = 480, n_mosaics
     tokenizer = open_clip.get_tokenizer(f"local-dir:{Path(model_dir).resolve()}")
     size = relevance.image_size
     rng = random.Random(seed + EVAL_SEED_OFFSET)
+    zero_shot = zero_shot_scores(relevance.model, tokenizer, rng, n_cards, size)
     return {
-        "zero_shot_accuracy": zero_shot_accuracy(relevance.model, tokenizer, rng, n_cards, size),
+        "zero_shot_accuracy": zero_shot["caption"],
+        "zero_shot_shape_accuracy": zero_shot["shape"],
+        "zero_shot_color_accuracy": zero_shot["color"],
         "cell_pick_accuracy": cell_pick_accuracy(relevance, rng, n_mosaics, size, "caption"),
         "cell_pick_accuracy_question": cell_pick_accuracy(relevance, rng, n_mosaics, size, "question"),
         "eval_cards": n_cards,
