@@ -57,14 +57,11 @@ def test_clip_training_writes_a_checkpoint_open_clip_loads(tmp_path):
 def test_zero_shot_breakdown_is_consistent_on_the_bundled_psi():
     """The caption is right only when shape and colour both are, so it bounds them from both
     sides; and the breakdown's caption figure is ``zero_shot_accuracy`` on the same cards."""
-    import open_clip
-
-    from vllm_semclip.relevance import RelevanceModel, register_model_configs
+    from vllm_semclip.relevance import RelevanceModel
     from vllm_semclip.tiny_models import DEFAULT_RELEVANCE_DIR
 
-    register_model_configs()
     psi = RelevanceModel.from_pretrained(str(DEFAULT_RELEVANCE_DIR))
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{DEFAULT_RELEVANCE_DIR.resolve()}")
+    tokenizer = psi.tokenizer
     scores = zero_shot_scores(psi.model, tokenizer, random.Random(5), 72, psi.image_size)
     assert set(scores) == {"caption", "shape", "color"}
     assert scores["shape"] + scores["color"] - 1 <= scores["caption"] <= min(scores["shape"], scores["color"])

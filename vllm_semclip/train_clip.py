@@ -136,16 +136,16 @@ def zero_shot_scores(model, tokenizer, rng: random.Random, n: int, size: int, ba
     with torch.inference_mode():
         text = torch.nn.functional.normalize(model.encode_text(tokenizer(list(CAPTIONS))), dim=-1)
         hits = {"caption": 0, "shape": 0, "color": 0}
-        labels = [CAPTIONS[i % len(CAPTIONS)] for i in range(n)]
+        parts = [c.split()[1:] for c in CAPTIONS]  # (colour, shape) of each caption
+        labels = [i % len(CAPTIONS) for i in range(n)]
         for start in range(0, n, batch):
             chunk = labels[start:start + batch]
-            tiles = [card_tile(rng, size, shapes=[t.split()[2]], colors=[t.split()[1]]).image for t in chunk]
+            tiles = [card_tile(rng, size, shapes=[parts[i][1]], colors=[parts[i][0]]).image for i in chunk]
             img = torch.nn.functional.normalize(model.encode_image(to_tensor(tiles, mean, std)), dim=-1)
-            for p, t in zip((img @ text.T).argmax(dim=-1).tolist(), chunk):
-                (_, p_color, p_shape), (_, color, shape) = CAPTIONS[p].split(), t.split()
-                hits["caption"] += CAPTIONS[p] == t
-                hits["shape"] += p_shape == shape
-                hits["color"] += p_color == color
+            for p, i in zip((img @ text.T).argmax(dim=-1).tolist(), chunk):
+                hits["caption"] += p == i
+                hits["color"] += parts[p][0] == parts[i][0]
+                hits["shape"] += parts[p][1] == parts[i][1]
     return {k: v / n for k, v in hits.items()}
 
 
@@ -190,16 +190,12 @@ def cell_pick_accuracy(relevance, rng: random.Random, n: int, size: int, query: 
 def evaluate(model_dir: Path | str, seed: int = 0, n_cards: int = 480, n_mosaics: int = 400) -> dict:
     """Held-out figures of a saved ψ: zero-shot caption accuracy (and its shape and colour parts)
     and 3×3 cell pick (caption and question)."""
-    import open_clip
+    from .relevance import RelevanceModel
 
-    from .relevance import RelevanceModel, register_model_configs
-
-    register_model_configs()
-    relevance = RelevanceModel.from_pretrained(str(model_dir))
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{Path(model_dir).resolve()}")
+    relevance = RelevanceModel.from_pretrained(str(model_dir))  # registers the configs, loads its tokenizer
     size = relevance.image_size
     rng = random.Random(seed + EVAL_SEED_OFFSET)
-    zero_shot = zero_shot_scores(relevance.model, tokenizer, rng, n_cards, size)
+    zero_shot = zero_shot_scores(relevance.model, relevance.tokenizer, rng, n_cards, size)
     return {
         "zero_shot_accuracy": zero_shot["caption"],
         "zero_shot_shape_accuracy": zero_shot["shape"],
