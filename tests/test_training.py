@@ -7,13 +7,14 @@ import pytest
 from vllm_semclip.cards import CAPTIONS, CROP_SIDE_RANGE
 from vllm_semclip.train_clip import (
     ClipTrainConfig,
+    PatchPositionLoss,
     sample_blocks,
     side_range_at,
     train_clip,
     zero_shot_accuracy,
     zero_shot_scores,
 )
-from vllm_semclip.train_vlm import LlavaTrainer, Sample, VlmTrainConfig, scene_sample, tile_sample
+from vllm_semclip.train_vlm import LlavaTrainer, Sample, VlmTrainConfig, scene_sample, side_sample, tile_sample
 
 
 def test_clip_blocks_hold_every_caption_once():
@@ -32,26 +33,55 @@ def test_curriculum_shrinks_cards_to_crop_size():
     assert later == pytest.approx(CROP_SIDE_RANGE)
 
 
-@pytest.mark.parametrize("bad", [{"steps": 0}, {"lr": 2.0}, {"curriculum": 1.5}])
+@pytest.mark.parametrize("bad", [{"steps": 0}, {"lr": 2.0}, {"curriculum": 1.5}, {"position_weight": -1.0},
+                                 {"position_layer": 0}])
 def test_clip_config_is_validated(bad):
     with pytest.raises(ValueError):
         ClipTrainConfig(**bad)
 
 
-@pytest.mark.parametrize("bad", [{"batch_size": 0}, {"scene_fraction": -0.1}, {"scene_scale": 2.0}])
+@pytest.mark.parametrize("bad", [{"batch_size": 0}, {"scene_fraction": -0.1}, {"scene_scale": 2.0},
+                                 {"side_fraction": 1.5}])
 def test_vlm_config_is_validated(bad):
     with pytest.raises(ValueError):
         VlmTrainConfig(**bad)
 
 
-def test_clip_training_writes_a_checkpoint_open_clip_loads(tmp_path):
+@pytest.mark.parametrize("position_weight", [0.0, 0.5])
+def test_clip_training_writes_a_checkpoint_open_clip_loads(tmp_path, position_weight):
     from vllm_semclip.relevance import RelevanceModel
 
-    report = train_clip(ClipTrainConfig(steps=2, caption_blocks=1, eval_cards=24, eval_mosaics=3), tmp_path / "psi",
-                        progress=False)
+    config = ClipTrainConfig(steps=2, caption_blocks=1, eval_cards=24, eval_mosaics=3, position_weight=position_weight)
+    report = train_clip(config, tmp_path / "psi", progress=False)
     assert 0.0 <= report["zero_shot_accuracy"] <= 1.0 and report["eval_mosaics"] == 3
+    assert report["config"]["position_weight"] == position_weight
     psi = RelevanceModel.from_pretrained(str(tmp_path / "psi"))
     assert psi.image_size == 224 and (tmp_path / "psi" / "train_report.json").is_file()
+
+
+def test_patch_position_head_reads_raster_position():
+    """Fitted on tokens that carry a ViT's position embedding, the head names each patch's
+    column and row; with the patches shuffled, the same labels cannot be learned."""
+    import torch
+
+    torch.manual_seed(0)
+    grid, width = 14, 128
+    position = torch.randn(1 + grid * grid, width)  # class token first, then patches in raster order
+
+    def fit(shuffle: bool) -> float:
+        head = PatchPositionLoss(width, grid)
+        opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+        for _ in range(150):
+            order = torch.randperm(grid * grid) + 1 if shuffle else torch.arange(1, 1 + grid * grid)
+            tokens = torch.cat([position[:1], position[order]])[None] + 0.3 * torch.randn(4, 1 + grid * grid, width)
+            loss = head(tokens)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return head.accuracy(position[None] + 0.3 * torch.randn(4, 1 + grid * grid, width))
+
+    assert fit(shuffle=False) > 0.9
+    assert fit(shuffle=True) < 0.3
 
 
 def test_zero_shot_breakdown_is_consistent_on_the_bundled_psi():
@@ -74,8 +104,16 @@ def test_samples_carry_the_right_answer_first():
     for _ in range(20):
         s = tile_sample(rng, n_cards=2, spatial=True)
         assert len(s.options) == 2 and s.category == "relative_position"
+        a, b = s.cards  # the question asks about a relative to b
+        assert s.question == f"Is the {a.shape} on the left or right side of the {b.shape}?"
+        assert s.options[0] == f"The {a.shape} is on the {'left' if a.center[0] < b.center[0] else 'right'} side of the {b.shape}."
         s = tile_sample(rng, n_cards=3, spatial=False)
         assert len(s.options) == 4 and len(set(s.options)) == 4 and s.category == "direct_attributes"
+        s = side_sample(rng, n_cards=rng.randint(1, 3))
+        card = next(c for c in s.cards if f"the {c.shape} on" in s.question)
+        side = "left" if card.center[0] < s.tiles[0].width / 2 else "right"
+        assert s.options[0].endswith(f"the {side} side of the image.") and s.category == "relative_position"
+        assert abs(card.center[0] / s.tiles[0].width - 0.5) >= 0.1  # never ambiguous
     scene = scene_sample(rng, 0, spatial=False, scale=0.3, crops=2, pad_fill=(122, 116, 104), tile_size=224)
     assert len(scene.tiles) == 3 and all(t.size[0] == t.size[1] for t in scene.tiles)
 

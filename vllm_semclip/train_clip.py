@@ -14,8 +14,16 @@ phrasings ("What is the color of the triangle?", "Is the circle on the left or r
 of the square?") with tiles that show the named shapes, one text per shape (pair), so ψ
 also reads a raw question zero-shot — it is what the processor hands it.
 
+Why an optional patch-position loss (``position_weight``): the LLaVA reads the tower's
+patch tokens at its feature layer (the second-to-last block), and a contrastive loss on the
+pooled embedding lets those tokens forget *where* they are — ``benchmarks/tower_probe.py``
+found column and row barely decodable there, while spatial questions need exactly that.
+A linear head (discarded after training, like open_clip's loss modules it is not part of
+the model) predicts each patch token's column and row at that layer; its cross-entropy,
+weighted, is added to the contrastive loss so the tokens keep their position.
+
 Why a curriculum: the card is large at first and shrinks to its real size over the first
-30% of the steps. Colour is learned in minutes at any size; shape needs the larger
+20% of the steps (``curriculum``). Colour is learned in minutes at any size; shape needs the larger
 views first.
 
 ``semclip train clip`` runs it, evaluates on held-out cards and writes an open_clip
@@ -30,6 +38,8 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import torch
 
 from .cards import (
     CAPTIONS,
@@ -64,6 +74,8 @@ class ClipTrainConfig:
     eval_cards: int = 480
     eval_mosaics: int = 400
     init: str | None = None  # continue from this local-dir checkpoint (same config) instead of random weights
+    position_weight: float = 0.0  # weight of the patch-position loss at position_layer (0 = off)
+    position_layer: int = -2  # the block whose output the LLaVA reads (its vision_feature_layer)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.caption_blocks < 1:
@@ -72,6 +84,40 @@ class ClipTrainConfig:
             raise ValueError("lr must be in (0, 1), weight_decay and warmup non-negative")
         if not 0 <= self.curriculum <= 1:
             raise ValueError("curriculum is a fraction of the steps (0-1)")
+        if self.position_weight < 0 or self.position_layer >= 0:
+            raise ValueError("position_weight must be non-negative and position_layer negative (-1 = last block)")
+
+
+class PatchPositionLoss(torch.nn.Module):
+    """Cross-entropy of a linear head that predicts each patch token's column and row.
+
+    ``tokens`` are one block's output, class token first, patches in raster order (as
+    open_clip's ViT and Hugging Face's CLIPVisionModel lay them out)."""
+
+    def __init__(self, width: int, grid: int) -> None:
+        super().__init__()
+        self.column = torch.nn.Linear(width, grid)
+        self.row = torch.nn.Linear(width, grid)
+        index = torch.arange(grid * grid)
+        self.register_buffer("columns", index % grid, persistent=False)
+        self.register_buffer("rows", index // grid, persistent=False)
+
+    def logits(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        patches = tokens[:, 1:]
+        return self.column(patches), self.row(patches)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        column, row = self.logits(tokens)
+        n = tokens.shape[0]
+        ce = torch.nn.functional.cross_entropy
+        return 0.5 * (ce(column.flatten(0, 1), self.columns.repeat(n)) + ce(row.flatten(0, 1), self.rows.repeat(n)))
+
+    @torch.no_grad()
+    def accuracy(self, tokens: torch.Tensor) -> float:
+        """Share of patch tokens whose column (and row) the head gets right, averaged."""
+        column, row = self.logits(tokens)
+        return 0.5 * float((column.argmax(-1) == self.columns).float().mean()
+                           + (row.argmax(-1) == self.rows).float().mean())
 
 
 def _lerp(a: float, b: float, t: float) -> float:
@@ -86,15 +132,12 @@ def side_range_at(progress: float, curriculum: float) -> tuple[float, float]:
 
 def warmup_cosine(opt, warmup: int, steps: int):
     """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``steps`` (both trainers)."""
-    import torch
-
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup))
                                              * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
 
 
 def to_tensor(images, mean, std):
     """PIL tiles (already at the model's size) → a normalised batch, as open_clip's preprocess would give."""
-    import torch
     from torchvision.transforms.functional import pil_to_tensor
 
     x = torch.stack([pil_to_tensor(im) for im in images]).float().div_(255.0)
@@ -130,8 +173,6 @@ def zero_shot_scores(model, tokenizer, rng: random.Random, n: int, size: int, ba
     """Held-out single cards at crop size, argmax over the 24 caption embeddings: the share of
     cards whose caption is right (``caption``), and whose predicted caption names the right
     shape (``shape``) or colour (``color``) — which of the two a ψ confuses says what to train."""
-    import torch
-
     mean, std = model.visual.image_mean, model.visual.image_std
     with torch.inference_mode():
         text = torch.nn.functional.normalize(model.encode_text(tokenizer(list(CAPTIONS))), dim=-1)
@@ -212,7 +253,6 @@ def train_clip(config: ClipTrainConfig = ClipTrainConfig(), out_dir: Path | str 
                progress: bool = True) -> dict:
     """Train, evaluate and save; return the report (also written as ``train_report.json``)."""
     import open_clip
-    import torch
     from tqdm import tqdm
 
     from .relevance import register_model_configs
@@ -231,8 +271,17 @@ def train_clip(config: ClipTrainConfig = ClipTrainConfig(), out_dir: Path | str 
     mean, std = model.visual.image_mean, model.visual.image_std
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    position_fn, block_out = None, []
+    if config.position_weight:
+        grid = size // model.visual.patch_size[0]
+        position_fn = PatchPositionLoss(model.visual.transformer.width, grid)
+        # 10× the tower's rate: a fresh head has to catch up with a trained tower before its
+        # gradient says anything useful about where the tokens are
+        groups.append({"params": list(position_fn.parameters()), "weight_decay": 0.0, "lr": 10 * config.lr})
+        model.visual.transformer.resblocks[config.position_layer].register_forward_hook(
+            lambda module, args, output: block_out.append(output))
+    opt = torch.optim.AdamW(groups, lr=config.lr)
     sched = warmup_cosine(opt, config.warmup, config.steps)
     loss_fn = open_clip.ClipLoss()
     model.train()
@@ -252,6 +301,10 @@ def train_clip(config: ClipTrainConfig = ClipTrainConfig(), out_dir: Path | str 
             loss = loss + loss_fn(image_features[sl], text_features[sl], scale) * len(ts)
             offset += len(ts)
         loss = loss / offset
+        if position_fn is not None:
+            tokens = block_out.pop()
+            block_out.clear()
+            loss = loss + config.position_weight * position_fn(tokens)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -264,8 +317,11 @@ def train_clip(config: ClipTrainConfig = ClipTrainConfig(), out_dir: Path | str 
         if progress and (step + 1) % 250 == 0:  # a quick look at held-out cards (its own generator)
             model.eval()
             acc = zero_shot_accuracy(model, tokenizer, random.Random(config.seed + EVAL_SEED_OFFSET), 96, size)
+            position = "" if position_fn is None else f", patch position {position_fn.accuracy(tokens):.2f}"
+            block_out.clear()
             model.train()
-            bar.write(f"step {step + 1}: loss {running:.3f}, zero-shot accuracy on 96 held-out cards {acc:.2f}")
+            bar.write(f"step {step + 1}: loss {running:.3f}, zero-shot accuracy on 96 held-out cards {acc:.2f}"
+                      + position)
     train_seconds = time.time() - start
     model.eval()
     out = Path(out_dir)

@@ -10,6 +10,12 @@ LLaVA-1.5's recipe in miniature, with the tower frozen throughout:
    which shows the targets — so the model learns to read the detail in whichever tile
    has it, in the token layout the plugin serves (overview first, then crops).
 
+Why questions about a card's side *of the image* (``side_fraction``): LLaVA-1.5's own mix
+holds grounding data (where is the object?), and our tiny model, trained on the relative
+question alone, never began to use position — it answered every spatial question with
+one side. "Is the {shape} on the left or right side of the image?" is the one-card rung
+below "… of the {b}?": read where one card is, before comparing two.
+
 Unlike LLaVA, the language model has no text pretraining (none ships in a package), so
 it is trained in both stages; the tower never is. Samples are generated on the fly
 (every step sees new cards), the targets are the benchmark's own option sentences, and
@@ -26,7 +32,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,7 +51,7 @@ from .cards import (
 from .config import SemClipConfig
 from .crops import candidate_boxes, mean_fill, oracle_index
 from .evaluate import prompt_for
-from .scenes import COLORS
+from .scenes import COLORS, Placed
 from .selection import select_crops, selected_tiles
 from .train_clip import warmup_cosine
 from .tiny_models import DEFAULT_MODEL_DIR, DEFAULT_RELEVANCE_DIR, TinyLlavaSpec, build_tiny_llava
@@ -68,6 +74,7 @@ class VlmTrainConfig:
     scene_fraction: float = 0.4  # share of SemClip-style (overview + crops) samples after alignment
     spatial_fraction: float = 0.45  # share of spatial questions among multi-card samples
     scene_scale: float = 0.4  # training scenes are benchmark scenes drawn at this scale
+    side_fraction: float = 0.0  # share of single-tile samples asking a card's side of the image
     seed: int = 0
     threads: int = 0
     eval_questions: int = 400
@@ -75,7 +82,7 @@ class VlmTrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be at least 1")
-        for name in ("align_fraction", "scene_fraction", "spatial_fraction"):
+        for name in ("align_fraction", "scene_fraction", "spatial_fraction", "side_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be a fraction (0-1)")
         if not 0.1 <= self.scene_scale <= 1:
@@ -90,6 +97,7 @@ class Sample:
     question: str
     options: list[str]
     category: str  # "direct_attributes" | "relative_position"
+    cards: list[Placed] = field(default_factory=list)  # what a single-tile sample shows (checks, diagnostics)
 
 
 def tile_sample(rng: random.Random, *, n_cards: int, spatial: bool, side_range=CROP_SIDE_RANGE) -> Sample:
@@ -100,11 +108,25 @@ def tile_sample(rng: random.Random, *, n_cards: int, spatial: bool, side_range=C
         left = a.center[0] < b.center[0]
         sides = ("left", "right") if left else ("right", "left")
         options = [spatial_option(a.shape, b.shape, s) for s in sides]
-        return Sample([tile.image], spatial_question(a.shape, b.shape), options, "relative_position")
+        return Sample([tile.image], spatial_question(a.shape, b.shape), options, "relative_position", tile.cards)
     target = rng.choice(tile.cards)
     wrong = rng.sample([c for c in COLORS if c != target.color], 3)
     options = [attribute_option(target.shape, c) for c in (target.color, *wrong)]
-    return Sample([tile.image], attribute_question(target.shape), options, "direct_attributes")
+    return Sample([tile.image], attribute_question(target.shape), options, "direct_attributes", tile.cards)
+
+
+def side_sample(rng: random.Random, *, n_cards: int, side_range=CROP_SIDE_RANGE, margin: float = 0.1) -> Sample:
+    """A tile with ``n_cards`` cards and "Is the {shape} on the left or right side of the image?"
+    about one of them, whose centre is at least ``margin`` of the tile off the middle."""
+    while True:
+        tile = card_tile(rng, n_cards=n_cards, side_range=side_range)
+        target = rng.choice(tile.cards)
+        x = target.center[0] / tile.image.width
+        if abs(x - 0.5) >= margin:
+            break
+    sides = ("left", "right") if x < 0.5 else ("right", "left")
+    options = [spatial_option(target.shape, "image", s) for s in sides]
+    return Sample([tile.image], spatial_question(target.shape, "image"), options, "relative_position", tile.cards)
 
 
 def scene_tiles(image: Image.Image, targets: list[tuple[int, int, int, int]], crops: int, rng: random.Random,
@@ -229,7 +251,8 @@ def accuracy(trainer: LlavaTrainer, samples: list[Sample]) -> float:
 
 
 def held_out_sets(n: int, seed: int, pad_fill, tile_size: int) -> dict[str, list[Sample]]:
-    """The issue's three held-out conditions, ``n`` questions each, from seeds training never uses."""
+    """The issue's three held-out conditions and the side-of-the-image rung, ``n`` questions each,
+    from seeds training never uses."""
     rng = random.Random(seed + EVAL_SEED_OFFSET)
     return {
         "visible_attribute": [tile_sample(rng, n_cards=rng.randint(1, 3), spatial=False, side_range=VISIBLE_SIDE_RANGE)
@@ -239,6 +262,8 @@ def held_out_sets(n: int, seed: int, pad_fill, tile_size: int) -> dict[str, list
         # full-size benchmark scenes (1500-2700 px) shrunk whole to one tile: the detail should be lost
         "overview_attribute": [scene_sample(rng, i, spatial=False, scale=1.0, crops=0, pad_fill=pad_fill,
                                             tile_size=tile_size, seed=seed + EVAL_SEED_OFFSET) for i in range(n)],
+        # the one-card rung below the spatial question: a card's side of the image (after the rest: same draws)
+        "visible_side": [side_sample(rng, n_cards=rng.randint(1, 3), side_range=VISIBLE_SIDE_RANGE) for _ in range(n)],
     }
 
 
@@ -269,7 +294,10 @@ def _batch(rng: random.Random, config: VlmTrainConfig, step: int, trainer: Llava
     out = []
     for _ in range(config.batch_size):
         n_cards = rng.randint(1, 3)
-        out.append(tile_sample(rng, n_cards=n_cards, spatial=n_cards > 1 and rng.random() < config.spatial_fraction))
+        if config.side_fraction and rng.random() < config.side_fraction:
+            out.append(side_sample(rng, n_cards=n_cards))
+        else:
+            out.append(tile_sample(rng, n_cards=n_cards, spatial=n_cards > 1 and rng.random() < config.spatial_fraction))
     return out
 
 
@@ -297,6 +325,7 @@ def train_vlm(config: VlmTrainConfig = VlmTrainConfig(), relevance_dir: Path | s
     probe = {
         "attr": [tile_sample(probe_rng, n_cards=probe_rng.randint(1, 3), spatial=False) for _ in range(64)],
         "spatial": [tile_sample(probe_rng, n_cards=2, spatial=True) for _ in range(64)],
+        "side": [side_sample(probe_rng, n_cards=probe_rng.randint(1, 3)) for _ in range(64)],
     }
     counter = [0]
     running = None
