@@ -66,19 +66,18 @@ def test_patch_position_head_reads_raster_position():
 
     torch.manual_seed(0)
     grid, width = 14, 128
-    position = torch.randn(1 + grid * grid, width)  # class token first, then patches in raster order
+    position = torch.randn(grid * grid, width)  # patches in raster order
 
     def fit(shuffle: bool) -> float:
         head = PatchPositionLoss(width, grid)
         opt = torch.optim.Adam(head.parameters(), lr=1e-2)
         for _ in range(150):
-            order = torch.randperm(grid * grid) + 1 if shuffle else torch.arange(1, 1 + grid * grid)
-            tokens = torch.cat([position[:1], position[order]])[None] + 0.3 * torch.randn(4, 1 + grid * grid, width)
-            loss = head(tokens)
+            order = torch.randperm(grid * grid) if shuffle else torch.arange(grid * grid)
+            loss = head(position[order][None] + 0.3 * torch.randn(4, grid * grid, width))
             opt.zero_grad()
             loss.backward()
             opt.step()
-        return head.accuracy(position[None] + 0.3 * torch.randn(4, 1 + grid * grid, width))
+        return head.accuracy(position[None] + 0.3 * torch.randn(4, grid * grid, width))
 
     assert fit(shuffle=False) > 0.9
     assert fit(shuffle=True) < 0.3
@@ -106,7 +105,8 @@ def test_samples_carry_the_right_answer_first():
         assert len(s.options) == 2 and s.category == "relative_position"
         a, b = s.cards  # the question asks about a relative to b
         assert s.question == f"Is the {a.shape} on the left or right side of the {b.shape}?"
-        assert s.options[0] == f"The {a.shape} is on the {'left' if a.center[0] < b.center[0] else 'right'} side of the {b.shape}."
+        side = "left" if a.center[0] < b.center[0] else "right"
+        assert s.options[0] == f"The {a.shape} is on the {side} side of the {b.shape}."
         s = tile_sample(rng, n_cards=3, spatial=False)
         assert len(s.options) == 4 and len(set(s.options)) == 4 and s.category == "direct_attributes"
         s = side_sample(rng, n_cards=rng.randint(1, 3))

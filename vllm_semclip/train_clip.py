@@ -91,8 +91,8 @@ class ClipTrainConfig:
 class PatchPositionLoss(torch.nn.Module):
     """Cross-entropy of a linear head that predicts each patch token's column and row.
 
-    ``tokens`` are one block's output, class token first, patches in raster order (as
-    open_clip's ViT and Hugging Face's CLIPVisionModel lay them out)."""
+    ``patches`` are one block's patch tokens (no class token), in raster order, as open_clip's
+    ``VisionTransformer.forward_intermediates(..., output_fmt="NLC")`` returns them."""
 
     def __init__(self, width: int, grid: int) -> None:
         super().__init__()
@@ -102,20 +102,19 @@ class PatchPositionLoss(torch.nn.Module):
         self.register_buffer("columns", index % grid, persistent=False)
         self.register_buffer("rows", index // grid, persistent=False)
 
-    def logits(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        patches = tokens[:, 1:]
+    def logits(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.column(patches), self.row(patches)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        column, row = self.logits(tokens)
-        n = tokens.shape[0]
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        column, row = self.logits(patches)
+        n = patches.shape[0]
         ce = torch.nn.functional.cross_entropy
         return 0.5 * (ce(column.flatten(0, 1), self.columns.repeat(n)) + ce(row.flatten(0, 1), self.rows.repeat(n)))
 
     @torch.no_grad()
-    def accuracy(self, tokens: torch.Tensor) -> float:
+    def accuracy(self, patches: torch.Tensor) -> float:
         """Share of patch tokens whose column (and row) the head gets right, averaged."""
-        column, row = self.logits(tokens)
+        column, row = self.logits(patches)
         return 0.5 * float((column.argmax(-1) == self.columns).float().mean()
                            + (row.argmax(-1) == self.rows).float().mean())
 
@@ -272,15 +271,13 @@ def train_clip(config: ClipTrainConfig = ClipTrainConfig(), out_dir: Path | str 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    position_fn, block_out = None, []
+    position_fn = None
     if config.position_weight:
         grid = size // model.visual.patch_size[0]
         position_fn = PatchPositionLoss(model.visual.transformer.width, grid)
         # 10× the tower's rate: a fresh head has to catch up with a trained tower before its
         # gradient says anything useful about where the tokens are
         groups.append({"params": list(position_fn.parameters()), "weight_decay": 0.0, "lr": 10 * config.lr})
-        model.visual.transformer.resblocks[config.position_layer].register_forward_hook(
-            lambda module, args, output: block_out.append(output))
     opt = torch.optim.AdamW(groups, lr=config.lr)
     sched = warmup_cosine(opt, config.warmup, config.steps)
     loss_fn = open_clip.ClipLoss()
@@ -292,7 +289,13 @@ def train_clip(config: ClipTrainConfig = ClipTrainConfig(), out_dir: Path | str 
         blocks = sample_blocks(rng, size, config.caption_blocks, side_range_at(step / config.steps, config.curriculum))
         texts = [t for ts, _ in blocks for t in ts]
         images = [im for _, ims in blocks for im in ims]
-        image_features = model.encode_image(to_tensor(images, mean, std), normalize=True)
+        pixels = to_tensor(images, mean, std)
+        if position_fn is None:
+            image_features = model.encode_image(pixels, normalize=True)
+        else:  # the same forward, also handing back the patch tokens of the LLaVA's feature layer
+            out = model.forward_intermediates(image=pixels, image_indices=[config.position_layer],
+                                              image_output_fmt="NLC")
+            image_features, patches = out["image_features"], out["image_intermediates"][0]
         text_features = model.encode_text(tokenizer(texts), normalize=True)
         scale = model.logit_scale.exp()
         loss, offset = 0.0, 0
@@ -302,9 +305,7 @@ def train_clip(config: ClipTrainConfig = ClipTrainConfig(), out_dir: Path | str 
             offset += len(ts)
         loss = loss / offset
         if position_fn is not None:
-            tokens = block_out.pop()
-            block_out.clear()
-            loss = loss + config.position_weight * position_fn(tokens)
+            loss = loss + config.position_weight * position_fn(patches)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -317,8 +318,7 @@ def train_clip(config: ClipTrainConfig = ClipTrainConfig(), out_dir: Path | str 
         if progress and (step + 1) % 250 == 0:  # a quick look at held-out cards (its own generator)
             model.eval()
             acc = zero_shot_accuracy(model, tokenizer, random.Random(config.seed + EVAL_SEED_OFFSET), 96, size)
-            position = "" if position_fn is None else f", patch position {position_fn.accuracy(tokens):.2f}"
-            block_out.clear()
+            position = "" if position_fn is None else f", patch position {position_fn.accuracy(patches):.2f}"
             model.train()
             bar.write(f"step {step + 1}: loss {running:.3f}, zero-shot accuracy on 96 held-out cards {acc:.2f}"
                       + position)
