@@ -28,11 +28,12 @@ from tqdm import tqdm
 
 
 def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, classes: int, train_fraction: float = 0.8,
-                   steps: int = 300, seed: int = 0) -> float:
+                   steps: int = 300, seed: int = 0, score_mask: torch.Tensor | None = None):
     """Held-out accuracy of a 1-hidden-layer MLP predicting ``labels`` from per-token ``features``.
 
     ``features`` is (tiles, tokens, width): the split is by tile, so the probe is scored on
-    tiles it never saw.
+    tiles it never saw. With ``score_mask`` (tiles, tokens) it returns two figures: over all
+    held-out tokens and over the held-out tokens where the mask is true (e.g. under a card).
     """
     gen = torch.Generator().manual_seed(seed)
     n_train = max(1, int(len(features) * train_fraction))
@@ -52,16 +53,24 @@ def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, classes: int, t
         loss.backward()
         opt.step()
     with torch.no_grad():
-        return float((mlp(x_test).argmax(1) == y_test).float().mean())
+        right = (mlp(x_test).argmax(1) == y_test).float()
+    if score_mask is None:
+        return float(right.mean())
+    return float(right.mean()), float(right[score_mask[n_train:].flatten()].mean())
 
 
 def position_probe(trainer, tiles: list, seed: int = 0) -> list[dict]:
-    """Column and row probe accuracy of the patch tokens at every layer of ``trainer``'s tower."""
+    """Column and row probe accuracy of the patch tokens at every layer of ``trainer``'s tower:
+    over all held-out tokens, and over those under a card (``cards.Tile`` s) — the tokens a
+    spatial question is about, whose content may have overwritten their position."""
+    from vllm_semclip.train_clip import card_patch_mask
+
     model = trainer.model
     with torch.no_grad():
-        out = model.model.vision_tower(trainer.image_processor(tiles, return_tensors="pt")["pixel_values"]
-                                       .to(model.dtype), output_hidden_states=True)
+        out = model.model.vision_tower(trainer.image_processor([t.image for t in tiles], return_tensors="pt")
+                                       ["pixel_values"].to(model.dtype), output_hidden_states=True)
     grid = int(round((out.hidden_states[0].shape[1] - 1) ** 0.5))
+    on_cards = card_patch_mask([t.cards for t in tiles], trainer.tile_size, trainer.tile_size // grid)
     index = torch.arange(grid * grid)
     columns, rows = (index % grid).expand(len(tiles), -1), (index // grid).expand(len(tiles), -1)
     layers = len(out.hidden_states)
@@ -70,9 +79,11 @@ def position_probe(trainer, tiles: list, seed: int = 0) -> list[dict]:
     results = []
     for layer, hidden in enumerate(tqdm(out.hidden_states, desc="position probe")):
         tokens = hidden[:, 1:].float()  # CLS dropped, as LLaVA's "default" strategy does
+        column, card_column = probe_accuracy(tokens, columns, grid, seed=seed, score_mask=on_cards)
+        row, card_row = probe_accuracy(tokens, rows, grid, seed=seed, score_mask=on_cards)
         results.append({"layer": layer, "llava_feature_layer": layer == feature_layer,
-                        "column_accuracy": round(probe_accuracy(tokens, columns, grid, seed=seed), 4),
-                        "row_accuracy": round(probe_accuracy(tokens, rows, grid, seed=seed), 4),
+                        "column_accuracy": round(column, 4), "row_accuracy": round(row, 4),
+                        "card_column_accuracy": round(card_column, 4), "card_row_accuracy": round(card_row, 4),
                         "chance": round(1 / grid, 4)})
     return results
 
@@ -100,20 +111,22 @@ def plot(probe: list[dict], by_cards: dict[str, float], path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
     layers = [r["layer"] for r in probe]
-    width = 0.38
-    left.bar([x - width / 2 for x in layers], [100 * r["column_accuracy"] for r in probe], width, label="column")
-    left.bar([x + width / 2 for x in layers], [100 * r["row_accuracy"] for r in probe], width, label="row")
+    width = 0.2
+    bars = [("column_accuracy", "column", "tab:blue", None), ("row_accuracy", "row", "tab:orange", None),
+            ("card_column_accuracy", "column, under a card", "tab:blue", "//"),
+            ("card_row_accuracy", "row, under a card", "tab:orange", "//")]
+    for i, (key, label, color, hatch) in enumerate(bars):
+        left.bar([x + (i - 1.5) * width for x in layers], [100 * r[key] for r in probe], width, label=label,
+                 color=color, alpha=0.45 if hatch else 1.0, hatch=hatch)
     left.axhline(100 * probe[0]["chance"], color="gray", linestyle="--", linewidth=1, label="chance")
-    for r in probe:
-        if r["llava_feature_layer"]:
-            left.annotate("LLaVA's\nfeature layer", (r["layer"], 100 * max(r["column_accuracy"], r["row_accuracy"])),
-                          textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
-    left.set_xticks(layers, ["embed" if x == 0 else str(x) for x in layers])
+    left.set_xticks(layers, ["embed" if r["layer"] == 0 else f"{r['layer']}\n(LLaVA's feature\nlayer)"
+                             if r["llava_feature_layer"] else str(r["layer"]) for r in probe], fontsize=8)
     left.set_xlabel("tower layer (hidden state)")
     left.set_ylabel("probe accuracy (%)")
-    left.set_ylim(0, 100)
+    left.set_ylim(0, 120)
+    left.set_yticks(range(0, 101, 20))
     left.set_title("Is a patch token's position readable from it?", fontsize=10)
-    left.legend(fontsize=8)
+    left.legend(fontsize=7, ncol=2, loc="upper right")
     names = list(by_cards)
     chance = [25 if n.startswith("attribute") else 50 for n in names]
     right.bar(range(len(names)), [100 * by_cards[n] for n in names],
@@ -149,7 +162,7 @@ def main() -> None:
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     trainer = LlavaTrainer(model, AutoProcessor.from_pretrained(model_dir))
     rng = random.Random(args.seed)
-    tiles = [card_tile(rng, trainer.tile_size, n_cards=rng.randint(1, 3), side_range=VISIBLE_SIDE_RANGE).image
+    tiles = [card_tile(rng, trainer.tile_size, n_cards=rng.randint(1, 3), side_range=VISIBLE_SIDE_RANGE)
              for _ in range(args.tiles)]
     probe = position_probe(trainer, tiles, seed=args.seed)
     by_cards = accuracy_by_cards(trainer, args.questions, args.seed)
@@ -159,11 +172,13 @@ def main() -> None:
             "vision_feature_layer": model.config.vision_feature_layer}
     out.write_text(json.dumps({"meta": meta, "position_probe": probe, "accuracy_by_cards": by_cards}, indent=2))
     plot(probe, by_cards, out.with_suffix(".png"))
-    print(f"\n{'layer':<8}{'column %':>10}{'row %':>8}   (chance {100 * probe[0]['chance']:.1f}%)")
+    print(f"\n{'layer':<8}{'column %':>10}{'row %':>8}{'under a card: column %':>24}{'row %':>8}"
+          f"   (chance {100 * probe[0]['chance']:.1f}%)")
     for r in probe:
         mark = "  <- LLaVA's feature layer" if r["llava_feature_layer"] else ""
         print(f"{'embed' if r['layer'] == 0 else r['layer']:<8}{100 * r['column_accuracy']:>10.1f}"
-              f"{100 * r['row_accuracy']:>8.1f}{mark}")
+              f"{100 * r['row_accuracy']:>8.1f}{100 * r['card_column_accuracy']:>24.1f}"
+              f"{100 * r['card_row_accuracy']:>8.1f}{mark}")
     print(f"\n{'condition':<22}{'accuracy %':>11}")
     for name, acc in by_cards.items():
         print(f"{name:<22}{100 * acc:>11.1f}")

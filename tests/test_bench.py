@@ -62,6 +62,12 @@ def test_position_probe_reads_a_coded_position_and_not_noise():
     coded[..., :7] += 3 * torch.nn.functional.one_hot(columns, 7)
     assert probe(coded, columns, 7) > 0.9
     assert probe(noise, columns, 7) < 0.3  # chance is 1/7
+    # scored on a mask: tokens whose code was overwritten (as content can overwrite position) read at chance
+    mask = torch.zeros(30, 49, dtype=torch.bool)
+    mask[:, 10:20] = True
+    overwritten = torch.where(mask[..., None], noise, coded)
+    everywhere, under_mask = probe(overwritten, columns, 7, score_mask=mask)
+    assert everywhere > 0.6 and under_mask < 0.3
 
 
 @pytest.mark.timeout(900)
@@ -81,6 +87,7 @@ def test_tower_probe_runs_on_the_bundled_llava(tmp_path, model_dir):
     assert probe[config["vision_feature_layer"] % layers]["llava_feature_layer"]
     # the position embedding is added at the input, so the embeddings' tokens carry position
     assert probe[0]["column_accuracy"] > 2 * probe[0]["chance"]
+    assert all(0 <= r["card_column_accuracy"] <= 1 and 0 <= r["card_row_accuracy"] <= 1 for r in probe)
     assert set(doc["accuracy_by_cards"]) == {"attribute_1_card", "attribute_2_cards", "attribute_3_cards",
                                              "spatial_2_cards", "spatial_3_cards"}
     assert all(0 <= v <= 1 for v in doc["accuracy_by_cards"].values())

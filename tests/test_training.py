@@ -8,6 +8,7 @@ from vllm_semclip.cards import CAPTIONS, CROP_SIDE_RANGE
 from vllm_semclip.train_clip import (
     ClipTrainConfig,
     PatchPositionLoss,
+    card_patch_mask,
     sample_blocks,
     side_range_at,
     train_clip,
@@ -20,11 +21,25 @@ from vllm_semclip.train_vlm import LlavaTrainer, Sample, VlmTrainConfig, scene_s
 def test_clip_blocks_hold_every_caption_once():
     blocks = sample_blocks(random.Random(0), 224, 2, CROP_SIDE_RANGE)
     assert len(blocks) == 4  # 2 caption blocks + shape questions + pair questions
-    for texts, images in blocks[:2]:
-        assert sorted(texts) == sorted(CAPTIONS) and len(images) == 24
-    for texts, images in blocks[2:]:
-        assert len(texts) == len(set(texts)) == len(images) == 3
+    for texts, tiles in blocks[:2]:
+        assert sorted(texts) == sorted(CAPTIONS) and len(tiles) == 24
+        assert all(f"a {t.cards[0].color} {t.cards[0].shape}" == text for text, t in zip(texts, tiles))
+    for texts, tiles in blocks[2:]:
+        assert len(texts) == len(set(texts)) == len(tiles) == 3
     assert all("left or right" in t for t in blocks[3][0])
+    assert all(len(t.cards) == 2 for t in blocks[3][1])
+
+
+def test_card_patch_mask_covers_the_patches_under_each_card():
+    from vllm_semclip.scenes import Placed
+
+    cards = [[Placed("circle", "red", (20, 40, 20, 10))], [], [Placed("square", "blue", (0, 0, 16, 16)),
+                                                              Placed("triangle", "red", (200, 208, 24, 16))]]
+    mask = card_patch_mask(cards, 224, 16).view(3, 14, 14)
+    # x 20-40 → columns 1, 2; y 40-50 → rows 2, 3
+    assert mask[0].nonzero().tolist() == [[2, 1], [2, 2], [3, 1], [3, 2]]
+    assert not mask[1].any()
+    assert mask[2].nonzero().tolist() == [[0, 0], [13, 12], [13, 13]]
 
 
 def test_curriculum_shrinks_cards_to_crop_size():
@@ -34,7 +49,7 @@ def test_curriculum_shrinks_cards_to_crop_size():
 
 
 @pytest.mark.parametrize("bad", [{"steps": 0}, {"lr": 2.0}, {"curriculum": 1.5}, {"position_weight": -1.0},
-                                 {"position_layer": 0}])
+                                 {"position_layer": 0}, {"position_card_weight": -0.5}])
 def test_clip_config_is_validated(bad):
     with pytest.raises(ValueError):
         ClipTrainConfig(**bad)
@@ -47,14 +62,16 @@ def test_vlm_config_is_validated(bad):
         VlmTrainConfig(**bad)
 
 
-@pytest.mark.parametrize("position_weight", [0.0, 0.5])
-def test_clip_training_writes_a_checkpoint_open_clip_loads(tmp_path, position_weight):
+@pytest.mark.parametrize("position_weight,position_card_weight", [(0.0, 0.0), (0.5, 0.0), (0.0, 1.0)])
+def test_clip_training_writes_a_checkpoint_open_clip_loads(tmp_path, position_weight, position_card_weight):
     from vllm_semclip.relevance import RelevanceModel
 
-    config = ClipTrainConfig(steps=2, caption_blocks=1, eval_cards=24, eval_mosaics=3, position_weight=position_weight)
+    config = ClipTrainConfig(steps=2, caption_blocks=1, eval_cards=24, eval_mosaics=3, position_weight=position_weight,
+                             position_card_weight=position_card_weight)
     report = train_clip(config, tmp_path / "psi", progress=False)
     assert 0.0 <= report["zero_shot_accuracy"] <= 1.0 and report["eval_mosaics"] == 3
     assert report["config"]["position_weight"] == position_weight
+    assert report["config"]["position_card_weight"] == position_card_weight
     psi = RelevanceModel.from_pretrained(str(tmp_path / "psi"))
     assert psi.image_size == 224 and (tmp_path / "psi" / "train_report.json").is_file()
 
@@ -82,6 +99,36 @@ def test_patch_position_head_reads_raster_position():
     assert fit(shuffle=False) > 0.9
     assert fit(shuffle=True) < 0.3
 
+
+
+def test_patch_position_loss_and_accuracy_restrict_to_a_mask():
+    """What the card-patch term measures: tokens whose content overwrote their position (here:
+    pure noise under a "card") read badly even when the head reads the rest, and the masked
+    loss is the mean over exactly those tokens."""
+    import torch
+
+    torch.manual_seed(0)
+    grid, width = 14, 128
+    position = torch.randn(grid * grid, width)
+    mask = torch.zeros(4, grid * grid, dtype=torch.bool)
+    mask[:, 30:40] = True
+
+    def tokens():
+        x = position[None] + 0.3 * torch.randn(4, grid * grid, width)
+        return torch.where(mask[..., None], torch.randn(4, grid * grid, width), x)
+
+    head = PatchPositionLoss(width, grid)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = head(tokens())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x = tokens()
+    assert head.accuracy(x) > 0.85 and head.accuracy(x, mask) < 0.3
+    assert head(x, mask).item() == pytest.approx(head.token_loss(x)[mask].mean().item())
+    assert head(x, mask).item() > 2 * head(x).item()
+    assert head(x, torch.zeros_like(mask)).item() == 0.0  # no card in the batch: no term, not NaN
 
 def test_zero_shot_breakdown_is_consistent_on_the_bundled_psi():
     """The caption is right only when shape and colour both are, so it bounds them from both

@@ -204,13 +204,15 @@ def cmd_train(argv: list[str]) -> int:
         p.add_argument("--lr", type=float)
         p.add_argument("--position-weight", type=float,
                        help="weight of the patch-position loss at the LLaVA's feature layer (default 0: off)")
+        p.add_argument("--position-card-weight", type=float,
+                       help="weight of the same loss over the patches under a card only (default 0: off)")
     if what == "vlm":
         p.add_argument("--relevance-dir", default=str(DEFAULT_RELEVANCE_DIR), help="trained ψ whose ViT is the tower")
         p.add_argument("--side-fraction", type=float,
                        help="share of single-tile samples asking a card's side of the image")
     args = p.parse_args(argv)
     overrides = {k: getattr(args, k, None) for k in ("steps", "seed", "threads", "init", "curriculum", "lr",
-                                                  "position_weight", "side_fraction")}
+                                                  "position_weight", "position_card_weight", "side_fraction")}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if what == "clip":
         from .train_clip import ClipTrainConfig, train_clip

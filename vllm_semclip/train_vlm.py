@@ -15,7 +15,9 @@ holds grounding data (where is the object?), and our tiny model, trained on the 
 question alone, never began to use position — it answered every spatial question with
 one side. "Is the {shape} on the left or right side of the image?" is the one-card rung
 below "… of the {b}?": read where one card is, before comparing two. (Mixed in at 0.3 it
-stayed at a constant answer for 1,200 steps; alone, it was learned in ~150 — see the README.)
+stayed at a constant answer for 1,200 steps, also with a 6-layer language model; alone, one
+continuation learned it in ~150 steps and three others did not — see the README: the tokens
+*under a card* keep little of their position.)
 
 Unlike LLaVA, the language model has no text pretraining (none ships in a package), so
 it is trained in both stages; the tower never is. Samples are generated on the fly
