@@ -120,12 +120,16 @@ class PatchPositionLoss(torch.nn.Module):
         return 0.5 * (ce(column.transpose(1, 2), self.columns.expand(n, -1), reduction="none")
                       + ce(row.transpose(1, 2), self.rows.expand(n, -1), reduction="none"))
 
+    @staticmethod
+    def masked_mean(token_loss: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean of ``token_loss`` over all tokens, or over the tokens where ``mask`` is true (0 when none is)."""
+        if mask is None:
+            return token_loss.mean()
+        return token_loss[mask].mean() if mask.any() else token_loss.sum() * 0.0
+
     def forward(self, patches: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Mean cross-entropy over all tokens, or over the tokens where ``mask`` is true (0 when none is)."""
-        loss = self.token_loss(patches)
-        if mask is None:
-            return loss.mean()
-        return loss[mask].mean() if mask.any() else loss.sum() * 0.0
+        return self.masked_mean(self.token_loss(patches), mask)
 
     @torch.no_grad()
     def accuracy(self, patches: torch.Tensor, mask: torch.Tensor | None = None) -> float:
@@ -336,10 +340,9 @@ def train_clip(config: ClipTrainConfig = ClipTrainConfig(), out_dir: Path | str 
         loss = loss / offset
         if position_fn is not None:
             on_cards = card_patch_mask([tile.cards for tile in tiles], size, model.visual.patch_size[0])
-            if config.position_weight:
-                loss = loss + config.position_weight * position_fn(patches)
-            if config.position_card_weight:
-                loss = loss + config.position_card_weight * position_fn(patches, on_cards)
+            token_loss = position_fn.token_loss(patches)  # one head forward for both terms
+            loss = (loss + config.position_weight * position_fn.masked_mean(token_loss)
+                    + config.position_card_weight * position_fn.masked_mean(token_loss, on_cards))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
