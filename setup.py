@@ -16,6 +16,7 @@ setup(
     install_requires=[
         "open_clip_torch>=3.0",
         "pillow",
+        "psutil",
         "numpy",
         "ray>=2.40",
         "openai",

@@ -32,6 +32,23 @@ def test_without_an_address_the_job_starts_its_own_local_ray(monkeypatch):
     assert ray_address(None) == "ray://head:10001"
 
 
+def test_wait_for_exit_waits_for_processes_that_end_and_names_those_that_do_not():
+    from vllm_semclip.label import wait_for_exit
+
+    ending = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.0)"])
+    staying = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        start = time.monotonic()
+        assert wait_for_exit([ending.pid], timeout=30) == []
+        assert time.monotonic() - start >= 0.5  # it waited for the end (a zombie counts as ended)
+        assert wait_for_exit([staying.pid], timeout=0.5) == [staying.pid]
+    finally:
+        staying.kill()
+        staying.wait()
+        ending.wait()
+    assert wait_for_exit([staying.pid], timeout=5) == []  # reaped: gone
+
+
 def test_condition_scores_normalise_over_the_options():
     s = score_condition([-1.0, -2.0, -3.0, -0.5])
     assert s["loglik"] == -1.0

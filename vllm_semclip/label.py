@@ -32,6 +32,7 @@ import io
 import json
 import math
 import os
+import signal
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -175,8 +176,13 @@ class LabelWorker:
             k += n_conds * n_opts
         return rows
 
-    def shutdown(self) -> None:
+    def shutdown(self) -> tuple[str, int]:
+        """Stop the engine; return this actor's node and process id, so that the driver can
+        wait for the process to end (``ray.kill`` only asks for it)."""
+        import ray
+
         self.llm.llm_engine.engine_core.shutdown()
+        return ray.get_runtime_context().get_node_id(), os.getpid()
 
 
 def _check_manifest(out: Path, manifest: dict[str, Any]) -> None:
@@ -276,12 +282,41 @@ def _label_on_ray(config: LabelConfig, out: Path, pending: list, skipped: int, p
                 submit(actor)
     finally:
         bar.close()
+        here = ray.get_runtime_context().get_node_id()
+        local_pids = []
         for actor in actors:
             try:
-                ray.get(actor.shutdown.remote(), timeout=60)
+                node, pid = ray.get(actor.shutdown.remote(), timeout=60)
+                if node == here:
+                    local_pids.append(pid)
             except Exception:  # an actor that already died has nothing to shut down
                 pass
             ray.kill(actor)
+        for pid in wait_for_exit(local_pids):  # asked to die a minute ago: make sure
+            os.kill(pid, signal.SIGKILL)
+
+
+def wait_for_exit(pids: Sequence[int], timeout: float = 60.0) -> list[int]:
+    """Wait until the processes ``pids`` have ended (a zombie counts as ended); return those left.
+
+    ``ray.kill`` and ``ray.shutdown`` return before the actors' processes are gone: without
+    this wait, a job that "finished" still has its actors (and their engines' memory) alive
+    for a while — a caller that starts the next job at once would find them still there.
+    """
+    import psutil
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + timeout
+    left = [p for p in pids if alive(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = [p for p in left if alive(p)]
+    return left
 
 
 def load_labels(path: str | Path) -> list[dict[str, Any]]:
