@@ -293,7 +293,10 @@ def _label_on_ray(config: LabelConfig, out: Path, pending: list, skipped: int, p
                 pass
             ray.kill(actor)
         for pid in wait_for_exit(local_pids):  # asked to die a minute ago: make sure
-            os.kill(pid, signal.SIGKILL)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:  # it ended in the meantime
+                pass
 
 
 def wait_for_exit(pids: Sequence[int], timeout: float = 60.0) -> list[int]:
