@@ -3,9 +3,10 @@
 Times ``select_crops`` (crop the candidates, pad, ψ forward over all of them, top-k) and the
 ``overview``/``all`` methods beside it (no ψ), over real photos resized to several sizes,
 all in one run; ψ in fp32 and in bf16 (open_clip's ``precision``, the plugin's
-``relevance_precision``) side by side. Then, on ``--scenes`` benchmark questions generated in
-memory (seed 7, the held-out seed), how often the two precisions pick the same crop and how
-often each pick contains the target. Prints tables and writes
+``relevance_precision``) side by side, and the bundled ψ (336 px) beside the same CLIP at 224 px
+(the LLaVA tower's size). Then, on ``--scenes`` benchmark questions generated in memory (seed 7,
+the held-out seed), how often bf16 and the 224-px ψ pick the default's crop and how often each
+pick contains the target. Prints tables and writes
 ``benchmarks/results/selection_latency.json``.
 
     python benchmarks/selection_latency.py [--repeats 20] [--sizes 512,1500,2700] [--scenes 200]
@@ -31,7 +32,7 @@ def main() -> None:
     from vllm_semclip.config import SemClipConfig
     from vllm_semclip.images import sample_photo
     from vllm_semclip.selection import select_crops
-    from vllm_semclip.tiny_models import ensure_default_models
+    from vllm_semclip.tiny_models import DEFAULT_TOWER_DIR, RELEVANCE_MODEL_NAME, ensure_default_models
 
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, default=20)
@@ -47,6 +48,7 @@ def main() -> None:
     questions = ["What is the color of the flag?", "What is the astronaut holding?", "What color is the helmet?"]
     configs = {"relevance k=1": SemClipConfig(topk=1),
                "relevance k=1 bf16": SemClipConfig(topk=1, relevance_precision="bf16"),
+               "relevance k=1 224px": SemClipConfig(topk=1, relevance_model=str(DEFAULT_TOWER_DIR)),
                "all": SemClipConfig(method="all"), "overview": SemClipConfig(method="overview")}
     for config in configs.values():  # load ψ (each precision) once, outside the timings
         select_crops(photo, questions[0], config)
@@ -64,38 +66,42 @@ def main() -> None:
             "p50_ms": round(statistics.median(times), 2), "p99_ms": round(percentile(times, 0.99), 2),
             "candidates": configs[name].num_candidates,
         }
-    agreement = precision_agreement(configs["relevance k=1"], configs["relevance k=1 bf16"], args.scenes)
+    agreement = {other: pick_agreement(configs["relevance k=1"], configs[other], args.scenes)
+                 for other in ("relevance k=1 bf16", "relevance k=1 224px")}
     meta = {"torch_threads": torch.get_num_threads(), "repeats": args.repeats,
-            "relevance_model": "bundled SemClip-ViT-T-16 (224 px, patch 16, 4 layers)"}
+            "relevance_model": f"bundled {RELEVANCE_MODEL_NAME}"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "results": results, "precision_agreement": agreement},
+    Path(args.out).write_text(json.dumps({"meta": meta, "results": results, "pick_agreement": agreement},
                                          indent=2))
-    print(f"\n{'method':<20}{'image':>12}{'p50 ms':>10}{'p99 ms':>10}")
+    print(f"\n{'method':<22}{'image':>12}{'p50 ms':>10}{'p99 ms':>10}")
     for name, by_size in results.items():
         for size, r in by_size.items():
-            print(f"{name:<20}{size:>12}{r['p50_ms']:>10.1f}{r['p99_ms']:>10.1f}")
+            print(f"{name:<22}{size:>12}{r['p50_ms']:>10.1f}{r['p99_ms']:>10.1f}")
     for size in results["relevance k=1"]:
-        ratio = results["relevance k=1 bf16"][size]["p50_ms"] / results["relevance k=1"][size]["p50_ms"]
-        print(f"bf16 / fp32 p50 at {size}: {ratio:.2f}")
-    print(f"\nbf16 picks fp32's crop on {agreement['same_top1']:.1%} of {agreement['questions']} benchmark questions; "
-          f"crop hit fp32 {agreement['hit_fp32']:.1%}, bf16 {agreement['hit_bf16']:.1%}")
+        base = results["relevance k=1"][size]["p50_ms"]
+        print(f"p50 at {size}: bf16 / fp32 {results['relevance k=1 bf16'][size]['p50_ms'] / base:.2f}, "
+              f"336 px / 224 px {base / results['relevance k=1 224px'][size]['p50_ms']:.2f}")
+    for other, a in agreement.items():
+        print(f"\n{other} picks the default's crop on {a['same_top1']:.1%} of {a['questions']} benchmark questions; "
+              f"crop hit default {a['hit_reference']:.1%}, {other} {a['hit_other']:.1%}")
     print(f"written to {args.out}")
 
 
-def precision_agreement(fp32, bf16, n: int) -> dict:
-    """Top-1 agreement and crop hit of two ψ precisions on ``n`` held-out benchmark scenes."""
+def pick_agreement(reference, other, n: int) -> dict:
+    """Top-1 agreement and crop hit of two ψ settings on ``n`` held-out benchmark scenes."""
     from vllm_semclip.benchdata import make_attribute, make_spatial
     from vllm_semclip.crops import crop_hit
     from vllm_semclip.selection import select_crops
 
-    same = hit32 = hit16 = 0
-    for i in tqdm(range(n), desc="precision agreement"):
+    same = hit_a = hit_b = 0
+    for i in tqdm(range(n), desc="pick agreement"):
         image, record = (make_attribute if i % 5 < 3 else make_spatial)(i, 7)
-        a, b = select_crops(image, record.question, fp32), select_crops(image, record.question, bf16)
+        a, b = select_crops(image, record.question, reference), select_crops(image, record.question, other)
         same += a.boxes == b.boxes
-        hit32 += crop_hit(a.boxes, record.target_boxes)
-        hit16 += crop_hit(b.boxes, record.target_boxes)
-    return {"questions": n, "same_top1": same / max(1, n), "hit_fp32": hit32 / max(1, n), "hit_bf16": hit16 / max(1, n)}
+        hit_a += crop_hit(a.boxes, record.target_boxes)
+        hit_b += crop_hit(b.boxes, record.target_boxes)
+    return {"questions": n, "same_top1": same / max(1, n), "hit_reference": hit_a / max(1, n),
+            "hit_other": hit_b / max(1, n)}
 
 
 if __name__ == "__main__":

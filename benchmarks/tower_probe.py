@@ -97,8 +97,8 @@ def accuracy_by_cards(trainer, questions: int, seed: int) -> dict[str, float]:
     results = {}
     for kind, cards in tqdm(conditions, desc="accuracy by cards"):
         rng = random.Random(f"{seed}-{kind}-{cards}")
-        samples = [tile_sample(rng, n_cards=cards, spatial=kind == "spatial", side_range=VISIBLE_SIDE_RANGE)
-                   for _ in range(questions)]
+        samples = [tile_sample(rng, n_cards=cards, spatial=kind == "spatial", side_range=VISIBLE_SIDE_RANGE,
+                               size=trainer.tile_size) for _ in range(questions)]
         results[f"{kind}_{cards}_card{'s' if cards > 1 else ''}"] = round(accuracy(trainer, samples), 4)
     return results
 

@@ -6,7 +6,7 @@ import torch
 
 from vllm_semclip.convert import UnsupportedVisionTower, open_clip_to_hf_vision
 from vllm_semclip.relevance import register_model_configs
-from vllm_semclip.tiny_models import RELEVANCE_MODEL_NAME
+from vllm_semclip.tiny_models import TOWER_MODEL_NAME
 
 
 def _pair(name: str, **kwargs):
@@ -19,7 +19,7 @@ def _pair(name: str, **kwargs):
     return oc, open_clip_to_hf_vision(oc, cfg)
 
 
-@pytest.mark.parametrize("name, kwargs", [(RELEVANCE_MODEL_NAME, {}), ("ViT-B-32", {"force_quick_gelu": True})])
+@pytest.mark.parametrize("name, kwargs", [(TOWER_MODEL_NAME, {}), ("ViT-B-32", {"force_quick_gelu": True})])
 def test_same_features_on_same_pixels(name, kwargs):
     oc, hf = _pair(name, **kwargs)
     size = hf.config.image_size
@@ -41,7 +41,7 @@ def test_same_features_on_same_pixels(name, kwargs):
 
 def test_unsupported_towers_are_refused():
     register_model_configs()
-    oc = open_clip.create_model(RELEVANCE_MODEL_NAME)
+    oc = open_clip.create_model(TOWER_MODEL_NAME)
     oc.visual.pool_type = "avg"
     with pytest.raises(UnsupportedVisionTower, match="class-token"):
-        open_clip_to_hf_vision(oc, open_clip.get_model_config(RELEVANCE_MODEL_NAME))
+        open_clip_to_hf_vision(oc, open_clip.get_model_config(TOWER_MODEL_NAME))

@@ -19,7 +19,7 @@ def test_local_dir_and_named_config_with_checkpoint_agree(model_dir, crops):
     by_name = RelevanceModel.from_pretrained(RELEVANCE_MODEL_NAME, str(DEFAULT_RELEVANCE_DIR / "open_clip_model.safetensors"))
     a, b = by_dir.score("a red triangle", crops), by_name.score("a red triangle", crops)
     assert a.shape == (3,) and torch.allclose(a, b, atol=1e-6)
-    assert by_dir.image_size == 224
+    assert by_dir.image_size == 336  # SemClip-ViT-T-16-336, as ViT-L-14-336 for real LLaVA-1.5
 
 
 def test_builtin_open_clip_name_loads(crops):

@@ -5,7 +5,13 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from vllm_semclip.tiny_models import DEFAULT_RELEVANCE_DIR, TinyLlavaSpec, build_tiny_llava
+from vllm_semclip.tiny_models import (
+    DEFAULT_RELEVANCE_DIR,
+    DEFAULT_TOWER_DIR,
+    RELEVANCE_MODEL_NAME,
+    TinyLlavaSpec,
+    build_tiny_llava,
+)
 
 
 def test_vllm_resolves_stock_and_semclip_architectures(model_dir):
@@ -43,27 +49,51 @@ def test_build_is_reproducible(tmp_path, model_dir):
     assert (one / "model.safetensors").read_bytes() == (two / "model.safetensors").read_bytes()
     # the tokenizer is rebuilt from the same corpus: the bundled model's ids stay valid
     assert (one / "tokenizer.json").read_bytes() == (Path(model_dir) / "tokenizer.json").read_bytes()
-    assert (DEFAULT_RELEVANCE_DIR / "open_clip_config.json").is_file()
+    assert (DEFAULT_TOWER_DIR / "open_clip_config.json").is_file()
 
 
-def test_llava_tower_is_the_bundled_psi(model_dir):
-    """The LLaVA vision tower and ψ's ViT are one model: same features on the same pixels."""
+def test_llava_tower_is_the_bundled_tiny_clip(model_dir):
+    """The LLaVA vision tower and the tiny CLIP's ViT are one model: same features on the same pixels."""
     import torch
     from transformers import LlavaForConditionalGeneration
 
     from vllm_semclip.relevance import RelevanceModel
 
-    psi = RelevanceModel.from_pretrained(str(DEFAULT_RELEVANCE_DIR)).model.float()
+    clip = RelevanceModel.from_pretrained(str(DEFAULT_TOWER_DIR))
+    oc = clip.model.float()
     tower = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).model.vision_tower
-    pixels = torch.randn(2, 3, 224, 224)
+    size = tower.config.image_size
+    assert size == clip.image_size == 224
+    pixels = torch.randn(2, 3, size, size)
     with torch.inference_mode():
-        psi.visual.output_tokens = True
-        pooled, _ = psi.visual(pixels)
-        psi.visual.output_tokens = False
-        hf = tower(pixels).pooler_output @ psi.visual.proj
+        oc.visual.output_tokens = True
+        pooled, _ = oc.visual(pixels)
+        oc.visual.output_tokens = False
+        hf = tower(pixels).pooler_output @ oc.visual.proj
     # LLaVA's tower is stored in bf16 (ψ in fp16): compare at that precision
     assert torch.allclose(hf, pooled, atol=0.05, rtol=0.05)
     assert not torch.allclose(hf, pooled.roll(1, dims=0), atol=0.05, rtol=0.05)  # and different images differ
+
+
+def test_bundled_psi_is_the_tower_clip_at_336_px():
+    """ψ's default is the tower's CLIP with its position grid resized to 336 px, nothing else
+    changed: rebuilt from the tower's weights, it is byte-identical to the bundled ψ."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    from vllm_semclip.relevance import RelevanceModel
+    from vllm_semclip.train_clip import resize_local_dir
+
+    assert RelevanceModel.from_pretrained(str(DEFAULT_RELEVANCE_DIR)).image_size == 336
+    with tempfile.TemporaryDirectory() as tmp:
+        rebuilt = resize_local_dir(DEFAULT_TOWER_DIR, RELEVANCE_MODEL_NAME, tmp)
+        assert (rebuilt / "open_clip_model.safetensors").read_bytes() == \
+            (DEFAULT_RELEVANCE_DIR / "open_clip_model.safetensors").read_bytes()
+    psi, tower = (load_file(str(d / "open_clip_model.safetensors")) for d in (DEFAULT_RELEVANCE_DIR, DEFAULT_TOWER_DIR))
+    assert psi.keys() == tower.keys()
+    assert [k for k in psi if psi[k].shape != tower[k].shape or not (psi[k] == tower[k]).all()] == \
+        ["visual.positional_embedding"]
 
 
 def _scene_inputs(index: int, spatial: bool):

@@ -3,6 +3,7 @@
 import random
 
 import pytest
+import torch
 
 from vllm_semclip.cards import CAPTIONS, CROP_SIDE_RANGE
 from vllm_semclip.train_clip import (
@@ -48,7 +49,7 @@ def test_curriculum_shrinks_cards_to_crop_size():
     assert later == pytest.approx(CROP_SIDE_RANGE)
 
 
-@pytest.mark.parametrize("bad", [{"steps": 0}, {"lr": 2.0}, {"curriculum": 1.5}, {"position_weight": -1.0},
+@pytest.mark.parametrize("bad", [{"steps": 0}, {"steps": -1}, {"lr": 2.0}, {"curriculum": 1.5}, {"position_weight": -1.0},
                                  {"position_layer": 0}, {"position_card_weight": -0.5}])
 def test_clip_config_is_validated(bad):
     with pytest.raises(ValueError):
@@ -74,6 +75,37 @@ def test_clip_training_writes_a_checkpoint_open_clip_loads(tmp_path, position_we
     assert report["config"]["position_card_weight"] == position_card_weight
     psi = RelevanceModel.from_pretrained(str(tmp_path / "psi"))
     assert psi.image_size == 224 and (tmp_path / "psi" / "train_report.json").is_file()
+
+
+def test_a_224_px_psi_goes_to_336_px_with_its_position_grid_resized(tmp_path):
+    """``--model SemClip-ViT-T-16-336 --init <224-px ψ> --steps 0``: the same weights, the position
+    grid resized by open_clip's factory (``resize_pos_embed``), evaluated at 336 px."""
+    import open_clip
+    from open_clip.model import resize_pos_embed
+
+    from vllm_semclip.relevance import RelevanceModel
+
+    small = dict(caption_blocks=1, eval_cards=24, eval_mosaics=3)
+    train_clip(ClipTrainConfig(steps=1, **small), tmp_path / "psi224", progress=False)
+    report = train_clip(ClipTrainConfig(model="SemClip-ViT-T-16-336", init=str(tmp_path / "psi224"), steps=0, **small),
+                        tmp_path / "psi336", progress=False)
+    assert report["model"] == "SemClip-ViT-T-16-336" and 0.0 <= report["zero_shot_accuracy"] <= 1.0
+    a = RelevanceModel.from_pretrained(str(tmp_path / "psi224")).model.float().state_dict()
+    b_model = RelevanceModel.from_pretrained(str(tmp_path / "psi336")).model.float()
+    assert b_model.visual.image_size == (336, 336)
+    b = b_model.state_dict()
+    assert b["visual.positional_embedding"].shape == (1 + 21 * 21, 128)
+    expected = {"visual.positional_embedding": a["visual.positional_embedding"].clone()}
+    resize_pos_embed(expected, b_model)
+    assert torch.allclose(b["visual.positional_embedding"], expected["visual.positional_embedding"].half().float())
+    assert torch.equal(b["visual.positional_embedding"][0], a["visual.positional_embedding"][0])  # class token's
+    for key in a:  # every other weight is carried over unchanged
+        if key != "visual.positional_embedding":
+            assert torch.equal(a[key], b[key]), key
+    assert open_clip.get_model_config("SemClip-ViT-T-16-336")["vision_cfg"]["image_size"] == 336
+    with pytest.raises(FileNotFoundError, match="local-dir"):
+        train_clip(ClipTrainConfig(model="SemClip-ViT-T-16-336", init=str(tmp_path), steps=0, **small),
+                   tmp_path / "none", progress=False)
 
 
 def test_patch_position_head_reads_raster_position():

@@ -13,10 +13,10 @@
     serving throughput/latency of overview, semclip, given, all and hf, side by side.
 ``semclip eval --data DIR --method M[,M...] [--topk K] [--protocol likelihood|generate] --out results.json``
     accuracy, crop hit rate and visual tokens of overview/random/all/clip/trained/oracle through vLLM.
-``semclip train clip [--out DIR] [--steps N] [--seed S]``
-    trains the tiny CLIP (ψ's default and the LLaVA tower) and evaluates it on held-out cards.
+``semclip train clip [--model NAME] [--init DIR] [--out DIR] [--steps N] [--seed S]``
+    trains the tiny CLIP (the LLaVA tower; at 336 px ψ's default) and evaluates it on held-out cards.
 ``semclip train vlm [--relevance-dir DIR] [--out DIR] [--steps N] [--seed S]``
-    builds the tiny LLaVA on ψ's tower, trains projector + LM, evaluates held-out questions.
+    builds the tiny LLaVA on the tiny CLIP's tower, trains projector + LM, evaluates held-out questions.
 ``semclip label --data DIR [--model DIR] --out LABELS [--address RAY_ADDRESS] [--actors N]``
     distant supervision: the VLM scores overview + each candidate crop per question, on Ray
     actors holding one vLLM engine each; resumable JSONL shards.
@@ -191,14 +191,17 @@ def cmd_train(argv: list[str]) -> int:
         print("usage: semclip train clip|vlm [--out DIR] [--steps N] [--seed S] ...", file=sys.stderr)
         return 2
     what, argv = argv[0], argv[1:]
-    from .tiny_models import DEFAULT_MODEL_DIR, DEFAULT_RELEVANCE_DIR
+    from .tiny_models import DEFAULT_MODEL_DIR, DEFAULT_TOWER_DIR
 
     p = argparse.ArgumentParser(prog=f"semclip train {what}")
-    p.add_argument("--out", default=str(DEFAULT_RELEVANCE_DIR if what == "clip" else DEFAULT_MODEL_DIR))
+    # the bundled CLIP is the LLaVA's tower (and, at 336 px, ψ): a new one goes to out/ unless asked
+    p.add_argument("--out", default="out/psi" if what == "clip" else str(DEFAULT_MODEL_DIR))
     p.add_argument("--steps", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     if what == "clip":
+        p.add_argument("--model", help="open_clip config to train (default SemClip-ViT-T-16, 224 px; "
+                       "SemClip-ViT-T-16-336 with --init resizes a 224-px ψ's position grid)")
         p.add_argument("--init", help="continue from this ψ checkpoint directory")
         p.add_argument("--curriculum", type=float, help="fraction of steps over which cards shrink (default 0.2)")
         p.add_argument("--lr", type=float)
@@ -207,11 +210,11 @@ def cmd_train(argv: list[str]) -> int:
         p.add_argument("--position-card-weight", type=float,
                        help="weight of the same loss over the patches under a card only (default 0: off)")
     if what == "vlm":
-        p.add_argument("--relevance-dir", default=str(DEFAULT_RELEVANCE_DIR), help="trained ψ whose ViT is the tower")
+        p.add_argument("--relevance-dir", default=str(DEFAULT_TOWER_DIR), help="trained tiny CLIP whose ViT is the tower")
         p.add_argument("--side-fraction", type=float,
                        help="share of single-tile samples asking a card's side of the image")
     args = p.parse_args(argv)
-    overrides = {k: getattr(args, k, None) for k in ("steps", "seed", "threads", "init", "curriculum", "lr",
+    overrides = {k: getattr(args, k, None) for k in ("model", "steps", "seed", "threads", "init", "curriculum", "lr",
                                                   "position_weight", "position_card_weight", "side_fraction")}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if what == "clip":

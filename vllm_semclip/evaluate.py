@@ -245,7 +245,7 @@ def plot_accuracy_vs_tokens(results: Sequence[dict], path: Path | str) -> Path:
     return path
 
 
-def make_engine(model: str, server_config: dict[str, Any], max_model_len: int = 4096):
+def make_engine(model: str, server_config: dict[str, Any], max_model_len: int = 8192):
     """An offline vLLM engine with the SemClip architecture and ``server_config`` as its defaults."""
     from vllm import LLM
 

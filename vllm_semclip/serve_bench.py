@@ -168,6 +168,11 @@ def run_hf(model: str, rows: list[dict], num_prompts: int, output_len: int) -> d
     }
 
 
+def _tokens_per_tile(model_dir: str | Path) -> int:
+    vision = json.loads((Path(model_dir) / "config.json").read_text())["vision_config"]
+    return (vision["image_size"] // vision["patch_size"]) ** 2
+
+
 def _median_of(runs: list[dict[str, Any]]) -> dict[str, float]:
     return {m: statistics.median(r[m] for r in runs) for m in METRICS}
 
@@ -310,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                 ratios[f"{a}/{b}@{c}"] = round(thr(a) / thr(b), 3)
     doc = {**results, "_meta": {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
-        "model": "bundled tiny LLaVA (196 tokens per tile)", "output_len": args.output_len,
+        "model": f"bundled tiny LLaVA ({_tokens_per_tile(model_dir)} tokens per tile)", "output_len": args.output_len,
         "workload": f"{args.workload_size} V*-style images 1500-2700 px (seed {args.seed})",
         "client": "vllm bench serve (openai-chat, custom_image) via python -m vllm_semclip.vllm_bench",
         "caches": "processor cache and prefix caching off", "repeats": repeats, "quick": args.quick,

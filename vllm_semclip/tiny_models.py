@@ -27,8 +27,13 @@ from pathlib import Path
 PACKAGE_DIR = Path(__file__).resolve().parent
 MODELS_DIR = PACKAGE_DIR / "models"
 DEFAULT_MODEL_DIR = MODELS_DIR / "semclip-tiny-llava"
-DEFAULT_RELEVANCE_DIR = MODELS_DIR / "semclip-vit-t-16"
-RELEVANCE_MODEL_NAME = "SemClip-ViT-T-16"
+# One trained tiny CLIP at two input sizes: the LLaVA's tower sees 224-px tiles (196 tokens),
+# ψ scores crops at 336 px (same weights, position grid resized; open_clip-style name as
+# ViT-L-14 → ViT-L-14-336), where a card has 2.25× the pixels.
+DEFAULT_TOWER_DIR = MODELS_DIR / "semclip-vit-t-16"
+TOWER_MODEL_NAME = "SemClip-ViT-T-16"
+DEFAULT_RELEVANCE_DIR = MODELS_DIR / "semclip-vit-t-16-336"
+RELEVANCE_MODEL_NAME = "SemClip-ViT-T-16-336"
 
 # LLaVA-1.5's conversation format; accepts plain-string and OpenAI-style list content.
 LLAVA_CHAT_TEMPLATE = (
@@ -55,12 +60,12 @@ SHAPES = ("circle", "rectangle", "triangle", "square", "star", "cross", "diamond
 
 @dataclass(frozen=True)
 class TinyLlavaSpec:
-    """Sizes of the tiny LLaVA's language side; the vision tower is ψ's (``vision_model``).
+    """Sizes of the tiny LLaVA's language side; the vision tower is the tiny CLIP's (``vision_model``).
 
     Every attention head is 32 wide (vLLM's CPU backend needs ≥ 32).
     """
 
-    vision_model: str = RELEVANCE_MODEL_NAME  # open_clip config whose ViT is the tower
+    vision_model: str = TOWER_MODEL_NAME  # open_clip config whose ViT is the tower
     text_hidden_size: int = 160
     text_layers: int = 4
     text_heads: int = 5
@@ -255,8 +260,9 @@ def build_tiny_llava(
     return out
 
 
-def build_tiny_relevance(out_dir: Path | str = DEFAULT_RELEVANCE_DIR, seed: int = 0) -> Path:
-    """Write a randomly initialised (seeded) ``SemClip-ViT-T-16`` in open_clip's local-dir format."""
+def build_tiny_relevance(out_dir: Path | str = DEFAULT_TOWER_DIR, seed: int = 0,
+                         model_name: str = TOWER_MODEL_NAME) -> Path:
+    """Write a randomly initialised (seeded) open_clip ``model_name`` in open_clip's local-dir format."""
     import open_clip
     import torch
 
@@ -264,14 +270,19 @@ def build_tiny_relevance(out_dir: Path | str = DEFAULT_RELEVANCE_DIR, seed: int 
 
     register_model_configs()
     torch.manual_seed(seed)
-    model = open_clip.create_model(RELEVANCE_MODEL_NAME, pretrained=None)
-    return save_local_dir(model, open_clip.get_model_config(RELEVANCE_MODEL_NAME), out_dir, half=False)
+    model = open_clip.create_model(model_name, pretrained=None)
+    return save_local_dir(model, open_clip.get_model_config(model_name), out_dir, half=False)
 
 
 def ensure_default_models(force: bool = False) -> tuple[Path, Path]:
-    """Build the bundled models if they are missing (seconds on a CPU)."""
+    """Build random stand-ins for the bundled models that are missing (seconds on a CPU):
+    the LLaVA, its tower's CLIP and ψ (the same weights at 336 px, as the bundled pair)."""
     if force or not (DEFAULT_MODEL_DIR / "model.safetensors").is_file():
         build_tiny_llava(DEFAULT_MODEL_DIR)
+    if force or not (DEFAULT_TOWER_DIR / "open_clip_model.safetensors").is_file():
+        build_tiny_relevance(DEFAULT_TOWER_DIR)
     if force or not (DEFAULT_RELEVANCE_DIR / "open_clip_model.safetensors").is_file():
-        build_tiny_relevance(DEFAULT_RELEVANCE_DIR)
+        from .train_clip import resize_local_dir
+
+        resize_local_dir(DEFAULT_TOWER_DIR, RELEVANCE_MODEL_NAME, DEFAULT_RELEVANCE_DIR)
     return DEFAULT_MODEL_DIR, DEFAULT_RELEVANCE_DIR

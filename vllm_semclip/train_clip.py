@@ -1,4 +1,4 @@
-"""Train the tiny CLIP (``SemClip-ViT-T-16``): ψ's zero-shot default and the tiny LLaVA's eyes.
+"""Train the tiny CLIP (``SemClip-ViT-T-16``): the tiny LLaVA's eyes, and at 336 px ψ's zero-shot default.
 
 The recipe is CLIP's: an open_clip dual encoder created by open_clip's factory from the
 package's named config, trained with open_clip's own contrastive loss (``ClipLoss``) on
@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,8 +59,8 @@ from .cards import (
 )
 from .relevance import save_local_dir
 from .scenes import COLORS, Placed
-from .tiny_models import DEFAULT_RELEVANCE_DIR, RELEVANCE_MODEL_NAME
 
+BASE_MODEL_NAME = "SemClip-ViT-T-16"  # the recipe trains at 224 px; the bundled ψ is it resized to 336
 EVAL_SEED_OFFSET = 1_000_003  # held-out cards come from a different stream than training
 
 
@@ -67,7 +68,7 @@ EVAL_SEED_OFFSET = 1_000_003  # held-out cards come from a different stream than
 class ClipTrainConfig:
     """Hyper-parameters of ``semclip train clip`` (defaults reproduce the committed weights)."""
 
-    model: str = RELEVANCE_MODEL_NAME
+    model: str = BASE_MODEL_NAME
     steps: int = 1500
     caption_blocks: int = 3  # blocks of 24 distinct captions per step
     lr: float = 1e-3
@@ -78,14 +79,18 @@ class ClipTrainConfig:
     threads: int = 0  # torch threads; 0 = torch's default
     eval_cards: int = 480
     eval_mosaics: int = 400
-    init: str | None = None  # continue from this local-dir checkpoint (same config) instead of random weights
+    # continue from this local-dir checkpoint instead of random weights; its weights load into ``model``
+    # (see load_weights), so a ``-336`` config takes a 224-px CLIP with its position grid resized
+    init: str | None = None
     position_weight: float = 0.0  # weight of the patch-position loss at position_layer (0 = off)
     position_layer: int = -2  # the block whose output the LLaVA reads (its vision_feature_layer)
     position_card_weight: float = 0.0  # weight of the same loss averaged over the patches under a card only
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.caption_blocks < 1:
-            raise ValueError("steps and caption_blocks must be at least 1")
+        if self.steps < 0 or self.caption_blocks < 1:
+            raise ValueError("steps must be non-negative and caption_blocks at least 1")
+        if self.steps == 0 and not self.init:
+            raise ValueError("steps=0 (evaluate, and resize to model's input size) needs init")
         if not 0 < self.lr < 1 or self.weight_decay < 0 or self.warmup < 0:
             raise ValueError("lr must be in (0, 1), weight_decay and warmup non-negative")
         if not 0 <= self.curriculum <= 1:
@@ -164,7 +169,7 @@ def side_range_at(progress: float, curriculum: float) -> tuple[float, float]:
 def warmup_cosine(opt, warmup: int, steps: int):
     """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``steps`` (both trainers)."""
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup))
-                                             * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+                                             * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
 
 
 def to_tensor(images, mean, std):
@@ -282,7 +287,32 @@ def evaluate(model_dir: Path | str, seed: int = 0, n_cards: int = 480, n_mosaics
     }
 
 
-def train_clip(config: ClipTrainConfig = ClipTrainConfig(), out_dir: Path | str = DEFAULT_RELEVANCE_DIR,
+def load_weights(model, weights: Path) -> None:
+    """Load a local-dir ψ's weights (stored fp16) into ``model`` in fp32, what open_clip's
+    ``load_checkpoint`` does, with the position grid resized by its ``resize_pos_embed`` when
+    ``model`` takes another input size — in fp32: its antialiased bicubic has no fp16 kernel."""
+    from open_clip.model import resize_pos_embed
+    from safetensors.torch import load_file
+
+    state = {k: v.float() for k, v in load_file(str(weights)).items()}
+    resize_pos_embed(state, model)
+    model.load_state_dict(state)
+
+
+def resize_local_dir(src: Path | str, model_name: str, out_dir: Path | str) -> Path:
+    """``src``'s weights as open_clip ``model_name`` (e.g. at another input size), saved as a
+    local-dir: what ``semclip train clip --model NAME --init SRC --steps 0`` writes, unevaluated."""
+    import open_clip
+
+    from .relevance import register_model_configs
+
+    register_model_configs()
+    model = open_clip.create_model(model_name, pretrained=None)
+    load_weights(model, Path(src) / "open_clip_model.safetensors")
+    return save_local_dir(model.eval(), open_clip.get_model_config(model_name), out_dir)
+
+
+def train_clip(config: ClipTrainConfig = ClipTrainConfig(), out_dir: Path | str = "out/psi",
                progress: bool = True) -> dict:
     """Train, evaluate and save; return the report (also written as ``train_report.json``)."""
     import open_clip
@@ -295,8 +325,14 @@ def train_clip(config: ClipTrainConfig = ClipTrainConfig(), out_dir: Path | str 
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    if config.init:
-        model = open_clip.create_model(f"local-dir:{Path(config.init).resolve()}").float()
+    if config.init:  # weights are open_clip's explicit ``pretrained`` argument; the architecture is config.model's
+        weights = Path(config.init).resolve() / "open_clip_model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"init {config.init!r} has no open_clip_model.safetensors (open_clip local-dir format)")
+        model = open_clip.create_model(config.model, pretrained=None)  # (open_clip warns: random weights…)
+        load_weights(model, weights)  # …replaced here
+        if progress:
+            print(f"{config.model}: weights from {weights}", file=sys.stderr)
     else:
         model = open_clip.create_model(config.model, pretrained=None)
     tokenizer = open_clip.get_tokenizer(config.model)

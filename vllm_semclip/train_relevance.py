@@ -46,7 +46,7 @@ from typing import Any
 from .label import load_labels
 from .tiny_models import DEFAULT_RELEVANCE_DIR, MODELS_DIR
 
-DEFAULT_TRAINED_RELEVANCE_DIR = MODELS_DIR / "semclip-vit-t-16-trained"
+DEFAULT_TRAINED_RELEVANCE_DIR = MODELS_DIR / "semclip-vit-t-16-336-trained"
 
 
 @dataclass(frozen=True)

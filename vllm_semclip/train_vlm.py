@@ -57,7 +57,7 @@ from .evaluate import prompt_for
 from .scenes import COLORS, Placed
 from .selection import select_crops, selected_tiles
 from .train_clip import warmup_cosine
-from .tiny_models import DEFAULT_MODEL_DIR, DEFAULT_RELEVANCE_DIR, TinyLlavaSpec, build_tiny_llava
+from .tiny_models import DEFAULT_MODEL_DIR, DEFAULT_TOWER_DIR, TinyLlavaSpec, build_tiny_llava
 
 TRAIN_SCENE_SEED = 1_000_000  # benchmark scenes for training use seeds from here; held-out splits use small ones
 EVAL_SEED_OFFSET = 2_000_003
@@ -103,9 +103,11 @@ class Sample:
     cards: list[Placed] = field(default_factory=list)  # what a single-tile sample shows (checks, diagnostics)
 
 
-def tile_sample(rng: random.Random, *, n_cards: int, spatial: bool, side_range=CROP_SIDE_RANGE) -> Sample:
-    """A tile with ``n_cards`` cards (distinct shapes) and a question about it."""
-    tile = card_tile(rng, n_cards=n_cards, side_range=side_range, min_dx=spatial)
+def tile_sample(rng: random.Random, *, n_cards: int, spatial: bool, side_range=CROP_SIDE_RANGE,
+                size: int = 224) -> Sample:
+    """A ``size``-px tile (the tower's input size: drawn at the detail the tower gets) with
+    ``n_cards`` cards (distinct shapes) and a question about it."""
+    tile = card_tile(rng, size, n_cards=n_cards, side_range=side_range, min_dx=spatial)
     if spatial:
         a, b = tile.cards[0], tile.cards[1]
         left = a.center[0] < b.center[0]
@@ -118,11 +120,12 @@ def tile_sample(rng: random.Random, *, n_cards: int, spatial: bool, side_range=C
     return Sample([tile.image], attribute_question(target.shape), options, "direct_attributes", tile.cards)
 
 
-def side_sample(rng: random.Random, *, n_cards: int, side_range=CROP_SIDE_RANGE, margin: float = 0.1) -> Sample:
+def side_sample(rng: random.Random, *, n_cards: int, side_range=CROP_SIDE_RANGE, margin: float = 0.1,
+                size: int = 224) -> Sample:
     """A tile with ``n_cards`` cards and "Is the {shape} on the left or right side of the image?"
     about one of them, whose centre is at least ``margin`` of the tile off the middle."""
     while True:
-        tile = card_tile(rng, n_cards=n_cards, side_range=side_range)
+        tile = card_tile(rng, size, n_cards=n_cards, side_range=side_range)
         target = rng.choice(tile.cards)
         x = target.center[0] / tile.image.width
         if abs(x - 0.5) >= margin:
@@ -258,15 +261,16 @@ def held_out_sets(n: int, seed: int, pad_fill, tile_size: int) -> dict[str, list
     from seeds training never uses."""
     rng = random.Random(seed + EVAL_SEED_OFFSET)
     return {
-        "visible_attribute": [tile_sample(rng, n_cards=rng.randint(1, 3), spatial=False, side_range=VISIBLE_SIDE_RANGE)
-                              for _ in range(n)],
-        "visible_spatial": [tile_sample(rng, n_cards=rng.randint(2, 3), spatial=True, side_range=VISIBLE_SIDE_RANGE)
-                            for _ in range(n)],
+        "visible_attribute": [tile_sample(rng, n_cards=rng.randint(1, 3), spatial=False, side_range=VISIBLE_SIDE_RANGE,
+                                          size=tile_size) for _ in range(n)],
+        "visible_spatial": [tile_sample(rng, n_cards=rng.randint(2, 3), spatial=True, side_range=VISIBLE_SIDE_RANGE,
+                                        size=tile_size) for _ in range(n)],
         # full-size benchmark scenes (1500-2700 px) shrunk whole to one tile: the detail should be lost
         "overview_attribute": [scene_sample(rng, i, spatial=False, scale=1.0, crops=0, pad_fill=pad_fill,
                                             tile_size=tile_size, seed=seed + EVAL_SEED_OFFSET) for i in range(n)],
         # the one-card rung below the spatial question: a card's side of the image (after the rest: same draws)
-        "visible_side": [side_sample(rng, n_cards=rng.randint(1, 3), side_range=VISIBLE_SIDE_RANGE) for _ in range(n)],
+        "visible_side": [side_sample(rng, n_cards=rng.randint(1, 3), side_range=VISIBLE_SIDE_RANGE, size=tile_size)
+                         for _ in range(n)],
     }
 
 
@@ -284,7 +288,7 @@ def _batch(rng: random.Random, config: VlmTrainConfig, step: int, trainer: Llava
     """One step's samples. A step is all single tiles or all scenes with the same crop count:
     similar lengths in a batch, so little compute goes to padding."""
     if step < config.align_fraction * config.steps:
-        return [tile_sample(rng, n_cards=1, spatial=False) for _ in range(config.batch_size)]
+        return [tile_sample(rng, n_cards=1, spatial=False, size=trainer.tile_size) for _ in range(config.batch_size)]
     if rng.random() < config.scene_fraction:
         crops = rng.choice((1, 1, 2))
         out = []
@@ -298,13 +302,14 @@ def _batch(rng: random.Random, config: VlmTrainConfig, step: int, trainer: Llava
     for _ in range(config.batch_size):
         n_cards = rng.randint(1, 3)
         if config.side_fraction and rng.random() < config.side_fraction:
-            out.append(side_sample(rng, n_cards=n_cards))
+            out.append(side_sample(rng, n_cards=n_cards, size=trainer.tile_size))
         else:
-            out.append(tile_sample(rng, n_cards=n_cards, spatial=n_cards > 1 and rng.random() < config.spatial_fraction))
+            out.append(tile_sample(rng, n_cards=n_cards, spatial=n_cards > 1 and rng.random() < config.spatial_fraction,
+                                   size=trainer.tile_size))
     return out
 
 
-def train_vlm(config: VlmTrainConfig = VlmTrainConfig(), relevance_dir: Path | str = DEFAULT_RELEVANCE_DIR,
+def train_vlm(config: VlmTrainConfig = VlmTrainConfig(), relevance_dir: Path | str = DEFAULT_TOWER_DIR,
               out_dir: Path | str = DEFAULT_MODEL_DIR, spec: TinyLlavaSpec = TinyLlavaSpec(),
               progress: bool = True) -> dict:
     """Build the tiny LLaVA on ψ's tower, train projector + LM, save, evaluate; return the report."""
@@ -326,9 +331,9 @@ def train_vlm(config: VlmTrainConfig = VlmTrainConfig(), relevance_dir: Path | s
     torch.manual_seed(config.seed)
     probe_rng = random.Random(config.seed + EVAL_SEED_OFFSET + 1)
     probe = {
-        "attr": [tile_sample(probe_rng, n_cards=probe_rng.randint(1, 3), spatial=False) for _ in range(64)],
-        "spatial": [tile_sample(probe_rng, n_cards=2, spatial=True) for _ in range(64)],
-        "side": [side_sample(probe_rng, n_cards=probe_rng.randint(1, 3)) for _ in range(64)],
+        "attr": [tile_sample(probe_rng, n_cards=probe_rng.randint(1, 3), spatial=False, size=trainer.tile_size) for _ in range(64)],
+        "spatial": [tile_sample(probe_rng, n_cards=2, spatial=True, size=trainer.tile_size) for _ in range(64)],
+        "side": [side_sample(probe_rng, n_cards=probe_rng.randint(1, 3), size=trainer.tile_size) for _ in range(64)],
     }
     counter = [0]
     running = None
