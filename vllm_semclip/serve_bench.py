@@ -6,6 +6,8 @@ client (``vllm bench serve``, openai-chat backend, the custom_image dataset):
 1. ``overview`` — stock LLaVA architecture (plain vLLM), one image, no selection;
 2. ``semclip``  — SemClip, k=1 on the default grids;
    ``semclip_bf16`` — the same with ψ in bf16 (``relevance_precision``), ψ's cheaper setting;
+   ``semclip_224`` — the same with ψ at 224 px (the LLaVA tower's CLIP), the bundled ψ's 336 px
+                  weighed against its cost;
 3. ``given``    — stock LLaVA, the client sends the overview and the very crop SemClip picks as
                   two images: SemClip's tokens without its selection work (its ceiling);
 4. ``all``      — SemClip with every candidate crop (AnyRes-like);
@@ -38,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-CONFIGS = ("overview", "semclip", "semclip_bf16", "given", "all", "hf")
+CONFIGS = ("overview", "semclip", "semclip_bf16", "semclip_224", "given", "all", "hf")
 METRICS = ("request_throughput", "output_throughput", "p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms",
            "p99_tpot_ms", "p50_e2el_ms", "p99_e2el_ms")
 NO_CACHE_ARGS = ["--mm-processor-cache-gb", "0", "--no-enable-prefix-caching"]
@@ -214,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import timings
     from .server import ServerProcess
-    from .tiny_models import ensure_default_models
+    from .tiny_models import DEFAULT_TOWER_DIR, ensure_default_models
 
     p = argparse.ArgumentParser(prog="semclip bench serve", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="concurrency 8 only, fewer requests (< 5 minutes)")
@@ -253,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         "given": ("stock", {}, "two"),
         "semclip": ("semclip", {"topk": 1}, "one"),
         "semclip_bf16": ("semclip-bf16", {"topk": 1, "relevance_precision": "bf16"}, "one"),  # ψ in bf16
+        "semclip_224": ("semclip-224", {"topk": 1, "relevance_model": str(DEFAULT_TOWER_DIR)}, "one"),  # ψ at 224 px
         "all": ("semclip-all", {"method": "all"}, "one"),
     }
     results: dict[str, dict[str, dict[str, Any]]] = {}
@@ -310,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         def thr(name: str) -> float | None:
             return results.get(name, {}).get(c, {}).get("request_throughput")
         for a, b in (("semclip", "given"), ("semclip", "all"), ("semclip", "hf"), ("semclip", "overview"),
-                     ("semclip_bf16", "given"), ("semclip_bf16", "semclip")):
+                     ("semclip_bf16", "given"), ("semclip_bf16", "semclip"), ("semclip_224", "semclip"),
+                     ("semclip_224", "all")):
             if thr(a) and thr(b):
                 ratios[f"{a}/{b}@{c}"] = round(thr(a) / thr(b), 3)
     doc = {**results, "_meta": {
