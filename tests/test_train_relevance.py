@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from vllm_semclip.benchdata import load_bench, write_bench
 from vllm_semclip.crops import candidate_boxes, oracle_index
@@ -78,6 +79,19 @@ def test_the_loss_decreases_and_the_best_epoch_is_kept(tiny_run):
     assert best["mean_gain"] == max(h["mean_gain"] for h in report["history"])
     assert report["zero_shot"]["epoch"] == 0
     assert json.loads((out / "train_config.json").read_text())["lock_image"] is True
+    assert report["kept_start"] is (best["epoch"] == 0) and best["epoch"] > 0
+
+
+def test_a_run_that_never_beats_its_start_says_it_kept_the_start(perfect_labels, tmp_path):
+    """Keep-best with no better epoch keeps the start's weights: the report and a warning say so."""
+    config = RelevanceTrainConfig(labels=str(perfect_labels / "labels"), init=str(DEFAULT_TOWER_DIR), epochs=1,
+                                  batch_size=6, lr=1e-12, warmup=0, val_fraction=0.25)
+    with pytest.warns(UserWarning, match="the saved ψ is the start's weights"):
+        report = train_relevance(config, tmp_path / "psi", progress=False)
+    assert report["kept_start"] is True and report["best_epoch"]["epoch"] == 0
+    start = load_file(str(DEFAULT_TOWER_DIR / "open_clip_model.safetensors"))
+    saved = load_file(str(tmp_path / "psi" / "open_clip_model.safetensors"))
+    assert all(torch.equal(start[k], saved[k]) for k in start)
 
 
 def test_the_checkpoint_is_safetensors_and_open_clip_loads_it(tiny_run, perfect_labels):
@@ -107,8 +121,6 @@ def test_the_checkpoint_is_safetensors_and_open_clip_loads_it(tiny_run, perfect_
 
 
 def test_unlocking_the_image_tower_trains_it(perfect_labels):
-    from safetensors.torch import load_file
-
     out = perfect_labels / "psi-unlocked"
     config = RelevanceTrainConfig(labels=str(perfect_labels / "labels"), epochs=1, batch_size=6, lr=1e-3,
                                   warmup=0, lock_image=False, keep_best=False, val_fraction=0.25,

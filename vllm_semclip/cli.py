@@ -267,16 +267,18 @@ def cmd_train_relevance(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--unlock-image", action="store_true", help="also train the image tower (default: locked)")
+    p.add_argument("--keep-last", action="store_true",
+                   help="save the last epoch (default: the epoch with the best validation gain, maybe the start)")
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
     fields = {"init": args.init, "init_pretrained": args.init_pretrained, "epochs": args.epochs,
               "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "threads": args.threads}
-    config = RelevanceTrainConfig(labels=args.labels, lock_image=not args.unlock_image,
+    config = RelevanceTrainConfig(labels=args.labels, lock_image=not args.unlock_image, keep_best=not args.keep_last,
                                   **{k: v for k, v in fields.items() if v is not None})
     report = train_relevance(config, args.out)
     print(json.dumps({k: report[k] for k in ("train_questions", "val_questions", "train_seconds", "zero_shot",
-                                             "best_epoch")}, indent=1))
+                                             "best_epoch", "kept_start")}, indent=1))
     print(f"written to {args.out} (report: {args.out}/train_report.json)")
     return 0
 

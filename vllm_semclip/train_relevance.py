@@ -38,6 +38,7 @@ import json
 import math
 import random
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -244,12 +245,18 @@ def train_relevance(config: RelevanceTrainConfig, out_dir: Path | str = DEFAULT_
         bar.set_postfix(loss=entry["loss"], val_hit=f"{entry['hit_rate']:.3f}", val_gain=f"{entry['mean_gain']:.3f}")
         if entry["mean_gain"] > best["mean_gain"] or not config.keep_best:
             best, best_state = entry, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # keep-best can keep the start itself: a ψ that is already as good on the validation
+    # questions as any epoch (say so, or the "trained" ψ silently equals the zero-shot one)
+    kept_start = config.keep_best and best["epoch"] == 0
+    if kept_start:
+        warnings.warn("no epoch beat the starting ψ's mean gain on the validation questions: the saved ψ is "
+                      "the start's weights (keep_best=False / --keep-last saves the last epoch)", stacklevel=2)
     model.load_state_dict(best_state)
     model.eval()
     out = save_local_dir(model, model_cfg, out_dir)
     report = {"config": asdict(config), "train_questions": len(train_set), "val_questions": len(val_set),
               "labelled_questions": len(rows), "train_seconds": round(time.time() - start, 1),
-              "zero_shot": history[0], "best_epoch": best, "history": history}
+              "zero_shot": history[0], "best_epoch": best, "kept_start": kept_start, "history": history}
     (out / "train_config.json").write_text(json.dumps(asdict(config), indent=1))
     (out / "train_report.json").write_text(json.dumps(report, indent=1))
     plot_history(history, out / "validation.png")
