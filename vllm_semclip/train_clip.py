@@ -299,16 +299,28 @@ def load_weights(model, weights: Path) -> None:
     model.load_state_dict(state)
 
 
+def load_as(model_name: str, src: Path | str):
+    """open_clip ``model_name`` created by open_clip's factory, with the weights of the local-dir ψ
+    at ``src`` (its position grid resized when ``model_name`` takes another input size)."""
+    import open_clip
+
+    from .relevance import register_model_configs
+
+    weights = Path(src).resolve() / "open_clip_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"init {str(src)!r} has no open_clip_model.safetensors (open_clip local-dir format)")
+    register_model_configs()
+    model = open_clip.create_model(model_name, pretrained=None)
+    load_weights(model, weights)
+    return model
+
+
 def resize_local_dir(src: Path | str, model_name: str, out_dir: Path | str) -> Path:
     """``src``'s weights as open_clip ``model_name`` (e.g. at another input size), saved as a
     local-dir: what ``semclip train clip --model NAME --init SRC --steps 0`` writes, unevaluated."""
     import open_clip
 
-    from .relevance import register_model_configs
-
-    register_model_configs()
-    model = open_clip.create_model(model_name, pretrained=None)
-    load_weights(model, Path(src) / "open_clip_model.safetensors")
+    model = load_as(model_name, src)
     return save_local_dir(model.eval(), open_clip.get_model_config(model_name), out_dir)
 
 
@@ -325,14 +337,10 @@ def train_clip(config: ClipTrainConfig = ClipTrainConfig(), out_dir: Path | str 
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    if config.init:  # weights are open_clip's explicit ``pretrained`` argument; the architecture is config.model's
-        weights = Path(config.init).resolve() / "open_clip_model.safetensors"
-        if not weights.is_file():
-            raise FileNotFoundError(f"init {config.init!r} has no open_clip_model.safetensors (open_clip local-dir format)")
-        model = open_clip.create_model(config.model, pretrained=None)  # (open_clip warns: random weights…)
-        load_weights(model, weights)  # …replaced here
-        if progress:
-            print(f"{config.model}: weights from {weights}", file=sys.stderr)
+    if config.init:  # the architecture is config.model's, the weights init's
+        model = load_as(config.model, config.init)
+        if progress:  # open_clip has just warned of random weights: they were replaced
+            print(f"{config.model}: weights from {config.init}", file=sys.stderr)
     else:
         model = open_clip.create_model(config.model, pretrained=None)
     tokenizer = open_clip.get_tokenizer(config.model)
