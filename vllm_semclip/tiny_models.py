@@ -260,9 +260,8 @@ def build_tiny_llava(
     return out
 
 
-def build_tiny_relevance(out_dir: Path | str = DEFAULT_TOWER_DIR, seed: int = 0,
-                         model_name: str = TOWER_MODEL_NAME) -> Path:
-    """Write a randomly initialised (seeded) open_clip ``model_name`` in open_clip's local-dir format."""
+def build_tiny_relevance(out_dir: Path | str = DEFAULT_TOWER_DIR, seed: int = 0) -> Path:
+    """Write a randomly initialised (seeded) ``SemClip-ViT-T-16`` in open_clip's local-dir format."""
     import open_clip
     import torch
 
@@ -270,8 +269,8 @@ def build_tiny_relevance(out_dir: Path | str = DEFAULT_TOWER_DIR, seed: int = 0,
 
     register_model_configs()
     torch.manual_seed(seed)
-    model = open_clip.create_model(model_name, pretrained=None)
-    return save_local_dir(model, open_clip.get_model_config(model_name), out_dir, half=False)
+    model = open_clip.create_model(TOWER_MODEL_NAME, pretrained=None)
+    return save_local_dir(model, open_clip.get_model_config(TOWER_MODEL_NAME), out_dir, half=False)
 
 
 def ensure_default_models(force: bool = False) -> tuple[Path, Path]:

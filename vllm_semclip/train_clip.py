@@ -59,8 +59,8 @@ from .cards import (
 )
 from .relevance import save_local_dir
 from .scenes import COLORS, Placed
+from .tiny_models import TOWER_MODEL_NAME
 
-BASE_MODEL_NAME = "SemClip-ViT-T-16"  # the recipe trains at 224 px; the bundled ψ is it resized to 336
 EVAL_SEED_OFFSET = 1_000_003  # held-out cards come from a different stream than training
 
 
@@ -68,7 +68,7 @@ EVAL_SEED_OFFSET = 1_000_003  # held-out cards come from a different stream than
 class ClipTrainConfig:
     """Hyper-parameters of ``semclip train clip`` (defaults reproduce the committed weights)."""
 
-    model: str = BASE_MODEL_NAME
+    model: str = TOWER_MODEL_NAME  # the recipe trains at 224 px; the bundled ψ is it resized to 336
     steps: int = 1500
     caption_blocks: int = 3  # blocks of 24 distinct captions per step
     lr: float = 1e-3
