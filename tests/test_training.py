@@ -8,7 +8,9 @@ import torch
 from vllm_semclip.cards import CAPTIONS, CROP_SIDE_RANGE
 from vllm_semclip.train_clip import (
     ClipTrainConfig,
+    PatchLabelLoss,
     PatchPositionLoss,
+    card_patch_labels,
     card_patch_mask,
     sample_blocks,
     side_range_at,
@@ -43,6 +45,58 @@ def test_card_patch_mask_covers_the_patches_under_each_card():
     assert mask[2].nonzero().tolist() == [[0, 0], [13, 12], [13, 13]]
 
 
+def test_card_patch_labels_name_the_card_under_each_patch():
+    from vllm_semclip.scenes import COLORS, SHAPES, Placed
+
+    cards = [[Placed("circle", "red", (20, 40, 20, 10))], [],
+             [Placed("rectangle", "blue", (0, 0, 16, 16)), Placed("triangle", "green", (200, 208, 24, 16))]]
+    shapes, colors = card_patch_labels(cards, 224, 16)
+    mask = card_patch_mask(cards, 224, 16)
+    assert ((shapes >= 0) == mask).all() and ((colors >= 0) == mask).all()  # the same patches, labelled
+    shapes, colors = shapes.view(3, 14, 14), colors.view(3, 14, 14)
+    assert shapes[0, 2, 1] == SHAPES.index("circle") and colors[0, 3, 2] == list(COLORS).index("red")
+    assert shapes[2, 0, 0] == SHAPES.index("rectangle") and shapes[2, 13, 13] == SHAPES.index("triangle")
+    assert colors[2, 13, 12] == list(COLORS).index("green") and (shapes[1] == -1).all()
+
+
+def test_patch_label_head_reads_the_card_under_a_token_and_ignores_the_rest():
+    """Tokens under a card carry its shape and colour (plus noise): the head learns to read
+    both; background tokens (label -1) add nothing to the loss, and a batch without a card
+    gives 0, not NaN."""
+    from vllm_semclip.scenes import COLORS, SHAPES
+
+    torch.manual_seed(0)
+    width, tokens = 64, 20
+    shape_code, color_code = torch.randn(len(SHAPES), width), torch.randn(len(COLORS), width)
+
+    def batch():
+        shapes = torch.randint(0, len(SHAPES), (8, tokens))
+        colors = torch.randint(0, len(COLORS), (8, tokens))
+        x = shape_code[shapes] + color_code[colors] + 0.3 * torch.randn(8, tokens, width)
+        shapes[:, 10:], colors[:, 10:] = -1, -1  # background: its content is noise the head never fits
+        x[:, 10:] = 5 * torch.randn(8, tokens - 10, width)
+        return x, (shapes, colors)
+
+    head = PatchLabelLoss(width)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    x, labels = batch()
+    start = head(x, labels).item()
+    for _ in range(150):
+        x, labels = batch()
+        loss = head(x, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x, labels = batch()
+    shape_right, color_right = head.accuracy(x, labels)
+    assert shape_right > 0.9 and color_right > 0.9 and head(x, labels).item() < start / 4
+    background = x.clone()
+    background[:, 10:] = 1e3 * torch.randn(8, tokens - 10, width)  # what is not under a card does not count
+    assert head(background, labels).item() == pytest.approx(head(x, labels).item(), rel=1e-5)
+    none = (torch.full_like(labels[0], -1), torch.full_like(labels[1], -1))
+    assert head(x, none).item() == 0.0
+
+
 def test_curriculum_shrinks_cards_to_crop_size():
     first, later = side_range_at(0.0, 0.3), side_range_at(0.5, 0.3)
     assert first[0] > later[0] and first[1] > later[1]
@@ -50,7 +104,8 @@ def test_curriculum_shrinks_cards_to_crop_size():
 
 
 @pytest.mark.parametrize("bad", [{"steps": 0}, {"steps": -1}, {"lr": 2.0}, {"curriculum": 1.5}, {"position_weight": -1.0},
-                                 {"position_layer": 0}, {"position_card_weight": -0.5}])
+                                 {"position_layer": 0}, {"position_card_weight": -0.5},
+                                 {"label_weight": -1.0}])
 def test_clip_config_is_validated(bad):
     with pytest.raises(ValueError):
         ClipTrainConfig(**bad)
@@ -63,16 +118,19 @@ def test_vlm_config_is_validated(bad):
         VlmTrainConfig(**bad)
 
 
-@pytest.mark.parametrize("position_weight,position_card_weight", [(0.0, 0.0), (0.5, 0.0), (0.0, 1.0)])
-def test_clip_training_writes_a_checkpoint_open_clip_loads(tmp_path, position_weight, position_card_weight):
+@pytest.mark.parametrize("position_weight,position_card_weight,label_weight",
+                         [(0.0, 0.0, 0.0), (0.5, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)])
+def test_clip_training_writes_a_checkpoint_open_clip_loads(tmp_path, position_weight, position_card_weight,
+                                                           label_weight):
     from vllm_semclip.relevance import RelevanceModel
 
     config = ClipTrainConfig(steps=2, caption_blocks=1, eval_cards=24, eval_mosaics=3, position_weight=position_weight,
-                             position_card_weight=position_card_weight)
+                             position_card_weight=position_card_weight, label_weight=label_weight)
     report = train_clip(config, tmp_path / "psi", progress=False)
     assert 0.0 <= report["zero_shot_accuracy"] <= 1.0 and report["eval_mosaics"] == 3
     assert report["config"]["position_weight"] == position_weight
     assert report["config"]["position_card_weight"] == position_card_weight
+    assert report["config"]["label_weight"] == label_weight
     psi = RelevanceModel.from_pretrained(str(tmp_path / "psi"))
     assert psi.image_size == 224 and (tmp_path / "psi" / "train_report.json").is_file()
 
@@ -231,3 +289,4 @@ def test_likelihood_scores_match_a_plain_forward(trainer):
         logprobs = torch.log_softmax(logits.float(), -1)
         alone = sum(float(logprobs[i - 1, ids[i]]) for i in range(start, len(ids)))
         assert score == pytest.approx(alone, abs=1e-3)
+

@@ -209,13 +209,16 @@ def cmd_train(argv: list[str]) -> int:
                        help="weight of the patch-position loss at the LLaVA's feature layer (default 0: off)")
         p.add_argument("--position-card-weight", type=float,
                        help="weight of the same loss over the patches under a card only (default 0: off)")
+        p.add_argument("--label-weight", type=float,
+                       help="weight of the patch-label loss: the shape and colour of the card under each patch "
+                            "token at the LLaVA's feature layer (default 0: off)")
     if what == "vlm":
         p.add_argument("--relevance-dir", default=str(DEFAULT_TOWER_DIR), help="trained tiny CLIP whose ViT is the tower")
         p.add_argument("--side-fraction", type=float,
                        help="share of single-tile samples asking a card's side of the image")
     args = p.parse_args(argv)
     overrides = {k: getattr(args, k, None) for k in ("model", "steps", "seed", "threads", "init", "curriculum", "lr",
-                                                  "position_weight", "position_card_weight", "side_fraction")}
+                                                  "position_weight", "position_card_weight", "label_weight", "side_fraction")}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if what == "clip":
         from .train_clip import ClipTrainConfig, train_clip
