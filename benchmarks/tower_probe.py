@@ -10,6 +10,14 @@ with 1, 2 and 3 cards and spatial ones with 2 and 3 — with the V* protocol (ea
 scored by its likelihood, Hugging Face forward, as ``semclip train vlm`` evaluates), which
 separates reading a colour from finding the right card.
 
+Finding the right card is measured twice more. Per tower layer, the same probe reads the
+*shape* and *colour* of the card under a token (scored on the tokens under a card; a fifth
+class for background): the LLaVA's attention can only find "the triangle" among the cards if
+each of its tokens says so. And in the language model itself: on tiles with three cards,
+the share of attention at the position that predicts the colour word which goes to the asked-for
+card, out of all the attention to cards (per layer, the head that binds best; 1/3 when
+attention goes to every card alike).
+
 Prints both tables, writes ``benchmarks/results/tower_probe.json`` and a picture beside it.
 Any Hugging Face LLaVA checkpoint directory works (``--model``); default: the bundled one.
 
@@ -26,6 +34,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from vllm_semclip.scenes import COLORS, SHAPES
+
 
 def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, classes: int, train_fraction: float = 0.8,
                    steps: int = 300, seed: int = 0, score_mask: torch.Tensor | None = None):
@@ -34,11 +44,13 @@ def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, classes: int, t
     ``features`` is (tiles, tokens, width): the split is by tile, so the probe is scored on
     tiles it never saw. With ``score_mask`` (tiles, tokens) it returns two figures: over all
     held-out tokens and over the held-out tokens where the mask is true (e.g. under a card).
+    Tokens labelled -1 are left out of training (score them only through ``score_mask``).
     """
     gen = torch.Generator().manual_seed(seed)
     n_train = max(1, int(len(features) * train_fraction))
     x_train, x_test = features[:n_train].flatten(0, 1), features[n_train:].flatten(0, 1)
     y_train, y_test = labels[:n_train].flatten(), labels[n_train:].flatten()
+    x_train, y_train = x_train[y_train >= 0], y_train[y_train >= 0]  # label -1: a token the probe does not learn
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
     with torch.random.fork_rng():  # a seeded probe without touching the caller's global RNG
@@ -63,7 +75,7 @@ def position_probe(trainer, tiles: list, seed: int = 0) -> list[dict]:
     """Column and row probe accuracy of the patch tokens at every layer of ``trainer``'s tower:
     over all held-out tokens, and over those under a card (``cards.Tile`` s) — the tokens a
     spatial question is about, whose content may have overwritten their position."""
-    from vllm_semclip.train_clip import card_patch_mask
+    from vllm_semclip.train_clip import card_patch_labels, card_patch_mask
 
     model = trainer.model
     with torch.no_grad():
@@ -76,16 +88,56 @@ def position_probe(trainer, tiles: list, seed: int = 0) -> list[dict]:
     layers = len(out.hidden_states)
     feature_layer = model.config.vision_feature_layer
     feature_layer = feature_layer % layers if isinstance(feature_layer, int) else None
+    # trained and scored on the tokens under a card only (background labelled -1)
+    shapes, colors = card_patch_labels([t.cards for t in tiles], trainer.tile_size, trainer.tile_size // grid)
     results = []
-    for layer, hidden in enumerate(tqdm(out.hidden_states, desc="position probe")):
+    for layer, hidden in enumerate(tqdm(out.hidden_states, desc="token probe")):
         tokens = hidden[:, 1:].float()  # CLS dropped, as LLaVA's "default" strategy does
         column, card_column = probe_accuracy(tokens, columns, grid, seed=seed, score_mask=on_cards)
         row, card_row = probe_accuracy(tokens, rows, grid, seed=seed, score_mask=on_cards)
+        _, card_shape = probe_accuracy(tokens, shapes, len(SHAPES), seed=seed, score_mask=on_cards)
+        _, card_color = probe_accuracy(tokens, colors, len(COLORS), seed=seed, score_mask=on_cards)
         results.append({"layer": layer, "llava_feature_layer": layer == feature_layer,
                         "column_accuracy": round(column, 4), "row_accuracy": round(row, 4),
                         "card_column_accuracy": round(card_column, 4), "card_row_accuracy": round(card_row, 4),
-                        "chance": round(1 / grid, 4)})
+                        "chance": round(1 / grid, 4), "card_shape_accuracy": round(card_shape, 4),
+                        "card_color_accuracy": round(card_color, 4)})
     return results
+
+
+def attention_binding(trainer, questions: int, seed: int, n_cards: int = 3) -> list[dict]:
+    """Per language-model layer: of the attention that the position predicting the colour word
+    pays to the cards' tokens, the share on the asked-for card — for the head where it is
+    highest, averaged over ``questions`` held-out tiles with ``n_cards`` cards (1/n_cards: no binding)."""
+    from vllm_semclip.cards import VISIBLE_SIDE_RANGE
+    from vllm_semclip.train_clip import card_patch_labels
+    from vllm_semclip.train_vlm import tile_sample
+
+    model, tok = trainer.model, trainer.tokenizer
+    grid = trainer.tile_size // model.config.vision_config.patch_size
+    rng = random.Random(f"{seed}-binding")
+    target_share = None
+    for _ in tqdm(range(questions), desc="attention binding"):
+        s = tile_sample(rng, n_cards=n_cards, spatial=False, side_range=VISIBLE_SIDE_RANGE, size=trainer.tile_size)
+        asked = next(c for c in s.cards if s.question.endswith(f" {c.shape}?"))
+        ids, begin = trainer.encode(s, s.options[0], eos=False)
+        # the answer's last-but-one token predicts the colour word (the answer is "... is {colour}.")
+        colour_at = begin + len(tok(" " + s.options[0].rsplit(" ", 1)[0], add_special_tokens=False)["input_ids"]) - 1
+        image_at = ids.index(trainer.image_token_id)
+        shapes, _ = card_patch_labels([s.cards], trainer.tile_size, trainer.tile_size // grid)
+        on_asked = (shapes[0] == shapes.new_tensor(SHAPES.index(asked.shape))).float()
+        on_cards = (shapes[0] >= 0).float()
+        with torch.no_grad():
+            attentions = trainer.attentions([ids], trainer.tile_features(trainer.pixel_values([s])))
+        shares = []
+        for layer in attentions:  # (1, heads, query, key)
+            a = layer[0, :, colour_at, image_at:image_at + grid * grid]
+            shares.append((a @ on_asked) / (a @ on_cards).clamp_min(1e-9))
+        shares = torch.stack(shares)  # (layers, heads)
+        target_share = shares if target_share is None else target_share + shares
+    mean = target_share / questions
+    return [{"layer": i, "best_head": int(row.argmax()), "asked_card_share": round(float(row.max()), 4),
+             "chance": round(1 / n_cards, 4)} for i, row in enumerate(mean)]
 
 
 def accuracy_by_cards(trainer, questions: int, seed: int) -> dict[str, float]:
@@ -103,30 +155,41 @@ def accuracy_by_cards(trainer, questions: int, seed: int) -> dict[str, float]:
     return results
 
 
-def plot(probe: list[dict], by_cards: dict[str, float], path: Path) -> None:
+def plot(probe: list[dict], by_cards: dict[str, float], binding: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 3.8), dpi=110,
+                                              gridspec_kw={"width_ratios": [5, 3, 5]})
     layers = [r["layer"] for r in probe]
-    width = 0.2
+    width = 0.14
     bars = [("column_accuracy", "column", "tab:blue", None), ("row_accuracy", "row", "tab:orange", None),
             ("card_column_accuracy", "column, under a card", "tab:blue", "//"),
-            ("card_row_accuracy", "row, under a card", "tab:orange", "//")]
+            ("card_row_accuracy", "row, under a card", "tab:orange", "//"),
+            ("card_shape_accuracy", "card's shape, under it", "tab:red", None),
+            ("card_color_accuracy", "card's colour, under it", "tab:green", None)]
     for i, (key, label, color, hatch) in enumerate(bars):
-        left.bar([x + (i - 1.5) * width for x in layers], [100 * r[key] for r in probe], width, label=label,
+        left.bar([x + (i - 2.5) * width for x in layers], [100 * r[key] for r in probe], width, label=label,
                  color=color, alpha=0.45 if hatch else 1.0, hatch=hatch)
-    left.axhline(100 * probe[0]["chance"], color="gray", linestyle="--", linewidth=1, label="chance")
+    left.axhline(100 * probe[0]["chance"], color="gray", linestyle="--", linewidth=1, label="chance (position)")
     left.set_xticks(layers, ["embed" if r["layer"] == 0 else f"{r['layer']}\n(LLaVA's feature\nlayer)"
                              if r["llava_feature_layer"] else str(r["layer"]) for r in probe], fontsize=8)
     left.set_xlabel("tower layer (hidden state)")
     left.set_ylabel("probe accuracy (%)")
     left.set_ylim(0, 120)
     left.set_yticks(range(0, 101, 20))
-    left.set_title("Is a patch token's position readable from it?", fontsize=10)
-    left.legend(fontsize=7, ncol=2, loc="upper right")
+    left.set_title("What can a probe read from a patch token?", fontsize=10)
+    left.legend(fontsize=7, ncol=3, loc="upper right")
+    middle.bar([r["layer"] for r in binding], [100 * r["asked_card_share"] for r in binding], color="tab:red")
+    middle.axhline(100 * binding[0]["chance"], color="gray", linestyle="--", linewidth=1, label="no binding")
+    middle.set_xticks([r["layer"] for r in binding])
+    middle.set_xlabel("language-model layer (best head)")
+    middle.set_ylabel("% of the attention to cards")
+    middle.set_ylim(0, 100)
+    middle.set_title("3 cards: attention on the asked-for one", fontsize=10)
+    middle.legend(fontsize=8)
     names = list(by_cards)
     chance = [25 if n.startswith("attribute") else 50 for n in names]
     right.bar(range(len(names)), [100 * by_cards[n] for n in names],
@@ -166,19 +229,26 @@ def main() -> None:
              for _ in range(args.tiles)]
     probe = position_probe(trainer, tiles, seed=args.seed)
     by_cards = accuracy_by_cards(trainer, args.questions, args.seed)
+    binding = attention_binding(trainer, min(args.questions, 100), args.seed)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": model_dir, "tiles": args.tiles, "questions_per_condition": args.questions, "seed": args.seed,
             "vision_feature_layer": model.config.vision_feature_layer}
-    out.write_text(json.dumps({"meta": meta, "position_probe": probe, "accuracy_by_cards": by_cards}, indent=2))
-    plot(probe, by_cards, out.with_suffix(".png"))
+    out.write_text(json.dumps({"meta": meta, "position_probe": probe, "accuracy_by_cards": by_cards,
+                               "attention_binding": binding}, indent=2))
+    plot(probe, by_cards, binding, out.with_suffix(".png"))
     print(f"\n{'layer':<8}{'column %':>10}{'row %':>8}{'under a card: column %':>24}{'row %':>8}"
-          f"   (chance {100 * probe[0]['chance']:.1f}%)")
+          f"{'shape %':>9}{'colour %':>10}   (chance: position {100 * probe[0]['chance']:.1f}%, "
+          f"shape {100 / len(SHAPES):.0f}%, colour {100 / len(COLORS):.1f}%)")
     for r in probe:
         mark = "  <- LLaVA's feature layer" if r["llava_feature_layer"] else ""
         print(f"{'embed' if r['layer'] == 0 else r['layer']:<8}{100 * r['column_accuracy']:>10.1f}"
               f"{100 * r['row_accuracy']:>8.1f}{100 * r['card_column_accuracy']:>24.1f}"
-              f"{100 * r['card_row_accuracy']:>8.1f}{mark}")
+              f"{100 * r['card_row_accuracy']:>8.1f}{100 * r['card_shape_accuracy']:>9.1f}"
+              f"{100 * r['card_color_accuracy']:>10.1f}{mark}")
+    print(f"\n{'LM layer':<10}{'best head':>10}{'attention on the asked-for card, of all to cards %':>52}")
+    for r in binding:
+        print(f"{r['layer']:<10}{r['best_head']:>10}{100 * r['asked_card_share']:>52.1f}")
     print(f"\n{'condition':<22}{'accuracy %':>11}")
     for name, acc in by_cards.items():
         print(f"{name:<22}{100 * acc:>11.1f}")

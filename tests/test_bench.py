@@ -68,6 +68,11 @@ def test_position_probe_reads_a_coded_position_and_not_noise():
     overwritten = torch.where(mask[..., None], noise, coded)
     everywhere, under_mask = probe(overwritten, columns, 7, score_mask=mask)
     assert everywhere > 0.6 and under_mask < 0.3
+    # tokens labelled -1 are left out of training: a label only some tokens carry is scored on those
+    partial = columns.clone()
+    partial[:, 20:] = -1
+    _, on_labelled = probe(coded, partial, 7, score_mask=partial >= 0)
+    assert on_labelled > 0.75  # chance 1/7; with -1 in training, cross-entropy would refuse the labels
 
 
 @pytest.mark.timeout(900)
@@ -88,6 +93,12 @@ def test_tower_probe_runs_on_the_bundled_llava(tmp_path, model_dir):
     # the position embedding is added at the input, so the embeddings' tokens carry position
     assert probe[0]["column_accuracy"] > 2 * probe[0]["chance"]
     assert all(0 <= r["card_column_accuracy"] <= 1 and 0 <= r["card_row_accuracy"] <= 1 for r in probe)
+    assert all(0 <= r["card_shape_accuracy"] <= 1 for r in probe)
+    # a card's colour is in its own pixels: the embeddings' tokens under it carry it (chance 1/8)
+    assert probe[0]["card_color_accuracy"] > 0.25
+    binding = doc["attention_binding"]
+    assert [r["layer"] for r in binding] == list(range(config["text_config"]["num_hidden_layers"]))
+    assert all(0 <= r["asked_card_share"] <= 1 and r["chance"] == pytest.approx(1 / 3, abs=1e-4) for r in binding)
     assert set(doc["accuracy_by_cards"]) == {"attribute_1_card", "attribute_2_cards", "attribute_3_cards",
                                              "spatial_2_cards", "spatial_3_cards"}
     assert all(0 <= v <= 1 for v in doc["accuracy_by_cards"].values())

@@ -290,3 +290,21 @@ def test_likelihood_scores_match_a_plain_forward(trainer):
         alone = sum(float(logprobs[i - 1, ids[i]]) for i in range(start, len(ids)))
         assert score == pytest.approx(alone, abs=1e-3)
 
+
+def test_attention_weights_are_the_forward_the_scores_come_from(trainer):
+    """``LlavaTrainer.attentions`` (the binding diagnostic's input): one causal, row-stochastic
+    map per layer and head; asking for it leaves the model's attention kernel as it was."""
+    import torch
+
+    sample = tile_sample(random.Random(6), n_cards=3, spatial=False)
+    ids, _ = trainer.encode(sample, sample.options[0], eos=False)
+    before = trainer.model.model.language_model.config._attn_implementation
+    with torch.no_grad():
+        maps = trainer.attentions([ids], trainer.tile_features(trainer.pixel_values([sample])))
+    config = trainer.model.config.text_config
+    assert len(maps) == config.num_hidden_layers
+    for a in maps:
+        assert a.shape == (1, config.num_attention_heads, len(ids), len(ids))
+        assert torch.allclose(a.sum(-1), torch.ones(()), atol=1e-4)
+        assert float(a[0].triu(1).abs().max()) == 0.0  # nothing attends to a later token
+    assert trainer.model.model.language_model.config._attn_implementation == before

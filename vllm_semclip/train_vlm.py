@@ -198,8 +198,9 @@ class LlavaTrainer:
             out = self.model.model.vision_tower(pixel_values.to(self.model.dtype), output_hidden_states=True)
             return out.hidden_states[self.model.config.vision_feature_layer][:, 1:]
 
-    def logits(self, ids: list[list[int]], features):
-        """Padded batch forward; image positions take the projected features in order."""
+    def embeds(self, ids: list[list[int]], features):
+        """Padded batch of input embeddings (image positions take the projected features in
+        order) and its attention mask."""
         width = max(len(x) for x in ids)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
@@ -207,9 +208,25 @@ class LlavaTrainer:
         embeds = self.model.get_input_embeddings()(input_ids)
         image_pos = input_ids == self.image_token_id
         projected = self.model.model.multi_modal_projector(features).reshape(-1, embeds.shape[-1])
-        embeds = embeds.masked_scatter(image_pos.unsqueeze(-1), projected.to(embeds.dtype))
+        return embeds.masked_scatter(image_pos.unsqueeze(-1), projected.to(embeds.dtype)), mask
+
+    def logits(self, ids: list[list[int]], features):
+        """Padded batch forward; image positions take the projected features in order."""
+        embeds, mask = self.embeds(ids, features)
         hidden = self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         return self.model.lm_head(hidden)
+
+    def attentions(self, ids: list[list[int]], features) -> tuple[torch.Tensor, ...]:
+        """The language model's attention weights, one ``(batch, heads, query, key)`` per layer
+        (diagnostics: which tokens a question's answer reads)."""
+        lm = self.model.model.language_model
+        previous = lm.config._attn_implementation
+        lm.set_attn_implementation("eager")  # the fused kernels return no weights
+        try:
+            embeds, mask = self.embeds(ids, features)
+            return lm(inputs_embeds=embeds, attention_mask=mask, output_attentions=True).attentions
+        finally:
+            lm.set_attn_implementation(previous)
 
     def loss(self, samples: list[Sample], rng: random.Random):
         encoded = [self.encode(s, s.options[0], bos=rng.random() < 0.5) for s in samples]
