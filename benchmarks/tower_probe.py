@@ -11,14 +11,14 @@ scored by its likelihood, Hugging Face forward, as ``semclip train vlm`` evaluat
 separates reading a colour from finding the right card.
 
 Finding the right card is measured twice more. Per tower layer, the same probe reads the
-*shape* and *colour* of the card under a token (scored on the tokens under a card; a fifth
-class for background): the LLaVA's attention can only find "the triangle" among the cards if
+*shape* and *colour* of the card under a token (trained and scored on the tokens under a
+card only): the LLaVA's attention can only find "the triangle" among the cards if
 each of its tokens says so. And in the language model itself: on tiles with three cards,
 the share of attention at the position that predicts the colour word which goes to the asked-for
 card, out of all the attention to cards (per layer, the head that binds best; 1/3 when
 attention goes to every card alike).
 
-Prints both tables, writes ``benchmarks/results/tower_probe.json`` and a picture beside it.
+Prints the tables, writes ``benchmarks/results/tower_probe.json`` and a picture beside it.
 Any Hugging Face LLaVA checkpoint directory works (``--model``); default: the bundled one.
 
     python benchmarks/tower_probe.py [--model DIR] [--tiles 256] [--questions 150]
