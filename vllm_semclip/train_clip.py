@@ -31,8 +31,9 @@ Why an optional patch-label loss (``label_weight``): to answer "What is the colo
 triangle?" the LLaVA's attention has to find the triangle's tokens, so the shape must be in
 *each* token under the card, not only in the pooled embedding the contrastive loss trains.
 On the 5,500-step tower an MLP read the shape of the card under a token at the feature layer
-for 60% of tokens (chance 33%), and the LLaVA's attention at the colour-predicting position
-went to every card alike (3 cards: 39% on the asked-for one, 57% on the other two). A linear
+for 50% of those tokens (chance 33%; ``benchmarks/tower_probe.py``), and the LLaVA's attention at
+the colour-predicting position went to every card alike (3 cards: at best 37% of the attention
+to cards on the asked-for one, chance 33%). A linear
 head (discarded, like the position head) reads each such token's card shape and colour.
 
 Why a curriculum: the card is large at first and shrinks to its real size over the first
@@ -191,11 +192,16 @@ def card_patch_labels(cards: list[list[Placed]], size: int, patch: int) -> tuple
     color = torch.full((len(cards), grid, grid), -1, dtype=torch.long)
     for i, placed in enumerate(cards):
         for card in placed:
-            x, y, w, h = card.bbox
-            rows, cols = slice(y // patch, min(grid, -(-(y + h) // patch))), slice(x // patch, min(grid, -(-(x + w) // patch)))
+            rows, cols = _card_patches(card, patch, grid)
             shape[i, rows, cols] = SHAPES.index(card.shape)
             color[i, rows, cols] = colors.index(card.color)
     return shape.flatten(1), color.flatten(1)
+
+
+def _card_patches(card: Placed, patch: int, grid: int) -> tuple[slice, slice]:
+    """The rows and columns of the ``grid``×``grid`` patches that ``card``'s box overlaps."""
+    x, y, w, h = card.bbox
+    return slice(y // patch, min(grid, -(-(y + h) // patch))), slice(x // patch, min(grid, -(-(x + w) // patch)))
 
 
 def card_patch_mask(cards: list[list[Placed]], size: int, patch: int) -> torch.Tensor:
@@ -204,8 +210,8 @@ def card_patch_mask(cards: list[list[Placed]], size: int, patch: int) -> torch.T
     mask = torch.zeros(len(cards), grid, grid, dtype=torch.bool)
     for i, placed in enumerate(cards):
         for card in placed:
-            x, y, w, h = card.bbox
-            mask[i, y // patch:min(grid, -(-(y + h) // patch)), x // patch:min(grid, -(-(x + w) // patch))] = True
+            rows, cols = _card_patches(card, patch, grid)
+            mask[i, rows, cols] = True
     return mask.flatten(1)
 
 
