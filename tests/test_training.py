@@ -12,6 +12,7 @@ from vllm_semclip.train_clip import (
     PatchPositionLoss,
     card_patch_labels,
     card_patch_mask,
+    label_only_tiles,
     sample_blocks,
     side_range_at,
     train_clip,
@@ -97,6 +98,24 @@ def test_patch_label_head_reads_the_card_under_a_token_and_ignores_the_rest():
     assert head(x, none).item() == 0.0
 
 
+def test_label_only_tiles_hold_one_to_three_cards_at_the_given_size():
+    """The patch-label loss's extra tiles look like the LLaVA's training tiles: 1–3 distinct
+    shapes, cards within the side range, each card's patches labelled with its own shape."""
+    size, patch, side_range = 224, 16, CROP_SIDE_RANGE
+    tiles = label_only_tiles(random.Random(3), size, 60, side_range)
+    counts = [len(t.cards) for t in tiles]
+    assert len(tiles) == 60 and set(counts) == {1, 2, 3}
+    for tile in tiles:
+        assert tile.image.size == (size, size)
+        assert len({c.shape for c in tile.cards}) == len(tile.cards)
+        # a rectangle's long side may pass the card side; its short side may not, nor a long side fall short
+        assert all(min(c.bbox[2:]) <= side_range[1] * size + 1 and max(c.bbox[2:]) >= side_range[0] * size - 1
+                   for c in tile.cards)
+    shapes, _ = card_patch_labels([t.cards for t in tiles], size, patch)
+    three = counts.index(3)
+    assert len(set(shapes[three][shapes[three] >= 0].tolist())) == 3  # three cards, three labels
+
+
 def test_curriculum_shrinks_cards_to_crop_size():
     first, later = side_range_at(0.0, 0.3), side_range_at(0.5, 0.3)
     assert first[0] > later[0] and first[1] > later[1]
@@ -105,7 +124,8 @@ def test_curriculum_shrinks_cards_to_crop_size():
 
 @pytest.mark.parametrize("bad", [{"steps": 0}, {"steps": -1}, {"lr": 2.0}, {"curriculum": 1.5}, {"position_weight": -1.0},
                                  {"position_layer": 0}, {"position_card_weight": -0.5},
-                                 {"label_weight": -1.0}])
+                                 {"label_weight": -1.0}, {"label_tiles": -1, "label_weight": 1.0},
+                                 {"label_tiles": 8}])
 def test_clip_config_is_validated(bad):
     with pytest.raises(ValueError):
         ClipTrainConfig(**bad)
@@ -118,19 +138,22 @@ def test_vlm_config_is_validated(bad):
         VlmTrainConfig(**bad)
 
 
-@pytest.mark.parametrize("position_weight,position_card_weight,label_weight",
-                         [(0.0, 0.0, 0.0), (0.5, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)])
+@pytest.mark.parametrize("position_weight,position_card_weight,label_weight,label_tiles",
+                         [(0.0, 0.0, 0.0, 0), (0.5, 0.0, 0.0, 0), (0.0, 1.0, 0.0, 0), (0.0, 0.0, 1.0, 0),
+                          (0.0, 0.0, 1.0, 4)])
 def test_clip_training_writes_a_checkpoint_open_clip_loads(tmp_path, position_weight, position_card_weight,
-                                                           label_weight):
+                                                           label_weight, label_tiles):
     from vllm_semclip.relevance import RelevanceModel
 
     config = ClipTrainConfig(steps=2, caption_blocks=1, eval_cards=24, eval_mosaics=3, position_weight=position_weight,
-                             position_card_weight=position_card_weight, label_weight=label_weight)
+                             position_card_weight=position_card_weight, label_weight=label_weight,
+                             label_tiles=label_tiles)
     report = train_clip(config, tmp_path / "psi", progress=False)
     assert 0.0 <= report["zero_shot_accuracy"] <= 1.0 and report["eval_mosaics"] == 3
     assert report["config"]["position_weight"] == position_weight
     assert report["config"]["position_card_weight"] == position_card_weight
     assert report["config"]["label_weight"] == label_weight
+    assert report["config"]["label_tiles"] == label_tiles
     psi = RelevanceModel.from_pretrained(str(tmp_path / "psi"))
     assert psi.image_size == 224 and (tmp_path / "psi" / "train_report.json").is_file()
 

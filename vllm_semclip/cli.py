@@ -212,13 +212,16 @@ def cmd_train(argv: list[str]) -> int:
         p.add_argument("--label-weight", type=float,
                        help="weight of the patch-label loss: the shape and colour of the card under each patch "
                             "token at the LLaVA's feature layer (default 0: off)")
+        p.add_argument("--label-tiles", type=int,
+                       help="extra tiles per step with 1-3 cards, for the patch losses only (default 0)")
     if what == "vlm":
         p.add_argument("--relevance-dir", default=str(DEFAULT_TOWER_DIR), help="trained tiny CLIP whose ViT is the tower")
         p.add_argument("--side-fraction", type=float,
                        help="share of single-tile samples asking a card's side of the image")
     args = p.parse_args(argv)
     overrides = {k: getattr(args, k, None) for k in ("model", "steps", "seed", "threads", "init", "curriculum", "lr",
-                                                  "position_weight", "position_card_weight", "label_weight", "side_fraction")}
+                                                  "position_weight", "position_card_weight", "label_weight", "label_tiles",
+                                                  "side_fraction")}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if what == "clip":
         from .train_clip import ClipTrainConfig, train_clip

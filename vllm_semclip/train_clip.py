@@ -35,6 +35,10 @@ for 50% of those tokens (chance 33%; ``benchmarks/tower_probe.py``), and the LLa
 the colour-predicting position went to every card alike (3 cards: at best 37% of the attention
 to cards on the asked-for one, chance 33%). A linear
 head (discarded, like the position head) reads each such token's card shape and colour.
+The caption batches hold one card per tile, where a token can learn its card's shape from the
+whole tile; the LLaVA reads tiles with up to three cards, where each token must keep to its
+own card. ``label_tiles`` adds such tiles (1–3 cards, no caption) to every step for the patch
+losses alone.
 
 Why a curriculum: the card is large at first and shrinks to its real size over the first
 20% of the steps (``curriculum``). Colour is learned in minutes at any size; shape needs the larger
@@ -95,10 +99,14 @@ class ClipTrainConfig:
     position_layer: int = -2  # the block whose output the LLaVA reads (its vision_feature_layer)
     position_card_weight: float = 0.0  # weight of the same loss averaged over the patches under a card only
     label_weight: float = 0.0  # weight of the patch-label loss (shape and colour of the card under a patch)
+    # extra tiles per step with 1–3 cards at crop size (the LLaVA's training tiles), for the patch losses only
+    label_tiles: int = 0
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.caption_blocks < 1:
-            raise ValueError("steps must be non-negative and caption_blocks at least 1")
+        if self.steps < 0 or self.caption_blocks < 1 or self.label_tiles < 0:
+            raise ValueError("steps and label_tiles must be non-negative and caption_blocks at least 1")
+        if self.label_tiles and not (self.label_weight or self.position_weight or self.position_card_weight):
+            raise ValueError("label_tiles only feed the patch losses: set label_weight (or a position weight)")
         if self.steps == 0 and not self.init:
             raise ValueError("steps=0 (evaluate, and resize to model's input size) needs init")
         if not 0 < self.lr < 1 or self.weight_decay < 0 or self.warmup < 0:
@@ -266,6 +274,12 @@ def sample_blocks(rng: random.Random, size: int, blocks: int, side_range: tuple[
     return out
 
 
+def label_only_tiles(rng: random.Random, size: int, n: int, side_range: tuple[float, float]) -> list:
+    """``n`` tiles with 1–3 cards each (as ``semclip train vlm``'s tiles have) for the patch losses:
+    no caption describes a multi-card tile, so they stay out of the contrastive loss."""
+    return [card_tile(rng, size, n_cards=rng.randint(1, len(SHAPES)), side_range=side_range) for _ in range(n)]
+
+
 def zero_shot_scores(model, tokenizer, rng: random.Random, n: int, size: int, batch: int = 96) -> dict[str, float]:
     """Held-out single cards at crop size, argmax over the 24 caption embeddings: the share of
     cards whose caption is right (``caption``), and whose predicted caption names the right
@@ -427,9 +441,11 @@ def train_clip(config: ClipTrainConfig = ClipTrainConfig(), out_dir: Path | str 
     bar = tqdm(range(config.steps), desc="train clip", disable=not progress, mininterval=5)
     running = None
     for step in bar:
-        blocks = sample_blocks(rng, size, config.caption_blocks, side_range_at(step / config.steps, config.curriculum))
+        side_range = side_range_at(step / config.steps, config.curriculum)
+        blocks = sample_blocks(rng, size, config.caption_blocks, side_range)
         texts = [t for ts, _ in blocks for t in ts]
         tiles = [tile for _, ts in blocks for tile in ts]
+        tiles += label_only_tiles(rng, size, config.label_tiles, side_range)  # after the captioned ones
         pixels = to_tensor([tile.image for tile in tiles], mean, std)
         if position_fn is None and label_fn is None:
             image_features = model.encode_image(pixels, normalize=True)
@@ -440,7 +456,7 @@ def train_clip(config: ClipTrainConfig = ClipTrainConfig(), out_dir: Path | str 
         text_features = model.encode_text(tokenizer(texts), normalize=True)
         scale = model.logit_scale.exp()
         loss, offset = 0.0, 0
-        for ts, _ in blocks:
+        for ts, _ in blocks:  # the label-only tiles at the end have no caption
             sl = slice(offset, offset + len(ts))
             loss = loss + loss_fn(image_features[sl], text_features[sl], scale) * len(ts)
             offset += len(ts)
