@@ -218,10 +218,13 @@ def cmd_train(argv: list[str]) -> int:
         p.add_argument("--relevance-dir", default=str(DEFAULT_TOWER_DIR), help="trained tiny CLIP whose ViT is the tower")
         p.add_argument("--side-fraction", type=float,
                        help="share of single-tile samples asking a card's side of the image")
+        p.add_argument("--binding-weight", type=float,
+                       help="weight of the attention-binding loss: one head, at the position predicting the "
+                            "colour, is steered to the asked-for card's tokens (default 0: off)")
     args = p.parse_args(argv)
     overrides = {k: getattr(args, k, None) for k in ("model", "steps", "seed", "threads", "init", "curriculum", "lr",
                                                   "position_weight", "position_card_weight", "label_weight", "label_tiles",
-                                                  "side_fraction")}
+                                                  "side_fraction", "binding_weight")}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if what == "clip":
         from .train_clip import ClipTrainConfig, train_clip

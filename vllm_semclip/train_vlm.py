@@ -54,9 +54,9 @@ from .cards import (
 from .config import SemClipConfig
 from .crops import candidate_boxes, mean_fill, oracle_index
 from .evaluate import prompt_for
-from .scenes import COLORS, Placed
+from .scenes import COLORS, SHAPES, Placed
 from .selection import select_crops, selected_tiles
-from .train_clip import warmup_cosine
+from .train_clip import card_patch_labels, warmup_cosine
 from .tiny_models import DEFAULT_MODEL_DIR, DEFAULT_TOWER_DIR, TinyLlavaSpec, build_tiny_llava
 
 TRAIN_SCENE_SEED = 1_000_000  # benchmark scenes for training use seeds from here; held-out splits use small ones
@@ -78,6 +78,8 @@ class VlmTrainConfig:
     spatial_fraction: float = 0.45  # share of spatial questions among multi-card samples
     scene_scale: float = 0.4  # training scenes are benchmark scenes drawn at this scale
     side_fraction: float = 0.0  # share of single-tile samples asking a card's side of the image
+    binding_weight: float = 0.0  # weight of the attention-binding loss (0 = off; see LlavaTrainer.binding_loss)
+    binding_layer: int = 2  # the language-model layer whose first head it steers
     seed: int = 0
     threads: int = 0
     eval_questions: int = 400
@@ -90,6 +92,8 @@ class VlmTrainConfig:
                 raise ValueError(f"{name} must be a fraction (0-1)")
         if not 0.1 <= self.scene_scale <= 1:
             raise ValueError("scene_scale must be in [0.1, 1]")
+        if self.binding_weight < 0 or self.binding_layer < 0:
+            raise ValueError("binding_weight and binding_layer must be non-negative")
 
 
 @dataclass
@@ -216,27 +220,82 @@ class LlavaTrainer:
         hidden = self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         return self.model.lm_head(hidden)
 
-    def attentions(self, ids: list[list[int]], features) -> tuple[torch.Tensor, ...]:
-        """The language model's attention weights, one ``(batch, heads, query, key)`` per layer
-        (diagnostics: which tokens a question's answer reads)."""
+    def _forward_with_attentions(self, ids: list[list[int]], features):
+        """The language model's output with its attention weights (eager kernel: the fused ones
+        return none; the model's own kernel is restored after)."""
         lm = self.model.model.language_model
         previous = lm.config._attn_implementation
-        lm.set_attn_implementation("eager")  # the fused kernels return no weights
+        lm.set_attn_implementation("eager")
         try:
             embeds, mask = self.embeds(ids, features)
-            return lm(inputs_embeds=embeds, attention_mask=mask, output_attentions=True).attentions
+            return lm(inputs_embeds=embeds, attention_mask=mask, output_attentions=True)
         finally:
             lm.set_attn_implementation(previous)
 
-    def loss(self, samples: list[Sample], rng: random.Random):
+    def attentions(self, ids: list[list[int]], features) -> tuple[torch.Tensor, ...]:
+        """The language model's attention weights, one ``(batch, heads, query, key)`` per layer
+        (diagnostics: which tokens a question's answer reads)."""
+        return self._forward_with_attentions(ids, features).attentions
+
+    def colour_position(self, sample: Sample, begin: int) -> int:
+        """Where, in :meth:`encode`'s ids of ``sample`` with its first option, the token that
+        predicts the colour word is (the answer is "The color of the {shape} is {colour}.")."""
+        head = sample.options[0].rsplit(" ", 1)[0]
+        return begin + len(self.tokenizer(" " + head, add_special_tokens=False)["input_ids"]) - 1
+
+    def binding_targets(self, samples: list[Sample], encoded: list[tuple[list[int], int]]):
+        """For each attribute question about one tile with its cards known: (row, the position
+        predicting the colour, a 0/1 vector over the row's keys marking the asked-for card's
+        image tokens). Other samples (spatial, side, scenes) have no target."""
+        width = max(len(x) for x, _ in encoded)
+        patch = self.tile_size // int(self.tokens_per_tile ** 0.5)
+        targets = []
+        for row, (s, (ids, begin)) in enumerate(zip(samples, encoded)):
+            if s.category != "direct_attributes" or len(s.tiles) != 1 or not s.cards:
+                continue
+            asked = next(c for c in s.cards if s.question.endswith(f" {c.shape}?"))
+            shapes, _ = card_patch_labels([s.cards], self.tile_size, patch)
+            on_asked = torch.zeros(width)
+            image_at = ids.index(self.image_token_id)
+            on_asked[image_at:image_at + self.tokens_per_tile] = (shapes[0] == SHAPES.index(asked.shape)).float()
+            targets.append((row, self.colour_position(s, begin), on_asked))
+        return targets
+
+    def binding_loss(self, attentions: tuple[torch.Tensor, ...], targets, layer: int, head: int = 0) -> torch.Tensor:
+        """−log of the attention that ``head`` of ``layer``, at the position predicting the
+        colour, pays to the asked-for card's tokens, averaged over ``targets``.
+
+        Why: the tiny language model has no text pretraining, and on its own its attention finds
+        the asked-for card among three hardly better than chance (``benchmarks/tower_probe.py``:
+        38% of the attention to cards, chance 33%) even when the tokens say which card they
+        belong to. This is grounding supervision of one head — a training signal only; the
+        model and what vLLM serves are unchanged."""
+        a = attentions[layer][:, head]  # (batch, query, key)
+        rows = torch.tensor([r for r, _, _ in targets])
+        queries = torch.tensor([q for _, q, _ in targets])
+        keys = torch.stack([k for _, _, k in targets])
+        mass = (a[rows, queries] * keys).sum(-1)
+        return -torch.log(mass.clamp_min(1e-6)).mean()
+
+    def loss(self, samples: list[Sample], rng: random.Random, binding_weight: float = 0.0, binding_layer: int = 2):
+        """Cross-entropy of the answer tokens; plus ``binding_weight`` × :meth:`binding_loss`."""
         encoded = [self.encode(s, s.options[0], bos=rng.random() < 0.5) for s in samples]
         ids = [e[0] for e in encoded]
-        logits = self.logits(ids, self.tile_features(self.pixel_values(samples)))
+        features = self.tile_features(self.pixel_values(samples))
+        targets = self.binding_targets(samples, encoded) if binding_weight else []
+        if targets:
+            out = self._forward_with_attentions(ids, features)
+            logits = self.model.lm_head(out.last_hidden_state)
+        else:
+            logits = self.logits(ids, features)
         labels = torch.full(logits.shape[:2], -100, dtype=torch.long)
         for row, (x, start) in enumerate(encoded):
             labels[row, start:len(x)] = torch.tensor(x[start:])
-        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                                  labels[:, 1:].reshape(-1), ignore_index=-100)
+        if targets:
+            loss = loss + binding_weight * self.binding_loss(out.attentions, targets, binding_layer)
+        return loss
 
     def option_scores(self, samples: list[Sample], batch: int = 32) -> list[list[float]]:
         """Sum of each option's token log-probabilities given image and question (V* Bench's protocol)."""
@@ -357,7 +416,8 @@ def train_vlm(config: VlmTrainConfig = VlmTrainConfig(), relevance_dir: Path | s
     start = time.time()
     bar = tqdm(range(config.steps), desc="train vlm", disable=not progress, mininterval=5)
     for step in bar:
-        loss = trainer.loss(_batch(rng, config, step, trainer, counter), rng)
+        loss = trainer.loss(_batch(rng, config, step, trainer, counter), rng, config.binding_weight,
+                            config.binding_layer)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
