@@ -108,36 +108,36 @@ def position_probe(trainer, tiles: list, seed: int = 0) -> list[dict]:
 def attention_binding(trainer, questions: int, seed: int, n_cards: int = 3) -> list[dict]:
     """Per language-model layer: of the attention that the position predicting the colour word
     pays to the cards' tokens, the share on the asked-for card — for the head where it is
-    highest, averaged over ``questions`` held-out tiles with ``n_cards`` cards (1/n_cards: no binding)."""
+    highest, averaged over ``questions`` held-out tiles with ``n_cards`` cards (1/n_cards: no binding);
+    and per head that share and how much of its attention goes to the cards at all (a head can
+    look at the cards without telling them apart)."""
     from vllm_semclip.cards import VISIBLE_SIDE_RANGE
     from vllm_semclip.train_clip import card_patch_labels
     from vllm_semclip.train_vlm import tile_sample
 
-    model, tok = trainer.model, trainer.tokenizer
-    grid = trainer.tile_size // model.config.vision_config.patch_size
+    grid = trainer.tile_size // trainer.model.config.vision_config.patch_size
     rng = random.Random(f"{seed}-binding")
-    target_share = None
+    share_sum = mass_sum = None
     for _ in tqdm(range(questions), desc="attention binding"):
         s = tile_sample(rng, n_cards=n_cards, spatial=False, side_range=VISIBLE_SIDE_RANGE, size=trainer.tile_size)
-        asked = next(c for c in s.cards if s.question.endswith(f" {c.shape}?"))
-        ids, begin = trainer.encode(s, s.options[0], eos=False)
-        # the answer's last-but-one token predicts the colour word (the answer is "... is {colour}.")
-        colour_at = begin + len(tok(" " + s.options[0].rsplit(" ", 1)[0], add_special_tokens=False)["input_ids"]) - 1
+        encoded = [trainer.encode(s, s.options[0], eos=False)]
+        ((_, colour_at, on_asked),) = trainer.binding_targets([s], encoded)  # the trainer's binding loss targets
+        ids = encoded[0][0]
         image_at = ids.index(trainer.image_token_id)
         shapes, _ = card_patch_labels([s.cards], trainer.tile_size, trainer.tile_size // grid)
-        on_asked = (shapes[0] == shapes.new_tensor(SHAPES.index(asked.shape))).float()
-        on_cards = (shapes[0] >= 0).float()
+        on_cards = torch.zeros_like(on_asked)
+        on_cards[image_at:image_at + grid * grid] = (shapes[0] >= 0).float()
         with torch.no_grad():
             attentions = trainer.attentions([ids], trainer.tile_features(trainer.pixel_values([s])))
-        shares = []
-        for layer in attentions:  # (1, heads, query, key)
-            a = layer[0, :, colour_at, image_at:image_at + grid * grid]
-            shares.append((a @ on_asked) / (a @ on_cards).clamp_min(1e-9))
-        shares = torch.stack(shares)  # (layers, heads)
-        target_share = shares if target_share is None else target_share + shares
-    mean = target_share / questions
-    return [{"layer": i, "best_head": int(row.argmax()), "asked_card_share": round(float(row.max()), 4),
-             "chance": round(1 / n_cards, 4)} for i, row in enumerate(mean)]
+        a = torch.stack([layer[0, :, colour_at] for layer in attentions])  # (layers, heads, keys)
+        to_cards = a @ on_cards
+        share, mass = (a @ on_asked) / to_cards.clamp_min(1e-9), to_cards
+        share_sum = share if share_sum is None else share_sum + share
+        mass_sum = mass if mass_sum is None else mass_sum + mass
+    share, mass = share_sum / questions, mass_sum / questions
+    return [{"layer": i, "best_head": int(share[i].argmax()), "asked_card_share": round(float(share[i].max()), 4),
+             "chance": round(1 / n_cards, 4), "head_share": [round(float(x), 4) for x in share[i]],
+             "head_card_attention": [round(float(x), 4) for x in mass[i]]} for i in range(len(share))]
 
 
 def accuracy_by_cards(trainer, questions: int, seed: int) -> dict[str, float]:
@@ -246,9 +246,11 @@ def main() -> None:
               f"{100 * r['row_accuracy']:>8.1f}{100 * r['card_column_accuracy']:>24.1f}"
               f"{100 * r['card_row_accuracy']:>8.1f}{100 * r['card_shape_accuracy']:>9.1f}"
               f"{100 * r['card_color_accuracy']:>10.1f}{mark}")
-    print(f"\n{'LM layer':<10}{'best head':>10}{'attention on the asked-for card, of all to cards %':>52}")
+    print(f"\n{'LM layer':<10}{'best head':>10}{'attention on the asked-for card, of all to cards %':>52}"
+          f"{'  per head: to cards % / on the asked-for card %':>50}")
     for r in binding:
-        print(f"{r['layer']:<10}{r['best_head']:>10}{100 * r['asked_card_share']:>52.1f}")
+        heads = "  ".join(f"{100 * m:.0f}/{100 * h:.0f}" for m, h in zip(r["head_card_attention"], r["head_share"]))
+        print(f"{r['layer']:<10}{r['best_head']:>10}{100 * r['asked_card_share']:>52.1f}  {heads}")
     print(f"\n{'condition':<22}{'accuracy %':>11}")
     for name, acc in by_cards.items():
         print(f"{name:<22}{100 * acc:>11.1f}")

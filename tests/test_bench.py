@@ -99,6 +99,11 @@ def test_tower_probe_runs_on_the_bundled_llava(tmp_path, model_dir):
     binding = doc["attention_binding"]
     assert [r["layer"] for r in binding] == list(range(config["text_config"]["num_hidden_layers"]))
     assert all(0 <= r["asked_card_share"] <= 1 and r["chance"] == pytest.approx(1 / 3, abs=1e-4) for r in binding)
+    heads = config["text_config"]["num_attention_heads"]
+    for r in binding:  # per head: the best head's share is the largest; attention to cards is a fraction
+        assert len(r["head_share"]) == len(r["head_card_attention"]) == heads
+        assert r["asked_card_share"] == max(r["head_share"]) == r["head_share"][r["best_head"]]
+        assert all(0 <= m <= 1 for m in r["head_card_attention"])
     assert set(doc["accuracy_by_cards"]) == {"attribute_1_card", "attribute_2_cards", "attribute_3_cards",
                                              "spatial_2_cards", "spatial_3_cards"}
     assert all(0 <= v <= 1 for v in doc["accuracy_by_cards"].values())
