@@ -88,6 +88,12 @@ def test_serve_refuses_bad_flags_before_starting():
     assert out.returncode == 2 and "topk" in out.stderr
 
 
+def test_train_vlm_refuses_heads_narrower_than_32_before_training():
+    out = semclip("train", "vlm", "--text-hidden-size", "160", "--text-heads", "8", "--out", "/nonexistent/x",
+                  timeout=120)
+    assert out.returncode == 2 and "32 wide" in out.stderr
+
+
 def test_serve_command_translates_flags():
     cmd = serve_command("/m", {"topk": 2, "grids": (2, 3)}, port=9000,
                         vllm_args=["--hf-overrides", '{"semclip_config": {"overlap": 0.1}, "foo": 1}', "--max-model-len", "2048"])

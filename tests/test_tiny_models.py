@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 from safetensors import safe_open
 
 from vllm_semclip.tiny_models import (
@@ -41,6 +42,19 @@ def test_heads_are_wide_enough_for_vllm_cpu(model_dir):
     for part in ("vision_config", "text_config"):
         c = cfg[part]
         assert c["hidden_size"] // c["num_attention_heads"] >= 32
+
+
+@pytest.mark.parametrize("sizes", [{"text_heads": 6}, {"text_hidden_size": 96, "text_heads": 4},
+                                   {"text_layers": 0}])
+def test_a_language_model_vllm_cannot_serve_on_cpu_is_refused(sizes):
+    with pytest.raises(ValueError):
+        TinyLlavaSpec(**sizes)
+
+
+def test_a_wider_language_model_builds_with_32_wide_heads(tmp_path):
+    spec = TinyLlavaSpec(text_hidden_size=256, text_heads=8, text_intermediate_size=688)
+    text = json.loads((build_tiny_llava(tmp_path / "wide", spec) / "config.json").read_text())["text_config"]
+    assert (text["hidden_size"], text["num_attention_heads"], text["intermediate_size"]) == (256, 8, 688)
 
 
 def test_build_is_reproducible(tmp_path, model_dir):

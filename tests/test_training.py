@@ -333,6 +333,15 @@ def test_attention_weights_are_the_forward_the_scores_come_from(trainer):
     assert trainer.model.model.language_model.config._attn_implementation == before
 
 
+def test_train_vlm_refuses_a_binding_layer_the_model_does_not_have(tmp_path):
+    from vllm_semclip.tiny_models import TinyLlavaSpec
+    from vllm_semclip.train_vlm import train_vlm
+
+    with pytest.raises(ValueError, match="binding_layer 4"):
+        train_vlm(VlmTrainConfig(binding_weight=0.1, binding_layer=4), out_dir=tmp_path / "x", spec=TinyLlavaSpec())
+    assert not (tmp_path / "x").exists()  # refused before anything was built
+
+
 def test_binding_targets_point_at_the_asked_cards_tokens_from_the_colour_position(trainer):
     """Attribute questions about one tile get a target: the query is the token just before the
     colour word, the keys are the image tokens under the asked-for card; other questions none."""

@@ -218,6 +218,10 @@ def cmd_train(argv: list[str]) -> int:
         p.add_argument("--relevance-dir", default=str(DEFAULT_TOWER_DIR), help="trained tiny CLIP whose ViT is the tower")
         p.add_argument("--side-fraction", type=float,
                        help="share of single-tile samples asking a card's side of the image")
+        p.add_argument("--text-hidden-size", type=int, help="language model width (default 160)")
+        p.add_argument("--text-layers", type=int, help="language model depth (default 4)")
+        p.add_argument("--text-heads", type=int, help="attention heads, each at least 32 wide (default 5)")
+        p.add_argument("--text-intermediate-size", type=int, help="MLP width (default 432)")
         p.add_argument("--binding-weight", type=float,
                        help="weight of the attention-binding loss: one head, at the position predicting the "
                             "colour, is steered to the asked-for card's tokens (default 0: off)")
@@ -233,7 +237,11 @@ def cmd_train(argv: list[str]) -> int:
     else:
         from .train_vlm import VlmTrainConfig, train_vlm
 
-        report = train_vlm(VlmTrainConfig(**overrides), args.relevance_dir, args.out)
+        from .tiny_models import TinyLlavaSpec
+
+        sizes = {k: getattr(args, k) for k in ("text_hidden_size", "text_layers", "text_heads",
+                                               "text_intermediate_size") if getattr(args, k) is not None}
+        report = train_vlm(VlmTrainConfig(**overrides), args.relevance_dir, args.out, spec=TinyLlavaSpec(**sizes))
     print(json.dumps({k: v for k, v in report.items() if k not in ("config", "spec")}, indent=2))
     print(f"written to {args.out} (report: {args.out}/train_report.json)")
     return 0

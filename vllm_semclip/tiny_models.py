@@ -74,6 +74,13 @@ class TinyLlavaSpec:
     max_position_embeddings: int = 8192
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if min(self.text_hidden_size, self.text_layers, self.text_heads, self.text_intermediate_size) < 1:
+            raise ValueError("the language model's sizes must be positive")
+        if self.text_hidden_size % self.text_heads or self.text_hidden_size // self.text_heads < 32:
+            raise ValueError(f"text_hidden_size {self.text_hidden_size} must split into text_heads "
+                             f"{self.text_heads} heads at least 32 wide (vLLM's CPU attention backend)")
+
 
 def _tokenizer_corpus() -> list[str]:
     """Text the tiny BPE is trained on: the questions and answers the models will see."""

@@ -269,7 +269,9 @@ class LlavaTrainer:
         the asked-for card among three hardly better than chance (``benchmarks/tower_probe.py``:
         38% of the attention to cards, chance 33%) even when the tokens say which card they
         belong to. This is grounding supervision of one head — a training signal only; the
-        model and what vLLM serves are unchanged."""
+        model and what vLLM serves are unchanged. Tried at weights 0.1 / 0.5 / 2.0 (README):
+        the head learns to look at the cards, but tells the asked-for one apart at best for 49%
+        of that attention, and the answers hardly change."""
         a = attentions[layer][:, head]  # (batch, query, key)
         rows = torch.tensor([r for r, _, _ in targets])
         queries = torch.tensor([q for _, q, _ in targets])
@@ -392,6 +394,8 @@ def train_vlm(config: VlmTrainConfig = VlmTrainConfig(), relevance_dir: Path | s
     from tqdm import tqdm
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+    if config.binding_weight and config.binding_layer >= spec.text_layers:
+        raise ValueError(f"binding_layer {config.binding_layer} is not a layer of a {spec.text_layers}-layer model")
     if config.threads:
         torch.set_num_threads(config.threads)
     out = Path(out_dir)
