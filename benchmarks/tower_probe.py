@@ -115,7 +115,7 @@ def attention_binding(trainer, questions: int, seed: int, n_cards: int = 3) -> l
     from vllm_semclip.train_clip import card_patch_labels
     from vllm_semclip.train_vlm import tile_sample
 
-    grid = trainer.tile_size // trainer.model.config.vision_config.patch_size
+    patch = trainer.model.config.vision_config.patch_size
     rng = random.Random(f"{seed}-binding")
     share_sum = mass_sum = None
     for _ in tqdm(range(questions), desc="attention binding"):
@@ -124,9 +124,9 @@ def attention_binding(trainer, questions: int, seed: int, n_cards: int = 3) -> l
         ((_, colour_at, on_asked),) = trainer.binding_targets([s], encoded)  # the trainer's binding loss targets
         ids = encoded[0][0]
         image_at = ids.index(trainer.image_token_id)
-        shapes, _ = card_patch_labels([s.cards], trainer.tile_size, trainer.tile_size // grid)
+        shapes, _ = card_patch_labels([s.cards], trainer.tile_size, patch)
         on_cards = torch.zeros_like(on_asked)
-        on_cards[image_at:image_at + grid * grid] = (shapes[0] >= 0).float()
+        on_cards[image_at:image_at + trainer.tokens_per_tile] = (shapes[0] >= 0).float()
         with torch.no_grad():
             attentions = trainer.attentions([ids], trainer.tile_features(trainer.pixel_values([s])))
         a = torch.stack([layer[0, :, colour_at] for layer in attentions])  # (layers, heads, keys)

@@ -248,7 +248,7 @@ class LlavaTrainer:
         predicting the colour, a 0/1 vector over the row's keys marking the asked-for card's
         image tokens). Other samples (spatial, side, scenes) have no target."""
         width = max(len(x) for x, _ in encoded)
-        patch = self.tile_size // int(self.tokens_per_tile ** 0.5)
+        patch = self.model.config.vision_config.patch_size
         targets = []
         for row, (s, (ids, begin)) in enumerate(zip(samples, encoded)):
             if s.category != "direct_attributes" or len(s.tiles) != 1 or not s.cards:
