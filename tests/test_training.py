@@ -132,7 +132,8 @@ def test_clip_config_is_validated(bad):
 
 
 @pytest.mark.parametrize("bad", [{"batch_size": 0}, {"scene_fraction": -0.1}, {"scene_scale": 2.0},
-                                 {"side_fraction": 1.5}, {"binding_weight": -0.1}, {"binding_layer": -1}])
+                                 {"side_fraction": 1.5}, {"binding_weight": -0.1}, {"binding_layer": -1},
+                                 {"tower_lr": -1e-4}])
 def test_vlm_config_is_validated(bad):
     with pytest.raises(ValueError):
         VlmTrainConfig(**bad)
@@ -340,6 +341,28 @@ def test_train_vlm_refuses_a_binding_layer_the_model_does_not_have(tmp_path):
     with pytest.raises(ValueError, match="binding_layer 4"):
         train_vlm(VlmTrainConfig(binding_weight=0.1, binding_layer=4), out_dir=tmp_path / "x", spec=TinyLlavaSpec())
     assert not (tmp_path / "x").exists()  # refused before anything was built
+
+
+@pytest.mark.parametrize("tower_lr", [0.0, 1e-3])
+def test_train_vlm_trains_the_tower_only_when_given_a_tower_lr(tmp_path, tower_lr):
+    """LLaVA-1.5 keeps the tower frozen (``tower_lr`` 0: the saved tower is the CLIP's ViT,
+    bit for bit); with a ``tower_lr`` the language model's loss trains it after alignment."""
+    from safetensors.torch import load_file
+
+    from vllm_semclip.tiny_models import DEFAULT_TOWER_DIR, TinyLlavaSpec, build_tiny_llava
+    from vllm_semclip.train_vlm import train_vlm
+
+    spec = TinyLlavaSpec()
+    config = VlmTrainConfig(steps=4, batch_size=2, align_fraction=0.5, warmup=1, tower_lr=tower_lr, eval_questions=2)
+    report = train_vlm(config, DEFAULT_TOWER_DIR, tmp_path / "trained", spec=spec, progress=False)
+    assert report["config"]["tower_lr"] == tower_lr
+    build_tiny_llava(tmp_path / "untrained", spec, relevance_dir=DEFAULT_TOWER_DIR)
+    trained, untrained = (load_file(next((tmp_path / d).glob("*.safetensors"))) for d in ("trained", "untrained"))
+    tower = [k for k in trained if ".vision_tower." in k]
+    assert tower
+    moved = [k for k in tower if not (trained[k] == untrained[k]).all()]
+    assert bool(moved) == (tower_lr > 0), moved[:3]
+    assert any(not (trained[k] == untrained[k]).all() for k in trained if ".multi_modal_projector." in k)
 
 
 def test_binding_targets_point_at_the_asked_cards_tokens_from_the_colour_position(trainer):

@@ -225,10 +225,12 @@ def cmd_train(argv: list[str]) -> int:
         p.add_argument("--binding-weight", type=float,
                        help="weight of the attention-binding loss: one head, at the position predicting the "
                             "colour, is steered to the asked-for card's tokens (default 0: off)")
+        p.add_argument("--tower-lr", type=float,
+                       help="train the tower too after alignment, at this learning rate (default 0: frozen)")
     args = p.parse_args(argv)
     overrides = {k: getattr(args, k, None) for k in ("model", "steps", "seed", "threads", "init", "curriculum", "lr",
                                                   "position_weight", "position_card_weight", "label_weight", "label_tiles",
-                                                  "side_fraction", "binding_weight")}
+                                                  "side_fraction", "binding_weight", "tower_lr")}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if what == "clip":
         from .train_clip import ClipTrainConfig, train_clip
