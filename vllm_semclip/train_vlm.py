@@ -212,7 +212,7 @@ class LlavaTrainer:
         reach the tower only once :meth:`unfreeze_tower` was called."""
         tower = self.model.model.vision_tower
         with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())):
-            out = self.model.model.vision_tower(pixel_values.to(self.model.dtype), output_hidden_states=True)
+            out = tower(pixel_values.to(self.model.dtype), output_hidden_states=True)
             return out.hidden_states[self.model.config.vision_feature_layer][:, 1:]
 
     def embeds(self, ids: list[list[int]], features):
