@@ -101,6 +101,11 @@ class VlmTrainConfig:
         if self.tower_lr < 0:
             raise ValueError("tower_lr must be non-negative (0 keeps the tower frozen)")
 
+    @property
+    def align_steps(self) -> int:
+        """How many first steps are alignment (one-card tiles; the tower frozen even with ``tower_lr``)."""
+        return math.ceil(self.align_fraction * self.steps)
+
 
 @dataclass
 class Sample:
@@ -378,7 +383,7 @@ def evaluate(model_dir: Path | str, n: int = 400, seed: int = 0, progress: bool 
 def _batch(rng: random.Random, config: VlmTrainConfig, step: int, trainer: LlavaTrainer, counter: list[int]) -> list[Sample]:
     """One step's samples. A step is all single tiles or all scenes with the same crop count:
     similar lengths in a batch, so little compute goes to padding."""
-    if step < config.align_fraction * config.steps:
+    if step < config.align_steps:
         return [tile_sample(rng, n_cards=1, spatial=False, size=trainer.tile_size) for _ in range(config.batch_size)]
     if rng.random() < config.scene_fraction:
         crops = rng.choice((1, 1, 2))
@@ -423,7 +428,6 @@ def train_vlm(config: VlmTrainConfig = VlmTrainConfig(), relevance_dir: Path | s
         tower_params = list(model.model.vision_tower.parameters())
         groups.append({"params": tower_params, "lr": config.tower_lr})
         params = params + tower_params  # no gradient (so no update) until the tower is unfrozen
-    align_steps = math.ceil(config.align_fraction * config.steps)
     opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     sched = warmup_cosine(opt, config.warmup, config.steps)
     rng = random.Random(config.seed)
@@ -439,7 +443,7 @@ def train_vlm(config: VlmTrainConfig = VlmTrainConfig(), relevance_dir: Path | s
     start = time.time()
     bar = tqdm(range(config.steps), desc="train vlm", disable=not progress, mininterval=5)
     for step in bar:
-        if config.tower_lr and step == align_steps:
+        if config.tower_lr and step == config.align_steps:
             trainer.unfreeze_tower()
         loss = trainer.loss(_batch(rng, config, step, trainer, counter), rng, config.binding_weight,
                             config.binding_layer)
