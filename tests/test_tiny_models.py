@@ -45,7 +45,7 @@ def test_heads_are_wide_enough_for_vllm_cpu(model_dir):
 
 
 @pytest.mark.parametrize("sizes", [{"text_heads": 6}, {"text_hidden_size": 96, "text_heads": 4},
-                                   {"text_layers": 0}])
+                                   {"text_layers": 0}, {"text_rope_theta": 0.0}])
 def test_a_language_model_vllm_cannot_serve_on_cpu_is_refused(sizes):
     with pytest.raises(ValueError):
         TinyLlavaSpec(**sizes)
@@ -55,6 +55,14 @@ def test_a_wider_language_model_builds_with_32_wide_heads(tmp_path):
     spec = TinyLlavaSpec(text_hidden_size=256, text_heads=8, text_intermediate_size=688)
     text = json.loads((build_tiny_llava(tmp_path / "wide", spec) / "config.json").read_text())["text_config"]
     assert (text["hidden_size"], text["num_attention_heads"], text["intermediate_size"]) == (256, 8, 688)
+
+
+def test_the_rope_base_reaches_the_config_that_transformers_and_vllm_read(tmp_path):
+    from transformers import AutoConfig
+
+    out = build_tiny_llava(tmp_path / "rope", TinyLlavaSpec(text_rope_theta=1e6))
+    text = AutoConfig.from_pretrained(out).text_config
+    assert text.rope_parameters["rope_theta"] == 1e6
 
 
 def test_build_is_reproducible(tmp_path, model_dir):

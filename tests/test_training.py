@@ -19,7 +19,15 @@ from vllm_semclip.train_clip import (
     zero_shot_accuracy,
     zero_shot_scores,
 )
-from vllm_semclip.train_vlm import LlavaTrainer, Sample, VlmTrainConfig, scene_sample, side_sample, tile_sample
+from vllm_semclip.train_vlm import (
+    LlavaTrainer,
+    Sample,
+    VlmTrainConfig,
+    add_turns,
+    scene_sample,
+    side_sample,
+    tile_sample,
+)
 
 
 def test_clip_blocks_hold_every_caption_once():
@@ -133,7 +141,7 @@ def test_clip_config_is_validated(bad):
 
 @pytest.mark.parametrize("bad", [{"batch_size": 0}, {"scene_fraction": -0.1}, {"scene_scale": 2.0},
                                  {"side_fraction": 1.5}, {"binding_weight": -0.1}, {"binding_layer": -1},
-                                 {"tower_lr": -1e-4}])
+                                 {"tower_lr": -1e-4}, {"turns": 0}])
 def test_vlm_config_is_validated(bad):
     with pytest.raises(ValueError):
         VlmTrainConfig(**bad)
@@ -279,6 +287,31 @@ def test_samples_carry_the_right_answer_first():
     assert len(scene.tiles) == 3 and all(t.size[0] == t.size[1] for t in scene.tiles)
 
 
+def test_later_turns_ask_about_the_other_cards_with_their_right_answers():
+    rng = random.Random(3)
+    for _ in range(30):
+        first = tile_sample(rng, n_cards=3, spatial=rng.random() < 0.5)
+        sample = add_turns(rng, first, 6)
+        questions = [sample.question] + [q for q, _ in sample.turns]
+        assert len(set(questions)) == len(questions) and 3 <= len(questions) <= 6
+        assert sample.question == first.question and sample.options == first.options
+        by_shape = {c.shape: c for c in sample.cards}
+        for question, answer in sample.turns:
+            words = question.rstrip("?").split()
+            if question.startswith("What is the color"):
+                card = by_shape[words[-1]]
+                assert answer == f"The color of the {card.shape} is {card.color}."
+            else:
+                a, b = by_shape[words[2]], by_shape[words[-1]]
+                assert abs(a.center[0] - b.center[0]) >= a.bbox[2]  # never ambiguous
+                side = "left" if a.center[0] < b.center[0] else "right"
+                assert answer == f"The {a.shape} is on the {side} side of the {b.shape}."
+    one_card = tile_sample(rng, n_cards=1, spatial=False)
+    assert add_turns(rng, one_card, 6).turns == []  # nothing else to ask
+    two = tile_sample(rng, n_cards=3, spatial=False)
+    assert add_turns(rng, two, 1) is two and len(add_turns(rng, two, 2).turns) == 1
+
+
 @pytest.fixture(scope="module")
 def trainer(model_dir):
     import torch
@@ -297,6 +330,25 @@ def test_token_layout_matches_what_vllm_serves(trainer, tokens_per_tile):
     assert answer.strip() == "The color of the circle is red." + trainer.tokenizer.eos_token
     prompt = trainer.tokenizer.decode([t for t in ids[:start] if t != trainer.image_token_id])
     assert prompt.startswith("<s>USER:") and prompt.rstrip().endswith("ASSISTANT:")
+
+
+def test_a_conversation_is_the_first_question_then_later_turns_with_every_answer_trained(trainer):
+    rng = random.Random(5)
+    sample = add_turns(rng, tile_sample(rng, n_cards=3, spatial=False), 3)
+    ids, spans = trainer.encode_conversation(sample)
+    first, start = trainer.encode(sample, sample.options[0])
+    assert ids[:len(first)] == first and spans[0] == (start, len(first))  # the first turn is the served prompt
+    answers = [sample.options[0]] + [a for _, a in sample.turns]
+    assert [trainer.tokenizer.decode(ids[a:b]).strip() for a, b in spans] == \
+        [a + trainer.tokenizer.eos_token for a in answers]
+    between = trainer.tokenizer.decode(ids[spans[0][1]:spans[1][0]])
+    assert between == f"USER: {sample.turns[0][0]} ASSISTANT:"
+    # the loss covers every answer: a conversation's loss differs from its first turn's alone
+    torch.manual_seed(0)
+    alone = trainer.loss([Sample(sample.tiles, sample.question, sample.options, sample.category, sample.cards)],
+                         random.Random(0))
+    whole = trainer.loss([sample], random.Random(0))
+    assert torch.isfinite(whole) and float(whole) != pytest.approx(float(alone), abs=1e-4)
 
 
 def test_likelihood_scores_match_a_plain_forward(trainer):

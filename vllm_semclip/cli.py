@@ -222,15 +222,19 @@ def cmd_train(argv: list[str]) -> int:
         p.add_argument("--text-layers", type=int, help="language model depth (default 4)")
         p.add_argument("--text-heads", type=int, help="attention heads, each at least 32 wide (default 5)")
         p.add_argument("--text-intermediate-size", type=int, help="MLP width (default 432)")
+        p.add_argument("--text-rope-theta", type=float, help="RoPE base of the language model (default 10000)")
         p.add_argument("--binding-weight", type=float,
                        help="weight of the attention-binding loss: one head, at the position predicting the "
                             "colour, is steered to the asked-for card's tokens (default 0: off)")
         p.add_argument("--tower-lr", type=float,
                        help="train the tower too after alignment, at this learning rate (default 0: frozen)")
+        p.add_argument("--turns", type=int,
+                       help="questions per multi-card tile, as one multi-turn conversation: every card's colour "
+                            "and left/right of card pairs (default 1)")
     args = p.parse_args(argv)
     overrides = {k: getattr(args, k, None) for k in ("model", "steps", "seed", "threads", "init", "curriculum", "lr",
                                                   "position_weight", "position_card_weight", "label_weight", "label_tiles",
-                                                  "side_fraction", "binding_weight", "tower_lr")}
+                                                  "side_fraction", "binding_weight", "tower_lr", "turns")}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if what == "clip":
         from .train_clip import ClipTrainConfig, train_clip
@@ -242,7 +246,7 @@ def cmd_train(argv: list[str]) -> int:
         from .tiny_models import TinyLlavaSpec
 
         sizes = {k: getattr(args, k) for k in ("text_hidden_size", "text_layers", "text_heads",
-                                               "text_intermediate_size") if getattr(args, k) is not None}
+                                               "text_intermediate_size", "text_rope_theta") if getattr(args, k) is not None}
         report = train_vlm(VlmTrainConfig(**overrides), args.relevance_dir, args.out, spec=TinyLlavaSpec(**sizes))
     print(json.dumps({k: v for k, v in report.items() if k not in ("config", "spec")}, indent=2))
     print(f"written to {args.out} (report: {args.out}/train_report.json)")

@@ -72,11 +72,14 @@ class TinyLlavaSpec:
     text_intermediate_size: int = 432
     vocab_size: int = 640
     max_position_embeddings: int = 8192
+    text_rope_theta: float = 10000.0  # RoPE base (Llama 2's); larger leaves more of a 32-wide head position-free
     seed: int = 0
 
     def __post_init__(self) -> None:
         if min(self.text_hidden_size, self.text_layers, self.text_heads, self.text_intermediate_size) < 1:
             raise ValueError("the language model's sizes must be positive")
+        if self.text_rope_theta <= 0:
+            raise ValueError("text_rope_theta must be positive")
         if self.text_hidden_size % self.text_heads or self.text_hidden_size // self.text_heads < 32:
             raise ValueError(f"text_hidden_size {self.text_hidden_size} must split into text_heads "
                              f"{self.text_heads} heads at least 32 wide (vLLM's CPU attention backend)")
@@ -214,6 +217,7 @@ def build_tiny_llava(
         num_key_value_heads=spec.text_heads,
         vocab_size=len(tokenizer),
         max_position_embeddings=spec.max_position_embeddings,
+        rope_theta=spec.text_rope_theta,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
