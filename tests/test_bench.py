@@ -109,3 +109,65 @@ def test_tower_probe_runs_on_the_bundled_llava(tmp_path, model_dir):
     assert all(0 <= v <= 1 for v in doc["accuracy_by_cards"].values())
     assert (tmp_path / "probe.png").stat().st_size > 1000
     assert "LLaVA's feature layer" in out.stdout
+
+
+READOUT_CEILING = Path(__file__).resolve().parents[1] / "benchmarks" / "readout_ceiling.py"
+
+
+def _readout_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readout_ceiling", READOUT_CEILING)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shape_query_readout_finds_the_named_tokens_colour():
+    """Tokens that code (shape, colour) at random places among noise: the read-out learns to
+    name the colour of the asked shape's token — and not when the colour is not in the tokens."""
+    import torch
+
+    readout_cls = _readout_module().ShapeQueryReadout
+    gen = torch.Generator().manual_seed(0)
+
+    def batch(n, coded=True):
+        x = torch.randn(n, 20, 16, generator=gen) * 0.1
+        shape = torch.randint(0, 3, (n,), generator=gen)
+        colour = torch.randint(0, 8, (n, 3), generator=gen)
+        for i in range(n):
+            places = torch.randperm(20, generator=gen)[:3]
+            for s in range(3):
+                x[i, places[s], s] = 3.0
+                if coded:
+                    x[i, places[s], 3 + colour[i, s]] = 3.0
+        return x, shape, colour[torch.arange(n), shape]
+
+    for coded, expect in ((True, lambda acc: acc > 0.9), (False, lambda acc: acc < 0.3)):
+        torch.manual_seed(0)
+        model = readout_cls(16, 20, dim=32)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for _ in range(400):
+            x, shape, colour = batch(64, coded)
+            loss = torch.nn.functional.cross_entropy(model(x, shape), colour)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        x, shape, colour = batch(300, coded)
+        with torch.no_grad():
+            acc = float((model(x, shape).argmax(1) == colour).float().mean())
+        assert expect(acc), (coded, acc)
+
+
+def test_readout_ceiling_runs_on_the_bundled_llava(tmp_path, model_dir):
+    out = subprocess.run(
+        [sys.executable, str(READOUT_CEILING), "--model", model_dir, "--tiles", "64", "--questions", "6",
+         "--out", str(tmp_path / "ceiling.json")],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    doc = json.loads((tmp_path / "ceiling.json").read_text())
+    assert [r["cards"] for r in doc["rows"]] == [1, 2, 3] and doc["training_tiles"] == 64
+    for r in doc["rows"]:  # restricting to the 4 options can only help the read-out
+        assert 0 <= r["readout_8way"] <= r["readout_4_options"] <= 1 and 0 <= r["llava_4_options"] <= 1
+    assert (tmp_path / "ceiling.png").stat().st_size > 1000

@@ -20,9 +20,9 @@ continuation learned it in ~150 steps and three others did not — see the READM
 *under a card* keep little of their position.)
 
 Why multi-turn conversations (``turns``): a one-layer attention read-out trained on the frozen
-tower's tokens finds the named card's colour among three far more often than the LLaVA does,
-so the tokens carry the answer and the question was whether one question per tile is too
-little supervision. Asking about every card of a tile in one conversation (3 or 6 questions)
+tower's tokens (``benchmarks/readout_ceiling.py``) finds the named card's colour among two or
+three a few points more often than the LLaVA on the same number of tiles, and more often still
+with more examples, so the question was whether one question per tile is too little supervision. Asking about every card of a tile in one conversation (3 or 6 questions)
 left the held-out figures level (README), so it stays off by default.
 
 Unlike LLaVA, the language model has no text pretraining (none ships in a package), so
@@ -152,10 +152,9 @@ def add_turns(rng: random.Random, sample: Sample, turns: int) -> Sample:
 
     Why: a multi-card tile costs the language model ~200 image tokens and a question ~20 more,
     so asking about every card multiplies the supervision of *finding the named card* at little
-    cost — the frozen tower's tokens support far more than the model learned from one question
-    per tile (a one-layer attention read-out on them, trained on as many tiles as a default run
-    sees, finds the named card's colour among three for 71% of tiles, 8-way). Tried at 3 and 6
-    turns: the held-out figures stayed level with one question per tile (README)."""
+    cost (``benchmarks/readout_ceiling.py``: a read-out on the frozen tokens gains with more
+    examples of finding the card). Tried at 3 and 6 turns: the held-out figures stayed level
+    with one question per tile (README)."""
     if turns < 2 or len(sample.tiles) != 1 or len(sample.cards) < 2:
         return sample
     pool: list[tuple[str, str]] = []
