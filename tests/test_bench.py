@@ -2,8 +2,8 @@
 
 No speed or model accuracy is asserted here (benchmarks report figures; tests check behaviour): the
 serving benchmark runs at its smallest — 2 images, concurrency 2, one repeat — against a real
-server with vLLM's own client, plus the transformers baseline; the tower probe runs on a few
-tiles of the bundled LLaVA.
+server with vLLM's own client, plus the transformers baseline; the tower probe and the read-out
+ceiling run on a few tiles of the bundled LLaVA.
 """
 
 import json
@@ -16,6 +16,7 @@ import pytest
 from vllm_semclip.serve_bench import METRICS
 
 TOWER_PROBE = Path(__file__).resolve().parents[1] / "benchmarks" / "tower_probe.py"
+READOUT_CEILING = TOWER_PROBE.with_name("readout_ceiling.py")
 
 
 @pytest.mark.timeout(900)
@@ -41,10 +42,11 @@ def test_serve_benchmark_smoke(tmp_path, model_dir, tokens_per_tile):
     assert "ratios of request throughput" in out.stdout
 
 
-def _tower_probe_module():
+def _benchmark_module(path: Path):
+    """A script under ``benchmarks/`` (not a package) imported as a module."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("tower_probe", TOWER_PROBE)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -54,7 +56,7 @@ def test_position_probe_reads_a_coded_position_and_not_noise():
     """The probe scores tiles it never saw: a feature that codes the column is read, noise is not."""
     import torch
 
-    probe = _tower_probe_module().probe_accuracy
+    probe = _benchmark_module(TOWER_PROBE).probe_accuracy
     gen = torch.Generator().manual_seed(0)
     columns = (torch.arange(49) % 7).expand(30, -1)
     noise = torch.randn(30, 49, 16, generator=gen)
@@ -111,24 +113,12 @@ def test_tower_probe_runs_on_the_bundled_llava(tmp_path, model_dir):
     assert "LLaVA's feature layer" in out.stdout
 
 
-READOUT_CEILING = Path(__file__).resolve().parents[1] / "benchmarks" / "readout_ceiling.py"
-
-
-def _readout_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("readout_ceiling", READOUT_CEILING)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_shape_query_readout_finds_the_named_tokens_colour():
     """Tokens that code (shape, colour) at random places among noise: the read-out learns to
     name the colour of the asked shape's token — and not when the colour is not in the tokens."""
     import torch
 
-    readout_cls = _readout_module().ShapeQueryReadout
+    readout_cls = _benchmark_module(READOUT_CEILING).ShapeQueryReadout
     gen = torch.Generator().manual_seed(0)
 
     def batch(n, coded=True):
