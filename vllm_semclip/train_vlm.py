@@ -22,8 +22,9 @@ continuation learned it in ~150 steps and three others did not — see the READM
 Why multi-turn conversations (``turns``): a one-layer attention read-out trained on the frozen
 tower's tokens (``benchmarks/readout_ceiling.py``) finds the named card's colour among two or
 three a few points more often than the LLaVA on the same number of tiles, and more often still
-with more examples, so the question was whether one question per tile is too little supervision. Asking about every card of a tile in one conversation (3 or 6 questions)
-left the held-out figures level (README), so it stays off by default.
+with more examples, so the question was whether one question per tile is too little
+supervision. Asking about every card of a tile in one conversation (3 or 6 questions) left the
+held-out figures level (README), so it stays off by default.
 
 Unlike LLaVA, the language model has no text pretraining (none ships in a package), so
 it is trained in both stages; the tower is not, unless ``tower_lr`` is given (later LLaVAs
@@ -40,6 +41,7 @@ writes the checkpoint (bf16, a few MB) with ``train_report.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -170,7 +172,7 @@ def add_turns(rng: random.Random, sample: Sample, turns: int) -> Sample:
                     side = "left" if a.center[0] < b.center[0] else "right"
                     pool.append((question, spatial_option(a.shape, b.shape, side)))
     extra = rng.sample(pool, min(turns - 1, len(pool)))
-    return Sample(sample.tiles, sample.question, sample.options, sample.category, sample.cards, extra)
+    return dataclasses.replace(sample, turns=extra)
 
 
 def side_sample(rng: random.Random, *, n_cards: int, side_range=CROP_SIDE_RANGE, margin: float = 0.1,
