@@ -42,6 +42,14 @@ def test_serve_benchmark_smoke(tmp_path, model_dir, tokens_per_tile):
     assert "ratios of request throughput" in out.stdout
 
 
+def _run_benchmark(script: Path, out: Path, *args: str) -> tuple[dict, str]:
+    """Run a ``benchmarks/`` script to completion with ``--out out``; its results file and what it printed."""
+    run = subprocess.run([sys.executable, str(script), *args, "--out", str(out)],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return json.loads(out.read_text()), run.stdout
+
+
 def _benchmark_module(path: Path):
     """A script under ``benchmarks/`` (not a package) imported as a module."""
     import importlib.util
@@ -79,13 +87,8 @@ def test_position_probe_reads_a_coded_position_and_not_noise():
 
 @pytest.mark.timeout(900)
 def test_tower_probe_runs_on_the_bundled_llava(tmp_path, model_dir):
-    out = subprocess.run(
-        [sys.executable, str(TOWER_PROBE), "--model", model_dir, "--tiles", "40", "--questions", "6",
-         "--out", str(tmp_path / "probe.json")],
-        capture_output=True, text=True, timeout=900,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    doc = json.loads((tmp_path / "probe.json").read_text())
+    doc, stdout = _run_benchmark(TOWER_PROBE, tmp_path / "probe.json", "--model", model_dir, "--tiles", "40",
+                                 "--questions", "6")
     config = json.loads((Path(model_dir) / "config.json").read_text())
     layers = config["vision_config"]["num_hidden_layers"] + 1  # the embeddings, then every block
     probe = doc["position_probe"]
@@ -110,7 +113,7 @@ def test_tower_probe_runs_on_the_bundled_llava(tmp_path, model_dir):
                                              "spatial_2_cards", "spatial_3_cards"}
     assert all(0 <= v <= 1 for v in doc["accuracy_by_cards"].values())
     assert (tmp_path / "probe.png").stat().st_size > 1000
-    assert "LLaVA's feature layer" in out.stdout
+    assert "LLaVA's feature layer" in stdout
 
 
 def test_shape_query_readout_finds_the_named_tokens_colour():
@@ -150,14 +153,10 @@ def test_shape_query_readout_finds_the_named_tokens_colour():
 
 
 def test_readout_ceiling_runs_on_the_bundled_llava(tmp_path, model_dir):
-    out = subprocess.run(
-        [sys.executable, str(READOUT_CEILING), "--model", model_dir, "--tiles", "64", "--questions", "6",
-         "--out", str(tmp_path / "ceiling.json")],
-        capture_output=True, text=True, timeout=900,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    doc = json.loads((tmp_path / "ceiling.json").read_text())
+    doc, stdout = _run_benchmark(READOUT_CEILING, tmp_path / "ceiling.json", "--model", model_dir, "--tiles", "64",
+                                 "--questions", "6")
     assert [r["cards"] for r in doc["rows"]] == [1, 2, 3] and doc["training_tiles"] == 64
     for r in doc["rows"]:  # restricting to the 4 options can only help the read-out
         assert 0 <= r["readout_8way"] <= r["readout_4_options"] <= 1 and 0 <= r["llava_4_options"] <= 1
     assert (tmp_path / "ceiling.png").stat().st_size > 1000
+    assert "read-out, 4 options" in stdout
