@@ -58,7 +58,7 @@ def tile_set(trainer, rng: random.Random, n: int, n_cards: int | None, side_rang
         with torch.no_grad():
             features.append(trainer.tile_features(trainer.pixel_values(chunk)).float())
         samples += chunk
-    asked = [next(c for c in s.cards if s.question.endswith(f" {c.shape}?")) for s in samples]
+    asked = [s.asked_card() for s in samples]
     return (samples, torch.cat(features), torch.tensor([SHAPES.index(c.shape) for c in asked]),
             torch.tensor([colors.index(c.color) for c in asked]))
 

@@ -129,6 +129,10 @@ class Sample:
     cards: list[Placed] = field(default_factory=list)  # what a single-tile sample shows (checks, diagnostics)
     turns: list[tuple[str, str]] = field(default_factory=list)  # (question, answer) asked after the first (training)
 
+    def asked_card(self) -> Placed:
+        """The card an attribute question ("What is the color of the {shape}?") names."""
+        return next(c for c in self.cards if self.question.endswith(f" {c.shape}?"))
+
 
 def tile_sample(rng: random.Random, *, n_cards: int, spatial: bool, side_range=CROP_SIDE_RANGE,
                 size: int = 224) -> Sample:
@@ -240,13 +244,16 @@ class LlavaTrainer:
     def encode(self, sample: Sample, answer: str | None, bos: bool = True, eos: bool = True) -> tuple[list[int], int]:
         """Token ids of prompt (+ " answer" [+ </s>]) with the image token expanded; and where the answer starts."""
         prompt_ids = self.tokenizer(prompt_for(self.tokenizer, sample.question), add_special_tokens=bos)["input_ids"]
-        answer_ids = [] if answer is None else self.tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
-        if answer is not None and eos:
-            answer_ids = answer_ids + [self.tokenizer.eos_token_id]
+        answer_ids = [] if answer is None else self.answer_ids(answer, eos)
         expanded: list[int] = []
         for t in prompt_ids:
             expanded.extend([t] * (self.tokens_per_tile * len(sample.tiles)) if t == self.image_token_id else [t])
         return expanded + answer_ids, len(expanded)
+
+    def answer_ids(self, answer: str, eos: bool = True) -> list[int]:
+        """Token ids of " answer" as it follows "ASSISTANT:" [+ </s>]."""
+        ids = self.tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+        return ids + [self.tokenizer.eos_token_id] if eos else ids
 
     def encode_conversation(self, sample: Sample, bos: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
         """:meth:`encode` of the first question and answer, then each of ``sample.turns`` as
@@ -257,7 +264,7 @@ class LlavaTrainer:
         for question, answer in sample.turns:
             ids = ids + self.tokenizer(f"USER: {question} ASSISTANT:", add_special_tokens=False)["input_ids"]
             begin = len(ids)
-            ids = ids + self.tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+            ids = ids + self.answer_ids(answer)
             spans.append((begin, len(ids)))
         return ids, spans
 
@@ -324,7 +331,7 @@ class LlavaTrainer:
         for row, (s, (ids, begin)) in enumerate(zip(samples, encoded)):
             if s.category != "direct_attributes" or len(s.tiles) != 1 or not s.cards:
                 continue
-            asked = next(c for c in s.cards if s.question.endswith(f" {c.shape}?"))
+            asked = s.asked_card()
             shapes, _ = card_patch_labels([s.cards], self.tile_size, patch)
             on_asked = torch.zeros(width)
             image_at = ids.index(self.image_token_id)
