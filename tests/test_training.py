@@ -26,6 +26,7 @@ from vllm_semclip.train_vlm import (
     add_turns,
     scene_sample,
     side_sample,
+    text_sample,
     tile_sample,
 )
 
@@ -141,7 +142,7 @@ def test_clip_config_is_validated(bad):
 
 @pytest.mark.parametrize("bad", [{"batch_size": 0}, {"scene_fraction": -0.1}, {"scene_scale": 2.0},
                                  {"side_fraction": 1.5}, {"binding_weight": -0.1}, {"binding_layer": -1},
-                                 {"tower_lr": -1e-4}, {"turns": 0}])
+                                 {"tower_lr": -1e-4}, {"turns": 0}, {"text_steps": -1}])
 def test_vlm_config_is_validated(bad):
     with pytest.raises(ValueError):
         VlmTrainConfig(**bad)
@@ -312,6 +313,24 @@ def test_later_turns_ask_about_the_other_cards_with_their_right_answers():
     assert add_turns(rng, two, 1) is two and len(add_turns(rng, two, 2).turns) == 1
 
 
+def test_text_samples_write_each_card_as_colour_and_shape_among_filler_words():
+    from vllm_semclip.scenes import COLORS, SHAPES
+    from vllm_semclip.train_vlm import FILLER_WORDS
+
+    rng = random.Random(3)
+    for n_cards in (1, 2, 3, 3, 2):
+        sample = text_sample(rng, n_cards=n_cards, span=40)
+        words = sample.text.split()
+        assert len(words) == 40 + 2 * n_cards and sample.tiles == []
+        cards = [(words[i - 1], w) for i, w in enumerate(words) if w in SHAPES]
+        assert len(cards) == n_cards and len({s for _, s in cards}) == n_cards
+        assert all(c in COLORS for c, _ in cards)
+        assert [w for w in words if w not in SHAPES and w not in COLORS] == \
+            [w for w in words if w in FILLER_WORDS] and len([w for w in words if w in FILLER_WORDS]) == 40
+        colour = dict((s, c) for c, s in cards)[sample.question.split()[-1].rstrip("?")]
+        assert sample.options[0].endswith(f" {colour}.") and len(set(sample.options)) == 4
+
+
 @pytest.fixture(scope="module")
 def trainer(model_dir):
     import torch
@@ -349,6 +368,18 @@ def test_a_conversation_is_the_first_question_then_later_turns_with_every_answer
                          random.Random(0))
     whole = trainer.loss([sample], random.Random(0))
     assert torch.isfinite(whole) and float(whole) != pytest.approx(float(alone), abs=1e-4)
+
+
+def test_a_text_sample_puts_its_words_where_the_image_tokens_go(trainer):
+    sample = text_sample(random.Random(8), n_cards=2, span=20)
+    ids, start = trainer.encode(sample, sample.options[0])
+    assert trainer.image_token_id not in ids
+    prompt = trainer.tokenizer.decode(ids[:start])
+    assert prompt.startswith("<s>USER:") and f"{sample.text}\n{sample.question}" in prompt
+    image = Sample([None], sample.question, sample.options, sample.category)
+    assert prompt.split(sample.text)[1] in trainer.tokenizer.decode(trainer.encode(image, None)[0])
+    scores = trainer.option_scores([sample, tile_sample(random.Random(8), n_cards=1, spatial=False)])
+    assert len(scores) == 2 and all(len(s) == 4 for s in scores)  # text and image samples batch together
 
 
 def test_likelihood_scores_match_a_plain_forward(trainer):
@@ -415,6 +446,51 @@ def test_train_vlm_trains_the_tower_only_when_given_a_tower_lr(tmp_path, tower_l
     moved = [k for k in tower if not (trained[k] == untrained[k]).all()]
     assert bool(moved) == (tower_lr > 0), moved[:3]
     assert any(not (trained[k] == untrained[k]).all() for k in trained if ".multi_modal_projector." in k)
+
+
+@pytest.mark.parametrize("text_steps,align_projector_only", [(0, True), (3, True), (0, False)])
+def test_text_pretraining_and_a_projector_only_alignment_train_what_they_say(tmp_path, text_steps,
+                                                                             align_projector_only):
+    """All steps are alignment here: with ``align_projector_only`` the language model keeps its
+    initial weights unless text pretraining trained it first; the projector always learns;
+    text steps leave the projector and tower alone (they see no image)."""
+    from safetensors.torch import load_file
+
+    from vllm_semclip.tiny_models import DEFAULT_TOWER_DIR, TinyLlavaSpec, build_tiny_llava
+    from vllm_semclip.train_vlm import train_vlm
+
+    spec = TinyLlavaSpec()
+    config = VlmTrainConfig(steps=2, batch_size=2, align_fraction=1.0, warmup=1, text_steps=text_steps,
+                            align_projector_only=align_projector_only, eval_questions=2)
+    report = train_vlm(config, DEFAULT_TOWER_DIR, tmp_path / "trained", spec=spec, progress=False)
+    assert ("text_accuracy" in report) == bool(text_steps)
+    build_tiny_llava(tmp_path / "untrained", spec, relevance_dir=DEFAULT_TOWER_DIR)
+    trained, untrained = (load_file(next((tmp_path / d).glob("*.safetensors"))) for d in ("trained", "untrained"))
+
+    def moved(part: str) -> bool:
+        return any(not (trained[k] == untrained[k]).all() for k in trained if part in k)
+
+    assert moved(".multi_modal_projector.") and not moved(".vision_tower.")
+    assert moved(".language_model.") == (bool(text_steps) or not align_projector_only)
+    assert moved("lm_head.") == (bool(text_steps) or not align_projector_only)
+
+
+def test_text_pretraining_teaches_the_language_model_to_find_the_named_card(model_dir):
+    """A few hundred text steps from the bundled LLaVA's language model take held-out text
+    questions from chance (1 in 4) towards always right: the search the images need."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from vllm_semclip.train_vlm import accuracy, held_out_text, pretrain_text
+
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    trainer = LlavaTrainer(model, AutoProcessor.from_pretrained(model_dir))
+    for p in trainer.language_model_parameters():  # from nothing, as the recipe starts
+        torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
+    trainer.model.eval()
+    before = accuracy(trainer, held_out_text(128, 0, trainer.tokens_per_tile))  # what pretrain_text scores
+    after = pretrain_text(trainer, VlmTrainConfig(text_steps=250, warmup=20), progress=False)
+    assert before < 0.45 and after > 0.7, (before, after)
 
 
 def test_binding_targets_point_at_the_asked_cards_tokens_from_the_colour_position(trainer):

@@ -231,10 +231,16 @@ def cmd_train(argv: list[str]) -> int:
         p.add_argument("--turns", type=int,
                        help="questions per multi-card tile, as one multi-turn conversation: every card's colour "
                             "and left/right of card pairs (default 1)")
+        p.add_argument("--text-steps", type=int,
+                       help="text-only steps first: questions over cards written as words, the language "
+                            "model's pretraining (default 0)")
+        p.add_argument("--align-projector-only", action="store_true", default=None,
+                       help="alignment trains the projector alone, the language model frozen (LLaVA-1.5's stage 1)")
     args = p.parse_args(argv)
     overrides = {k: getattr(args, k, None) for k in ("model", "steps", "seed", "threads", "init", "curriculum", "lr",
                                                   "position_weight", "position_card_weight", "label_weight", "label_tiles",
-                                                  "side_fraction", "binding_weight", "tower_lr", "turns")}
+                                                  "side_fraction", "binding_weight", "tower_lr", "turns",
+                                                  "text_steps", "align_projector_only")}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if what == "clip":
         from .train_clip import ClipTrainConfig, train_clip
