@@ -88,6 +88,14 @@ def test_serve_refuses_bad_flags_before_starting():
     assert out.returncode == 2 and "topk" in out.stderr
 
 
+@pytest.mark.parametrize("topk,words", [("1,two", "--topk"), ("1,12", "topk")])
+def test_eval_refuses_a_bad_k_sweep_before_starting(tmp_path, topk, words):
+    out = semclip("eval", "--data", str(tmp_path), "--method", "clip", "--topk", topk, "--out", str(tmp_path / "o"),
+                  timeout=120)
+    assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_train_vlm_refuses_heads_narrower_than_32_before_training():
     out = semclip("train", "vlm", "--text-hidden-size", "160", "--text-heads", "8", "--out", "/nonexistent/x",
                   timeout=120)

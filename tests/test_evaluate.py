@@ -43,6 +43,11 @@ def test_oracle_request_sends_that_box_as_method_given():
     assert EvalSettings("oracle", relevance_model="/psi").psi is None
     with pytest.raises(ValueError, match="protocol"):
         EvalSettings("clip", protocol="vibes")
+    # a k sweep shares one engine: room for the largest k, never less than this run's k
+    assert EvalSettings("clip", topk=1, max_topk=3).server_config()["max_topk"] == 3
+    assert EvalSettings("clip", topk=2).server_config()["max_topk"] == 2
+    with pytest.raises(ValueError, match="below topk"):
+        EvalSettings("clip", topk=3, max_topk=2)
 
 
 @dataclass
@@ -75,14 +80,18 @@ def small_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("eval")
     write_bench(root / "bench", 10, seed=99, progress=False)
-    docs = run(root / "bench", ["overview", "oracle", "clip", "all", "trained"], root / "out", progress=False)
-    return root, {d["method"]: d for d in docs}
+    docs = run(root / "bench", ["overview", "oracle", "clip", "all", "trained"], root / "out", topk=[2, 1],
+               progress=False)
+    # a k sweep: the methods that choose k crops once per k, the others once
+    return root, {d["method"] + (f"-k{d['topk']}" if d["topk"] else ""): d for d in docs}
 
 
 def test_small_evaluation_writes_results_and_plot(small_run, tokens_per_tile):
     root, docs = small_run
-    for method, doc in docs.items():
-        on_disk = json.loads((root / "out" / f"{method}.json").read_text())
+    assert sorted(docs) == ["all", "clip-k1", "clip-k2", "oracle", "overview", "trained-k1", "trained-k2"]
+    assert sorted(p.name for p in (root / "out").glob("*.json")) == sorted(f"{name}.json" for name in docs)
+    for name, doc in docs.items():
+        on_disk = json.loads((root / "out" / f"{name}.json").read_text())
         assert on_disk["overall_accuracy"] == doc["overall_accuracy"]
         assert set(on_disk["accuracy_by_category"]) == {"direct_attributes", "relative_position"}
         assert len(on_disk["records"]) == on_disk["questions"] == 10
@@ -92,8 +101,9 @@ def test_small_evaluation_writes_results_and_plot(small_run, tokens_per_tile):
     assert (root / "out" / "accuracy_vs_tokens.png").stat().st_size > 10_000
     # visual tokens are counted in the prompts vLLM ran
     assert docs["overview"]["mean_visual_tokens"] == tokens_per_tile
-    assert docs["oracle"]["mean_visual_tokens"] == docs["clip"]["mean_visual_tokens"] == 2 * tokens_per_tile
-    assert docs["trained"]["mean_visual_tokens"] == 2 * tokens_per_tile
+    assert docs["oracle"]["mean_visual_tokens"] == docs["clip-k1"]["mean_visual_tokens"] == 2 * tokens_per_tile
+    assert docs["trained-k1"]["mean_visual_tokens"] == 2 * tokens_per_tile
+    assert docs["clip-k2"]["mean_visual_tokens"] == docs["trained-k2"]["mean_visual_tokens"] == 3 * tokens_per_tile
     assert docs["all"]["mean_visual_tokens"] == 14 * tokens_per_tile
     assert docs["oracle"]["crop_hit_rate"] == docs["all"]["crop_hit_rate"] == 1.0
     assert docs["overview"]["crop_hit_rate"] == 0.0
@@ -107,16 +117,22 @@ def test_recorded_boxes_are_what_the_method_chose(small_run):
     for r in docs["oracle"]["records"]:
         (box,) = r["boxes"]
         assert all(box_contains(tuple(box), t) for t in records[r["name"]].target_boxes)
-    assert all(len(r["boxes"]) == 1 for r in docs["clip"]["records"])
+    assert all(len(r["boxes"]) == 1 for r in docs["clip-k1"]["records"])
+    # ψ's best crop is the first of its best two, and k=2 never hits less often than k=1
+    for one, two in zip(docs["clip-k1"]["records"], docs["clip-k2"]["records"]):
+        assert len(two["boxes"]) == 2 and two["boxes"][0] == one["boxes"][0]
+        assert two["crop_hit"] >= one["crop_hit"]
     # trained and clip are the same request on engines with different ψ: the records say which
     from vllm_semclip.config import SemClipConfig
     from vllm_semclip.selection import select_crops
     from vllm_semclip.train_relevance import DEFAULT_TRAINED_RELEVANCE_DIR
 
-    assert docs["trained"]["relevance_model"] == str(DEFAULT_TRAINED_RELEVANCE_DIR)
-    assert docs["clip"]["relevance_model"] is None
-    trained = SemClipConfig(relevance_model=str(DEFAULT_TRAINED_RELEVANCE_DIR))
-    for r in docs["trained"]["records"]:
-        rec = records[r["name"]]
-        assert r["boxes"] == [list(b) for b in select_crops(rec.load_image(), rec.question, trained).boxes]
+    assert docs["trained-k1"]["relevance_model"] == docs["trained-k2"]["relevance_model"] == \
+        str(DEFAULT_TRAINED_RELEVANCE_DIR)
+    assert docs["clip-k1"]["relevance_model"] is None
+    for k in (1, 2):
+        trained = SemClipConfig(relevance_model=str(DEFAULT_TRAINED_RELEVANCE_DIR), topk=k)
+        for r in docs[f"trained-k{k}"]["records"]:
+            rec = records[r["name"]]
+            assert r["boxes"] == [list(b) for b in select_crops(rec.load_image(), rec.question, trained).boxes]
     assert all(r["boxes"] == [] for r in docs["overview"]["records"])

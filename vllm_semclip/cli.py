@@ -168,7 +168,9 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--model", help="LLaVA checkpoint (default: the bundled tiny LLaVA)")
     p.add_argument("--method", required=True,
                    help=f"one of {', '.join(EVAL_METHODS)}, or several separated by commas")
-    p.add_argument("--topk", type=int, default=1, help="crops for random and clip (default 1)")
+    p.add_argument("--topk", default="1",
+                   help="crops for random, clip and trained (default 1); several separated by commas "
+                        "for a sweep (METHOD-kK.json each, joined in the plot)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="likelihood")
     p.add_argument("--grids", default="2,3", help="candidate grids (default 2,3)")
     p.add_argument("--relevance-model", help="ψ of method trained: local-dir or open_clip name (default: bundled trained ψ)")
@@ -178,7 +180,11 @@ def cmd_eval(argv: list[str]) -> int:
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     grids = [int(g) for g in args.grids.split(",") if g.strip()]
-    docs = run(args.data, methods, args.out, model=args.model, topk=args.topk, protocol=args.protocol,
+    try:
+        topk = [int(k) for k in args.topk.split(",") if k.strip()]
+    except ValueError:
+        p.error(f"--topk: whole numbers separated by commas, got {args.topk!r}")
+    docs = run(args.data, methods, args.out, model=args.model, topk=topk, protocol=args.protocol,
                grids=grids, relevance_model=args.relevance_model, clip_model=args.clip_model, limit=args.limit)
     print(TABLE_HEADER)
     for doc in docs:

@@ -40,6 +40,7 @@ from .crops import candidate_boxes, crop_hit, oracle_index
 
 EVAL_METHODS = ("overview", "random", "all", "clip", "trained", "oracle")
 PSI_METHODS = ("clip", "trained")
+TOPK_METHODS = ("random", *PSI_METHODS)  # the methods whose crop count is k
 PROTOCOLS = ("likelihood", "generate")
 
 
@@ -53,13 +54,16 @@ class EvalSettings:
     grids: tuple[int, ...] = (2, 3)
     relevance_model: str | None = None  # ψ of ``clip``/``trained``; the bundled zero-shot/trained one when None
     seed: int = 0
+    max_topk: int | None = None  # the engine's room for crops (a k sweep shares one engine); ``topk`` when None
 
     def __post_init__(self) -> None:
         if self.method not in EVAL_METHODS:
             raise ValueError(f"method must be one of {', '.join(EVAL_METHODS)}; got {self.method!r}")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {self.protocol!r}")
-        SemClipConfig(topk=self.topk, grids=tuple(self.grids))  # same limits as the plugin
+        SemClipConfig(topk=self.topk, grids=tuple(self.grids), max_topk=self.max_topk)  # same limits as the plugin
+        if self.max_topk is not None and self.max_topk < self.topk:
+            raise ValueError(f"max_topk {self.max_topk} is below topk {self.topk}")
 
     def request_kwargs(self, record: BenchRecord, size: tuple[int, int]) -> dict[str, Any]:
         """The request's ``mm_processor_kwargs`` for this method and record."""
@@ -89,7 +93,8 @@ class EvalSettings:
 
         ψ is fixed when an engine starts, so methods with different ψ need their own engine.
         """
-        config: dict[str, Any] = {"method": "all", "grids": list(self.grids), "max_topk": max(1, self.topk)}
+        config: dict[str, Any] = {"method": "all", "grids": list(self.grids),
+                                  "max_topk": max(1, self.topk, self.max_topk or 0)}
         if self.psi:
             config["relevance_model"] = self.psi
         return config
@@ -190,7 +195,7 @@ def summarize(results: list[dict], settings: EvalSettings, seconds: float | None
                    for c in CATEGORIES if any(r["category"] == c for r in results)}
     return {
         "method": settings.method,
-        "topk": settings.topk if settings.method in ("random", *PSI_METHODS) else None,
+        "topk": settings.topk if settings.method in TOPK_METHODS else None,
         "relevance_model": settings.psi,
         "protocol": settings.protocol,
         "grids": list(settings.grids),
@@ -214,13 +219,22 @@ def plot_accuracy_vs_tokens(results: Sequence[dict], path: Path | str) -> Path:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     markers = {"overall": "o", "direct_attributes": "s", "relative_position": "^"}
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours: dict[str, str] = {}
+    for doc in results:
+        colours.setdefault(doc["method"], cycle[len(colours) % len(cycle)])
+    for method, colour in colours.items():  # a method run at several k: its points joined, fewest tokens first
+        sweep = sorted((d for d in results if d["method"] == method), key=lambda d: d["mean_visual_tokens"])
+        if len(sweep) > 1:
+            ax.plot([d["mean_visual_tokens"] for d in sweep], [100 * d["overall_accuracy"] for d in sweep],
+                    c=colour, alpha=0.5, lw=1)
     seen: dict[int, int] = {}  # methods at the same token count get their labels stacked
     for doc in sorted(results, key=lambda d: (d["mean_visual_tokens"], d["overall_accuracy"])):
         label = doc["method"] + (f" k={doc['topk']}" if doc.get("topk") else "") + f" ({100 * doc['overall_accuracy']:.0f}%)"
         x = doc["mean_visual_tokens"]
         j = seen.get(round(x), 0)
         seen[round(x)] = j + 1
-        ax.scatter([x], [100 * doc["overall_accuracy"]], marker=markers["overall"], s=60)
+        ax.scatter([x], [100 * doc["overall_accuracy"]], marker=markers["overall"], s=60, c=colours[doc["method"]])
         ax.annotate(label, (x, 100 * doc["overall_accuracy"]), textcoords="offset points", xytext=(8, -4 + 11 * j),
                     fontsize=8, arrowprops={"arrowstyle": "-", "alpha": 0.3} if j else None)
         for cat, acc in doc["accuracy_by_category"].items():
@@ -256,31 +270,40 @@ def make_engine(model: str, server_config: dict[str, Any], max_model_len: int = 
                limit_mm_per_prompt={"image": 1}, seed=0)
 
 
-def run(data: str | Path, methods: Sequence[str], out: str | Path, *, model: str | None = None, topk: int = 1,
+def run(data: str | Path, methods: Sequence[str], out: str | Path, *, model: str | None = None,
+        topk: int | Sequence[int] = 1,
         protocol: str = "likelihood", grids: Sequence[int] = (2, 3), relevance_model: str | None = None,
         clip_model: str | None = None, limit: int | None = None, progress: bool = True) -> list[dict]:
     """Evaluate ``methods`` on the benchmark at ``data``; write results and the plot; return the documents.
 
     ``relevance_model`` is the ψ of ``trained`` (default: the bundled trained ψ), ``clip_model``
-    the ψ of ``clip`` (default: the bundled zero-shot ψ). ``out`` is a ``.json`` file for one
-    method, or a directory (``METHOD.json`` each) for several. Methods run one after the
-    other; consecutive ones that need the same engine (same ψ) share it.
+    the ψ of ``clip`` (default: the bundled zero-shot ψ). ``topk`` is one k, or several for a
+    sweep: ``random``, ``clip`` and ``trained`` then run once per k (``METHOD-kK.json``), the
+    other methods once, all with room for the largest k so that one engine per ψ serves them.
+    ``out`` is a ``.json`` file for one run, or a directory (``METHOD.json`` each) for several.
+    Runs go one after the other; consecutive ones that need the same engine (same ψ) share it.
     """
     import os
 
     from .server import runtime_env
     from .tiny_models import DEFAULT_MODEL_DIR, ensure_default_models
 
-    settings = [EvalSettings(m, topk=topk, protocol=protocol, grids=tuple(grids),
+    ks = sorted({topk} if isinstance(topk, int) else set(topk))
+    if not ks:
+        raise ValueError("topk: give at least one k")
+    sweep = len(ks) > 1
+    settings = [EvalSettings(m, topk=k, protocol=protocol, grids=tuple(grids), max_topk=ks[-1] if sweep else None,
                              relevance_model=relevance_model if m == "trained" else clip_model if m == "clip" else None)
-                for m in methods]
+                for m in methods for k in (ks if m in TOPK_METHODS else ks[:1])]
     records = load_bench(data)
     if limit:
         records = records[:limit]
     out = Path(out)
     if len(settings) > 1 and out.suffix == ".json":
-        raise ValueError("several methods write one file each: give --out a directory")
-    files = [out] if out.suffix == ".json" else [out / f"{s.method}.json" for s in settings]
+        raise ValueError("several methods (or k) write one file each: give --out a directory")
+    files = [out] if out.suffix == ".json" else [
+        out / (f"{s.method}-k{s.topk}.json" if sweep and s.method in TOPK_METHODS else f"{s.method}.json")
+        for s in settings]
     files[0].parent.mkdir(parents=True, exist_ok=True)
     for key, value in runtime_env().items():
         os.environ.setdefault(key, value)
