@@ -520,6 +520,26 @@ def _batch(rng: random.Random, config: VlmTrainConfig, step: int, trainer: Llava
     return out
 
 
+def _optimizer_step(loss: torch.Tensor, opt, sched, params: list, running: float | None) -> float:
+    """Back-propagate ``loss``, clip the gradients to norm 1, step optimiser and schedule; return
+    the running loss (an exponential average, for the progress bar)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    return loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+
+
+def _held_out_accuracy(trainer: LlavaTrainer, samples: list[Sample]) -> float:
+    """:func:`accuracy` in eval mode mid-training; back to training mode after (the tower stays in eval)."""
+    trainer.model.eval()
+    result = accuracy(trainer, samples)
+    trainer.model.train()
+    trainer.model.model.vision_tower.eval()
+    return result
+
+
 def held_out_text(n: int, seed: int, longest: int) -> list[Sample]:
     """``n`` text questions from a seed text pretraining never draws from (32 to ``longest`` filler words)."""
     rng = random.Random(f"text-eval-{seed}")
@@ -543,17 +563,9 @@ def pretrain_text(trainer: LlavaTrainer, config: VlmTrainConfig, progress: bool 
     for _ in bar:
         span = rng.randint(32, longest)  # one length per batch: no padding
         loss = trainer.loss([text_sample(rng, n_cards=rng.randint(1, 3), span=span) for _ in range(config.batch_size)], rng)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        running = _optimizer_step(loss, opt, sched, params, running)
         bar.set_postfix(loss=f"{running:.3f}", refresh=False)
-    trainer.model.eval()
-    result = accuracy(trainer, probe)
-    trainer.model.train()
-    trainer.model.model.vision_tower.eval()
+    result = _held_out_accuracy(trainer, probe)
     if progress:
         bar.write(f"text pretraining: loss {running:.3f}, held-out text accuracy {result:.2f}")
     return result
@@ -607,18 +619,10 @@ def train_vlm(config: VlmTrainConfig = VlmTrainConfig(), relevance_dir: Path | s
                 trainer.set_language_model_trainable(True)
         loss = trainer.loss(_batch(rng, config, step, trainer, counter), rng, config.binding_weight,
                             config.binding_layer)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        running = _optimizer_step(loss, opt, sched, params, running)
         bar.set_postfix(loss=f"{running:.3f}", refresh=False)
         if progress and (step + 1) % 200 == 0:
-            model.eval()
-            accs = {k: accuracy(trainer, v) for k, v in probe.items()}
-            model.train()
-            model.model.vision_tower.eval()
+            accs = {k: _held_out_accuracy(trainer, v) for k, v in probe.items()}
             bar.write(f"step {step + 1}: loss {running:.3f}, probe accuracy " +
                       ", ".join(f"{k} {v:.2f}" for k, v in accs.items()))
     train_seconds = time.time() - start
