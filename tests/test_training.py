@@ -430,22 +430,28 @@ def test_train_vlm_refuses_a_binding_layer_the_model_does_not_have(tmp_path):
 def test_train_vlm_trains_the_tower_only_when_given_a_tower_lr(tmp_path, tower_lr):
     """LLaVA-1.5 keeps the tower frozen (``tower_lr`` 0: the saved tower is the CLIP's ViT,
     bit for bit); with a ``tower_lr`` the language model's loss trains it after alignment."""
+    config = VlmTrainConfig(steps=4, batch_size=2, align_fraction=0.5, warmup=1, tower_lr=tower_lr, eval_questions=2)
+    report, moved = _train_and_compare(tmp_path, config)
+    assert report["config"]["tower_lr"] == tower_lr
+    tower = [k for k in moved if ".vision_tower." in k]
+    assert tower
+    assert any(moved[k] for k in tower) == (tower_lr > 0), [k for k in tower if moved[k]][:3]
+    assert any(moved[k] for k in moved if ".multi_modal_projector." in k)
+
+
+def _train_and_compare(tmp_path, config: VlmTrainConfig) -> tuple[dict, dict[str, bool]]:
+    """Train ``config`` on the bundled tower into ``tmp_path/trained``, build the same model
+    untrained beside it; the report and, for every saved weight, whether training changed it."""
     from safetensors.torch import load_file
 
     from vllm_semclip.tiny_models import DEFAULT_TOWER_DIR, TinyLlavaSpec, build_tiny_llava
     from vllm_semclip.train_vlm import train_vlm
 
     spec = TinyLlavaSpec()
-    config = VlmTrainConfig(steps=4, batch_size=2, align_fraction=0.5, warmup=1, tower_lr=tower_lr, eval_questions=2)
     report = train_vlm(config, DEFAULT_TOWER_DIR, tmp_path / "trained", spec=spec, progress=False)
-    assert report["config"]["tower_lr"] == tower_lr
     build_tiny_llava(tmp_path / "untrained", spec, relevance_dir=DEFAULT_TOWER_DIR)
     trained, untrained = (load_file(next((tmp_path / d).glob("*.safetensors"))) for d in ("trained", "untrained"))
-    tower = [k for k in trained if ".vision_tower." in k]
-    assert tower
-    moved = [k for k in tower if not (trained[k] == untrained[k]).all()]
-    assert bool(moved) == (tower_lr > 0), moved[:3]
-    assert any(not (trained[k] == untrained[k]).all() for k in trained if ".multi_modal_projector." in k)
+    return report, {k: not bool((trained[k] == untrained[k]).all()) for k in trained}
 
 
 @pytest.mark.parametrize("text_steps,align_projector_only", [(0, True), (3, True), (0, False)])
@@ -454,21 +460,13 @@ def test_text_pretraining_and_a_projector_only_alignment_train_what_they_say(tmp
     """All steps are alignment here: with ``align_projector_only`` the language model keeps its
     initial weights unless text pretraining trained it first; the projector always learns;
     text steps leave the projector and tower alone (they see no image)."""
-    from safetensors.torch import load_file
-
-    from vllm_semclip.tiny_models import DEFAULT_TOWER_DIR, TinyLlavaSpec, build_tiny_llava
-    from vllm_semclip.train_vlm import train_vlm
-
-    spec = TinyLlavaSpec()
     config = VlmTrainConfig(steps=2, batch_size=2, align_fraction=1.0, warmup=1, text_steps=text_steps,
                             align_projector_only=align_projector_only, eval_questions=2)
-    report = train_vlm(config, DEFAULT_TOWER_DIR, tmp_path / "trained", spec=spec, progress=False)
+    report, moved_weights = _train_and_compare(tmp_path, config)
     assert ("text_accuracy" in report) == bool(text_steps)
-    build_tiny_llava(tmp_path / "untrained", spec, relevance_dir=DEFAULT_TOWER_DIR)
-    trained, untrained = (load_file(next((tmp_path / d).glob("*.safetensors"))) for d in ("trained", "untrained"))
 
     def moved(part: str) -> bool:
-        return any(not (trained[k] == untrained[k]).all() for k in trained if part in k)
+        return any(changed for k, changed in moved_weights.items() if part in k)
 
     assert moved(".multi_modal_projector.") and not moved(".vision_tower.")
     assert moved(".language_model.") == (bool(text_steps) or not align_projector_only)

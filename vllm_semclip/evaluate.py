@@ -93,8 +93,8 @@ class EvalSettings:
 
         ψ is fixed when an engine starts, so methods with different ψ need their own engine.
         """
-        config: dict[str, Any] = {"method": "all", "grids": list(self.grids),
-                                  "max_topk": max(1, self.topk, self.max_topk or 0)}
+        room = max(1, self.max_topk or self.topk)  # __post_init__ keeps max_topk >= topk
+        config: dict[str, Any] = {"method": "all", "grids": list(self.grids), "max_topk": room}
         if self.psi:
             config["relevance_model"] = self.psi
         return config
