@@ -142,7 +142,8 @@ def test_clip_config_is_validated(bad):
 
 @pytest.mark.parametrize("bad", [{"batch_size": 0}, {"scene_fraction": -0.1}, {"scene_scale": 2.0},
                                  {"side_fraction": 1.5}, {"binding_weight": -0.1}, {"binding_layer": -1},
-                                 {"tower_lr": -1e-4}, {"turns": 0}, {"text_steps": -1}])
+                                 {"tower_lr": -1e-4}, {"turns": 0}, {"text_steps": -1},
+                                 {"position_binding_weight": -0.5}, {"side_steps": -1}])
 def test_vlm_config_is_validated(bad):
     with pytest.raises(ValueError):
         VlmTrainConfig(**bad)
@@ -473,6 +474,22 @@ def test_text_pretraining_and_a_projector_only_alignment_train_what_they_say(tmp
     assert moved("lm_head.") == (bool(text_steps) or not align_projector_only)
 
 
+@pytest.mark.parametrize("position_binding_weight", [0.0, 0.5])
+def test_a_grounding_stage_trains_projector_and_language_model_never_the_tower(tmp_path, position_binding_weight):
+    """The alignment here trains the projector alone, so the language model moves only if the
+    side-of-the-image stage before it trained it; that stage reports its held-out side accuracy."""
+    config = VlmTrainConfig(steps=1, batch_size=2, align_fraction=1.0, warmup=1, align_projector_only=True,
+                            side_steps=2, position_binding_weight=position_binding_weight, eval_questions=2)
+    report, moved_weights = _train_and_compare(tmp_path, config)
+    assert report["config"]["side_steps"] == 2 and 0 <= report["grounding_side_accuracy"] <= 1
+
+    def moved(part: str) -> bool:
+        return any(changed for k, changed in moved_weights.items() if part in k)
+
+    assert moved(".multi_modal_projector.") and moved(".language_model.") and moved("lm_head.")
+    assert not moved(".vision_tower.")
+
+
 def test_text_pretraining_teaches_the_language_model_to_find_the_named_card(model_dir):
     """A few hundred text steps from the bundled LLaVA's language model take held-out text
     questions from chance (1 in 4) towards always right: the search the images need."""
@@ -514,6 +531,51 @@ def test_binding_targets_point_at_the_asked_cards_tokens_from_the_colour_positio
         shapes, _ = card_patch_labels([sample.cards], trainer.tile_size, trainer.tile_size // grid)
         expected = (shapes[0] == SHAPES.index(asked.shape)).nonzero().flatten() + image_at
         assert marked == expected.tolist()
+
+
+def test_position_binding_targets_point_heads_0_and_1_at_the_named_cards_from_the_left_right_position(trainer):
+    """Left/right questions about one tile: the query is the token just before "left"/"right";
+    head 0's keys are the tokens under {a}, head 1's under {b} — none for "… of the image?",
+    whose second name is not a card; attribute questions get no position target."""
+    from vllm_semclip.scenes import SHAPES
+
+    rng = random.Random(11)
+    samples = [tile_sample(rng, n_cards=3, spatial=False), tile_sample(rng, n_cards=3, spatial=True),
+               side_sample(rng, n_cards=2), tile_sample(rng, n_cards=2, spatial=True)]
+    encoded = [trainer.encode(s, s.options[0], bos=i % 2 == 1) for i, s in enumerate(samples)]
+    first = trainer.binding_targets(samples, encoded, "relative_position", named=0)
+    second = trainer.binding_targets(samples, encoded, "relative_position", named=1)
+    assert [row for row, _, _ in first] == [1, 2, 3] and [row for row, _, _ in second] == [1, 3]
+    grid = int(trainer.tokens_per_tile ** 0.5)
+    for named, targets in ((0, first), (1, second)):
+        for row, query, keys in targets:
+            sample, (ids, _) = samples[row], encoded[row]
+            side = sample.options[0].split(" side of ")[0].rsplit(" ", 1)[1]
+            assert side in ("left", "right")
+            assert trainer.tokenizer.decode(ids[query + 1:query + 2]).strip() == side
+            words = sample.question.rstrip("?").split()
+            shape = (words[2], words[-1])[named]
+            card = next(c for c in sample.cards if c.shape == shape)
+            shapes, _ = card_patch_labels([sample.cards], trainer.tile_size, trainer.tile_size // grid)
+            image_at = ids.index(trainer.image_token_id)
+            expected = (shapes[0] == SHAPES.index(card.shape)).nonzero().flatten() + image_at
+            assert keys.nonzero().flatten().tolist() == expected.tolist() != []
+    # the answer position of an attribute question is the colour position, as before
+    (row, query, _), = trainer.binding_targets(samples[:1], encoded[:1])
+    assert trainer.tokenizer.decode(encoded[0][0][query + 1:query + 2]).strip() == \
+        samples[0].options[0].rsplit(" ", 1)[1].rstrip(".")
+
+
+def test_position_binding_adds_a_term_only_where_left_right_questions_have_cards(trainer):
+    rng = random.Random(12)
+    attribute = [tile_sample(rng, n_cards=2, spatial=False) for _ in range(3)]
+    spatial = [tile_sample(rng, n_cards=2, spatial=True) for _ in range(3)]
+    with torch.no_grad():
+        plain = float(trainer.loss(attribute, random.Random(0)))
+        assert float(trainer.loss(attribute, random.Random(0), position_binding_weight=1.0)) == pytest.approx(plain)
+        plain = float(trainer.loss(spatial, random.Random(0)))
+        steered = float(trainer.loss(spatial, random.Random(0), position_binding_weight=1.0))
+    assert steered > plain + 0.1  # −log of an attention share below 1, for two heads
 
 
 def test_binding_loss_is_zero_when_the_head_looks_only_at_the_card_and_log_n_when_it_looks_everywhere(trainer):

@@ -232,6 +232,9 @@ def cmd_train(argv: list[str]) -> int:
         p.add_argument("--binding-weight", type=float,
                        help="weight of the attention-binding loss: one head, at the position predicting the "
                             "colour, is steered to the asked-for card's tokens (default 0: off)")
+        p.add_argument("--position-binding-weight", type=float,
+                       help="the same loss on left/right questions: heads 0 and 1, at the position predicting "
+                            "left/right, steered to the two cards' tokens (default 0: off)")
         p.add_argument("--tower-lr", type=float,
                        help="train the tower too after alignment, at this learning rate (default 0: frozen)")
         p.add_argument("--turns", type=int,
@@ -240,13 +243,16 @@ def cmd_train(argv: list[str]) -> int:
         p.add_argument("--text-steps", type=int,
                        help="text-only steps first: questions over cards written as words, the language "
                             "model's pretraining (default 0)")
+        p.add_argument("--side-steps", type=int,
+                       help="a grounding stage first: this many steps of side-of-the-image questions alone "
+                            "(default 0)")
         p.add_argument("--align-projector-only", action="store_true", default=None,
                        help="alignment trains the projector alone, the language model frozen (LLaVA-1.5's stage 1)")
     args = p.parse_args(argv)
     overrides = {k: getattr(args, k, None) for k in ("model", "steps", "seed", "threads", "init", "curriculum", "lr",
                                                   "position_weight", "position_card_weight", "label_weight", "label_tiles",
-                                                  "side_fraction", "binding_weight", "tower_lr", "turns",
-                                                  "text_steps", "align_projector_only")}
+                                                  "side_fraction", "binding_weight", "position_binding_weight", "tower_lr", "turns",
+                                                  "text_steps", "side_steps", "align_projector_only")}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if what == "clip":
         from .train_clip import ClipTrainConfig, train_clip
