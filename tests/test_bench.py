@@ -17,6 +17,7 @@ from vllm_semclip.serve_bench import METRICS
 
 TOWER_PROBE = Path(__file__).resolve().parents[1] / "benchmarks" / "tower_probe.py"
 READOUT_CEILING = TOWER_PROBE.with_name("readout_ceiling.py")
+POSITION_SADDLE = TOWER_PROBE.with_name("position_saddle.py")
 
 
 @pytest.mark.timeout(900)
@@ -160,3 +161,48 @@ def test_readout_ceiling_runs_on_the_bundled_llava(tmp_path, model_dir):
         assert 0 <= r["readout_8way"] <= r["readout_4_options"] <= 1 and 0 <= r["llava_4_options"] <= 1
     assert (tmp_path / "ceiling.png").stat().st_size > 1000
     assert "read-out, 4 options" in stdout
+
+
+def test_synthetic_tower_puts_position_where_it_says_and_content_under_the_cards():
+    """Noise off: with ``where="card"`` the background tokens are exactly zero and a card's tokens
+    its position + shape + colour codes; with ``"all"`` the background tokens are the position code."""
+    import random
+
+    import torch
+
+    module = _benchmark_module(POSITION_SADDLE)
+    from vllm_semclip.scenes import COLORS, SHAPES
+    from vllm_semclip.train_clip import card_patch_labels
+
+    samples = [module.side_question(random.Random(i), 2) for i in range(3)]
+    shapes, colors = card_patch_labels([s.cards for s in samples], module.TILE, 16)
+    on = shapes >= 0
+    for where in ("all", "card"):
+        tower = module.SyntheticTower(64, where=where, noise=0.0)
+        tokens = tower(samples)
+        assert tokens.shape == (3, 196, 64)
+        background = tokens[~on]
+        expected = tower.position.expand(3, -1, -1)[~on]
+        assert torch.equal(background, expected if where == "all" else torch.zeros_like(background))
+        codes = tower.position.expand(3, -1, -1)[on] + tower.shape_code[shapes[on]] + tower.color_code[colors[on]]
+        assert torch.allclose(tokens[on], codes, atol=1e-5)
+    assert len(SHAPES) == tower.shape_code.shape[0] and len(COLORS) == tower.color_code.shape[0]
+    for s in samples:  # the side question names one of its cards, at least 10% of the tile off the middle
+        card = next(c for c in s.cards if s.question.startswith(f"Is the {c.shape} "))
+        side = "left" if card.center[0] < module.TILE / 2 else "right"
+        assert abs(card.center[0] / module.TILE - 0.5) >= 0.1 and f" {side} side" in s.options[0]
+    with pytest.raises(ValueError):
+        module.SyntheticTower(64, where="background")
+
+
+def test_position_saddle_runs_its_conditions(tmp_path):
+    doc, stdout = _run_benchmark(POSITION_SADDLE, tmp_path / "saddle.json", "--steps", "4", "--every", "2",
+                                 "--questions", "8", "--threads", "1")
+    assert list(doc["curves"]) == ["every token", "card tokens only", "every token + position binding",
+                                   "CLIP tower", "CLIP tower + position binding"]
+    assert doc["tower"].endswith("semclip-vit-t-16")
+    for curve in doc["curves"].values():
+        assert [p["step"] for p in curve] == [2, 4]
+        assert all(p["side_accuracy"] in {i / 8 for i in range(9)} for p in curve)
+    assert (tmp_path / "saddle.png").stat().st_size > 1000
+    assert "side-of-the-image accuracy" in stdout
