@@ -437,8 +437,6 @@ class LlavaTrainer:
         reads nothing and the gradient that would focus it starts only late — a saddle, which
         the steering skips on clean synthetic tokens, not on the tiny CLIP's
         (``benchmarks/position_saddle.py``)."""
-        if not targets:
-            return torch.zeros(())
         a = attentions[layer][:, head]  # (batch, query, key)
         rows = torch.tensor([r for r, _, _ in targets])
         queries = torch.tensor([q for _, q, _ in targets])
