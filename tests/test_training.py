@@ -23,7 +23,10 @@ from vllm_semclip.train_vlm import (
     LlavaTrainer,
     Sample,
     VlmTrainConfig,
+    _batch,
     add_turns,
+    ground_spatial_share,
+    grounding_sample,
     scene_sample,
     side_sample,
     text_sample,
@@ -143,7 +146,8 @@ def test_clip_config_is_validated(bad):
 @pytest.mark.parametrize("bad", [{"batch_size": 0}, {"scene_fraction": -0.1}, {"scene_scale": 2.0},
                                  {"side_fraction": 1.5}, {"binding_weight": -0.1}, {"binding_layer": -1},
                                  {"tower_lr": -1e-4}, {"turns": 0}, {"text_steps": -1},
-                                 {"position_binding_weight": -0.5}, {"side_steps": -1}])
+                                 {"position_binding_weight": -0.5}, {"side_steps": -1},
+                                 {"ground_spatial_fraction": 1.5}, {"align_ground_fraction": -0.1}])
 def test_vlm_config_is_validated(bad):
     with pytest.raises(ValueError):
         VlmTrainConfig(**bad)
@@ -287,6 +291,49 @@ def test_samples_carry_the_right_answer_first():
         assert abs(card.center[0] / s.tiles[0].width - 0.5) >= 0.1  # never ambiguous
     scene = scene_sample(rng, 0, spatial=False, scale=0.3, crops=2, pad_fill=(122, 116, 104), tile_size=224)
     assert len(scene.tiles) == 3 and all(t.size[0] == t.size[1] for t in scene.tiles)
+
+
+def _kind(sample) -> str:
+    if sample.category == "direct_attributes":
+        return "colour"
+    return "side" if sample.question.endswith(" of the image?") else "two-card"
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
+def test_grounding_samples_ask_the_side_of_the_image_or_the_two_card_question_in_the_given_share(fraction):
+    rng = random.Random(3)
+    samples = [grounding_sample(rng, fraction, 224) for _ in range(60)]
+    kinds = [_kind(s) for s in samples]
+    assert set(kinds) <= {"side", "two-card"}
+    share = kinds.count("two-card") / len(kinds)
+    assert share == fraction if fraction in (0.0, 1.0) else 0.3 < share < 0.7
+    assert all(len(s.cards) >= 2 for s, k in zip(samples, kinds) if k == "two-card")
+
+
+def test_the_two_card_question_joins_the_grounding_stage_in_its_second_half():
+    config = VlmTrainConfig(side_steps=10, ground_spatial_fraction=0.4)
+    assert [ground_spatial_share(config, step) for step in range(10)] == [0.0] * 5 + [0.4] * 5
+    assert {ground_spatial_share(VlmTrainConfig(side_steps=10), step) for step in range(10)} == {0.0}
+
+
+@pytest.mark.parametrize("align_ground_fraction", [0.0, 0.5, 1.0])
+def test_alignment_batches_mix_in_grounding_samples_only_when_asked(trainer, align_ground_fraction):
+    """Alignment is one-card colour questions; ``align_ground_fraction`` of them become grounding
+    samples (side of the image, or two-card at ``ground_spatial_fraction``); after alignment, no
+    change."""
+    config = VlmTrainConfig(batch_size=40, align_ground_fraction=align_ground_fraction, ground_spatial_fraction=0.5)
+    rng = random.Random(4)
+    aligning = _batch(rng, config, 0, trainer, [0])
+    kinds = [_kind(s) for s in aligning]
+    grounded = 1 - kinds.count("colour") / len(kinds)
+    assert all(len(s.cards) == 1 for s, k in zip(aligning, kinds) if k == "colour")
+    if align_ground_fraction in (0.0, 1.0):
+        assert grounded == align_ground_fraction
+    else:
+        assert 0.25 < grounded < 0.75 and {"side", "two-card"} <= set(kinds)
+    config = VlmTrainConfig(batch_size=40, align_ground_fraction=align_ground_fraction, scene_fraction=0.0)
+    later = _batch(random.Random(4), config, config.align_steps, trainer, [0])
+    assert not any(_kind(s) == "side" for s in later)  # side_fraction 0: the instruction mix is unchanged
 
 
 def test_later_turns_ask_about_the_other_cards_with_their_right_answers():
@@ -479,9 +526,11 @@ def test_a_grounding_stage_trains_projector_and_language_model_never_the_tower(t
     """The alignment here trains the projector alone, so the language model moves only if the
     side-of-the-image stage before it trained it; that stage reports its held-out side accuracy."""
     config = VlmTrainConfig(steps=1, batch_size=2, align_fraction=1.0, warmup=1, align_projector_only=True,
-                            side_steps=2, position_binding_weight=position_binding_weight, eval_questions=2)
+                            side_steps=2, position_binding_weight=position_binding_weight, eval_questions=2,
+                            ground_spatial_fraction=0.5, align_ground_fraction=0.5)
     report, moved_weights = _train_and_compare(tmp_path, config)
-    assert report["config"]["side_steps"] == 2 and 0 <= report["grounding_side_accuracy"] <= 1
+    assert report["config"]["side_steps"] == 2 and report["config"]["ground_spatial_fraction"] == 0.5
+    assert 0 <= report["grounding_side_accuracy"] <= 1 and 0 <= report["grounding_spatial_accuracy"] <= 1
 
     def moved(part: str) -> bool:
         return any(changed for k, changed in moved_weights.items() if part in k)

@@ -246,13 +246,20 @@ def cmd_train(argv: list[str]) -> int:
         p.add_argument("--side-steps", type=int,
                        help="a grounding stage first: this many steps of side-of-the-image questions alone "
                             "(default 0)")
+        p.add_argument("--ground-spatial-fraction", type=float,
+                       help="share of grounding-stage samples asking the two-card left/right question instead "
+                            "of a card's side of the image (default 0)")
+        p.add_argument("--align-ground-fraction", type=float,
+                       help="share of alignment samples drawn as grounding-stage samples, so the skill is kept "
+                            "(default 0)")
         p.add_argument("--align-projector-only", action="store_true", default=None,
                        help="alignment trains the projector alone, the language model frozen (LLaVA-1.5's stage 1)")
     args = p.parse_args(argv)
     overrides = {k: getattr(args, k, None) for k in ("model", "steps", "seed", "threads", "init", "curriculum", "lr",
                                                   "position_weight", "position_card_weight", "label_weight", "label_tiles",
                                                   "side_fraction", "binding_weight", "position_binding_weight", "tower_lr", "turns",
-                                                  "text_steps", "side_steps", "align_projector_only")}
+                                                  "text_steps", "side_steps", "ground_spatial_fraction",
+                                                  "align_ground_fraction", "align_projector_only")}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if what == "clip":
         from .train_clip import ClipTrainConfig, train_clip

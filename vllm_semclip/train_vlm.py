@@ -30,7 +30,11 @@ Why a side-of-the-image grounding stage (``side_steps``) and position binding
 (``position_binding_weight``): trained on side questions alone, a fresh projector and language
 model learn where a card is from the tower's tokens in a few hundred steps
 (``benchmarks/position_saddle.py``), which the mixed recipe never did; the stage reached 77% and
-the colour alignment after it undid it (README), so both stay off by default.
+the colour alignment after it undid it (README), so both stay off by default. Keeping grounding
+samples in the alignment (``align_ground_fraction``) keeps most of it (66.5% held-out), and the
+two-card question can join the stage's second half (``ground_spatial_fraction``); it was not
+learnt there — a grounded model's two-card answers follow *both* named cards' sides, where {b}'s
+should count the other way (``benchmarks/which_card.py``) — so these stay off by default too.
 
 Unlike LLaVA, the language model has no text pretraining (none ships in a package), so
 it is trained in both stages. ``text_steps`` writes text for it — the same questions over
@@ -107,6 +111,8 @@ class VlmTrainConfig:
     text_steps: int = 0  # text-only steps before the image stages: the language model's pretraining (see text_sample)
     align_projector_only: bool = False  # alignment trains the projector alone (LLaVA-1.5's stage 1), the LM frozen
     side_steps: int = 0  # a grounding stage first: side-of-the-image questions alone (see ground_side)
+    ground_spatial_fraction: float = 0.0  # share of grounding samples asking the two-card left/right question instead
+    align_ground_fraction: float = 0.0  # share of alignment samples drawn as grounding samples (keeps the skill)
     seed: int = 0
     threads: int = 0
     eval_questions: int = 400
@@ -114,7 +120,8 @@ class VlmTrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be at least 1")
-        for name in ("align_fraction", "scene_fraction", "spatial_fraction", "side_fraction"):
+        for name in ("align_fraction", "scene_fraction", "spatial_fraction", "side_fraction", "ground_spatial_fraction",
+                     "align_ground_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be a fraction (0-1)")
         if not 0.1 <= self.scene_scale <= 1:
@@ -539,11 +546,31 @@ def evaluate(model_dir: Path | str, n: int = 400, seed: int = 0, progress: bool 
     return {f"{name}_accuracy": accuracy(trainer, samples) for name, samples in sets.items()} | {"eval_questions": n}
 
 
+def grounding_sample(rng: random.Random, spatial_fraction: float, tile_size: int) -> Sample:
+    """A sample of the grounding stage: "Is the {shape} on the left or right side of the image?"
+    (1–3 cards), or, with probability ``spatial_fraction``, the benchmark's two-card
+    "Is the {a} on the left or right side of the {b}?" (2–3 cards).
+
+    Why the two go together: both name the card to find at the same place, and {a}'s side of the
+    image alone answers the two-card question 81–85% of the time (the side of whichever card is
+    farther from the middle, always), so a model that reads where one card is could answer it
+    with the same look. Measured, it did not: its two-card answers follow both named cards'
+    sides (``benchmarks/which_card.py``)."""
+    if spatial_fraction and rng.random() < spatial_fraction:
+        return tile_sample(rng, n_cards=rng.randint(2, 3), spatial=True, size=tile_size)
+    return side_sample(rng, n_cards=rng.randint(1, 3), size=tile_size)
+
+
 def _batch(rng: random.Random, config: VlmTrainConfig, step: int, trainer: LlavaTrainer, counter: list[int]) -> list[Sample]:
     """One step's samples. A step is all single tiles or all scenes with the same crop count:
-    similar lengths in a batch, so little compute goes to padding."""
+    similar lengths in a batch, so little compute goes to padding. Alignment samples are one-card
+    colour questions, or (``align_ground_fraction``) grounding samples, so that what a grounding
+    stage taught is still asked while the projector learns colour."""
     if step < config.align_steps:
-        return [tile_sample(rng, n_cards=1, spatial=False, size=trainer.tile_size) for _ in range(config.batch_size)]
+        return [grounding_sample(rng, config.ground_spatial_fraction, trainer.tile_size)
+                if config.align_ground_fraction and rng.random() < config.align_ground_fraction
+                else tile_sample(rng, n_cards=1, spatial=False, size=trainer.tile_size)
+                for _ in range(config.batch_size)]
     if rng.random() < config.scene_fraction:
         crops = rng.choice((1, 1, 2))
         out = []
@@ -591,23 +618,34 @@ def held_out_text(n: int, seed: int, longest: int) -> list[Sample]:
     return [text_sample(rng, n_cards=rng.randint(1, 3), span=rng.randint(32, longest)) for _ in range(n)]
 
 
+def _probe_accuracies(trainer: LlavaTrainer, probes: dict[str, list[Sample]]) -> dict[str, float]:
+    return {k: _held_out_accuracy(trainer, v) for k, v in probes.items()}
+
+
 def _run_stage(trainer: LlavaTrainer, name: str, steps: int, warmup: int, params: list, step_loss,
-               probe: list[Sample], config: VlmTrainConfig, progress: bool) -> float:
+               probes: dict[str, list[Sample]], config: VlmTrainConfig, progress: bool) -> dict[str, float]:
     """A stage before the image stages: ``steps`` optimiser steps on ``step_loss()`` (its own
-    AdamW and warm-up/cosine schedule over ``params``); returns the accuracy on ``probe``."""
+    AdamW and warm-up/cosine schedule over ``params``); returns the accuracy on each of ``probes``
+    (also printed every 200 steps with ``progress``)."""
     from tqdm import tqdm
 
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sched = warmup_cosine(opt, warmup, steps)
     running = None
     bar = tqdm(range(steps), desc=f"train vlm ({name})", disable=not progress, mininterval=5)
-    for _ in bar:
+    for step in bar:
         running = _optimizer_step(step_loss(), opt, sched, params, running)
         bar.set_postfix(loss=f"{running:.3f}", refresh=False)
-    result = _held_out_accuracy(trainer, probe)
+        if progress and (step + 1) % 200 == 0 and step + 1 < steps:
+            bar.write(f"{name} step {step + 1}: loss {running:.3f}, " + _format(_probe_accuracies(trainer, probes)))
+    result = _probe_accuracies(trainer, probes)
     if progress:
-        bar.write(f"{name} stage: loss {running:.3f}, held-out accuracy {result:.2f}")
+        bar.write(f"{name} stage: loss {running:.3f}, " + _format(result))
     return result
+
+
+def _format(accuracies: dict[str, float]) -> str:
+    return "held-out accuracy " + ", ".join(f"{k} {v:.2f}" for k, v in accuracies.items())
 
 
 def pretrain_text(trainer: LlavaTrainer, config: VlmTrainConfig, progress: bool = True) -> float:
@@ -623,13 +661,25 @@ def pretrain_text(trainer: LlavaTrainer, config: VlmTrainConfig, progress: bool 
                             rng)
 
     return _run_stage(trainer, "text", config.text_steps, config.warmup, trainer.language_model_parameters(),
-                      step_loss, held_out_text(128, config.seed, longest), config, progress)
+                      step_loss, {"text": held_out_text(128, config.seed, longest)}, config, progress)["text"]
 
 
-def ground_side(trainer: LlavaTrainer, config: VlmTrainConfig, probe: list[Sample], progress: bool = True) -> float:
-    """``config.side_steps`` steps of side-of-the-image questions alone (1–3 cards; projector and
+def ground_spatial_share(config: VlmTrainConfig, step: int) -> float:
+    """The share of two-card questions at ``step`` of the grounding stage: none in its first half,
+    ``ground_spatial_fraction`` in the second.
+
+    Why: mixed in from the first step (at 0.5), neither question was learnt in 800 steps (side
+    of the image 53%, two-card 44%), where side questions alone reach ~77% in 600 (README); so
+    the one-card look is learnt first and the two-card question joins once it is there."""
+    return config.ground_spatial_fraction if step >= config.side_steps // 2 else 0.0
+
+
+def ground_side(trainer: LlavaTrainer, config: VlmTrainConfig, probes: dict[str, list[Sample]],
+                progress: bool = True) -> dict[str, float]:
+    """``config.side_steps`` steps of :func:`grounding_sample` questions alone (side of the image;
+    in the second half also the two-card question, at ``ground_spatial_fraction``; projector and
     language model, the tower frozen; own optimizer and warm-up/cosine schedule) before the
-    alignment stage; returns the accuracy on ``probe`` (held-out side questions).
+    alignment stage; returns the accuracy on each of ``probes`` (held-out questions).
 
     Why: a fresh projector and language model trained on these questions alone learn where a card
     is from the tower's tokens in a few hundred steps (``benchmarks/position_saddle.py``: 83% after
@@ -638,15 +688,18 @@ def ground_side(trainer: LlavaTrainer, config: VlmTrainConfig, probe: list[Sampl
     image reads nothing about the card, and a projector first trained on colour alone has no
     reason to keep it; so position comes first here, as a grounding stage."""
     rng = random.Random(f"side-{config.seed}")
+    step = [0]
 
     def step_loss() -> torch.Tensor:
-        batch = [side_sample(rng, n_cards=rng.randint(1, 3), size=trainer.tile_size) for _ in range(config.batch_size)]
+        fraction = ground_spatial_share(config, step[0])
+        step[0] += 1
+        batch = [grounding_sample(rng, fraction, trainer.tile_size) for _ in range(config.batch_size)]
         return trainer.loss(batch, rng, position_binding_weight=config.position_binding_weight,
                             binding_layer=config.binding_layer)
 
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     return _run_stage(trainer, "side", config.side_steps, min(config.warmup, config.side_steps // 6), params,
-                      step_loss, probe, config, progress)
+                      step_loss, probes, config, progress)
 
 
 def train_vlm(config: VlmTrainConfig = VlmTrainConfig(), relevance_dir: Path | str = DEFAULT_TOWER_DIR,
@@ -684,7 +737,8 @@ def train_vlm(config: VlmTrainConfig = VlmTrainConfig(), relevance_dir: Path | s
     }
     start = time.time()
     text_accuracy = pretrain_text(trainer, config, progress) if config.text_steps else None
-    side_accuracy = ground_side(trainer, config, probe["side"], progress) if config.side_steps else None
+    grounding = ground_side(trainer, config, {k: probe[k] for k in ("side", "spatial")}, progress) \
+        if config.side_steps else {}
     counter = [0]
     running = None
     bar = tqdm(range(config.steps), desc="train vlm", disable=not progress, mininterval=5)
@@ -701,16 +755,14 @@ def train_vlm(config: VlmTrainConfig = VlmTrainConfig(), relevance_dir: Path | s
         running = _optimizer_step(loss, opt, sched, params, running)
         bar.set_postfix(loss=f"{running:.3f}", refresh=False)
         if progress and (step + 1) % 200 == 0:
-            accs = {k: _held_out_accuracy(trainer, v) for k, v in probe.items()}
-            bar.write(f"step {step + 1}: loss {running:.3f}, probe accuracy " +
-                      ", ".join(f"{k} {v:.2f}" for k, v in accs.items()))
+            bar.write(f"step {step + 1}: loss {running:.3f}, " + _format(_probe_accuracies(trainer, probe)))
     train_seconds = time.time() - start
     model.eval()
     weights = {k: v.detach().float() for k, v in model.state_dict().items()}
     build_tiny_llava(out, spec, relevance_dir=relevance_dir, weights=weights)
     text = {} if text_accuracy is None else {"text_accuracy": round(text_accuracy, 4)}
-    if side_accuracy is not None:
-        text["grounding_side_accuracy"] = round(side_accuracy, 4)  # the 64-question side probe after the stage
+    for k, v in grounding.items():  # the 64-question probes after the grounding stage
+        text[f"grounding_{k}_accuracy"] = round(v, 4)
     report = {"config": asdict(config), "spec": asdict(spec), "train_seconds": round(train_seconds, 1), **text,
               "final_loss": round(running or 0.0, 4), "torch_threads": torch.get_num_threads(),
               **evaluate(out, config.eval_questions, config.seed, progress)}
