@@ -25,9 +25,13 @@ leans to the card's side, the gradient starts, and the model learns; steering a 
 card does the same for tokens that all carry position. (The colour, by contrast, is only under
 the card — which is why attribute questions were learnt from the start.)
 
+``--question two-card`` asks the benchmark's "Is the {a} on the left or right side of the {b}?"
+instead (2–3 cards, {a} and {b} a card side apart): the same conditions on the question that
+needs two places compared, not one read.
+
 Prints the curves and writes ``benchmarks/results/position_saddle.{json,png}``.
 
-    python benchmarks/position_saddle.py [--steps 600] [--every 100] [--questions 96] [--threads 1]
+    python benchmarks/position_saddle.py [--question side|two-card] [--steps 600] [--every 100] [--questions 96] [--threads 1]
 """
 
 from __future__ import annotations
@@ -93,6 +97,36 @@ def drawn_side_question(rng: random.Random, n_cards: int):
     return side_sample(rng, n_cards=n_cards, size=TILE)
 
 
+def two_card_question(rng: random.Random, n_cards: int):
+    """The benchmark's "Is the {a} on the left or right side of the {b}?" on placed cards
+    (``max(2, n_cards)`` of them; {a} and {b} at least a card side apart, as ``card_tile(min_dx=True)``
+    places them)."""
+    from vllm_semclip.train_vlm import Sample
+
+    while True:
+        cards = place_cards(rng, max(2, n_cards))
+        a, b = cards[0], cards[1]
+        if abs(a.center[0] - b.center[0]) >= a.bbox[2]:
+            break
+    sides = ("left", "right") if a.center[0] < b.center[0] else ("right", "left")
+    return Sample([None], spatial_question(a.shape, b.shape), [spatial_option(a.shape, b.shape, s) for s in sides],
+                  "relative_position", cards)
+
+
+def drawn_two_card_question(rng: random.Random, n_cards: int):
+    """The trainer's own two-card question on a drawn tile (for the real tower)."""
+    from vllm_semclip.train_vlm import tile_sample
+
+    return tile_sample(rng, n_cards=max(2, n_cards), spatial=True, size=TILE)
+
+
+WHAT = {"side": "side-of-the-image", "two-card": "two-card left/right"}
+QUESTIONS = {  # --question: (on synthetic tokens, on drawn tiles)
+    "side": (side_question, drawn_side_question),
+    "two-card": (two_card_question, drawn_two_card_question),
+}
+
+
 class SyntheticTower:
     """Tower tokens that carry a tile's content perfectly: noise, plus a shape and a colour code
     under each card, plus a 2-D sin-cos position code on every token (``where="all"``) or on
@@ -123,10 +157,10 @@ class SyntheticTower:
 
 
 def run_condition(where: str, binding: float, steps: int, every: int, held_out, seed: int, progress: bool,
-                  tower_dir: str | None = None) -> list[dict]:
-    """Train a fresh projector + language model on side questions over synthetic tokens (or, for
-    ``where="tower"``, drawn tiles through the CLIP in ``tower_dir``); the held-out side accuracy
-    (V* protocol) every ``every`` steps."""
+                  tower_dir: str | None = None, question: str = "side") -> list[dict]:
+    """Train a fresh projector + language model on ``question`` questions (``QUESTIONS``) over
+    synthetic tokens (or, for ``where="tower"``, drawn tiles through the CLIP in ``tower_dir``);
+    the held-out accuracy (V* protocol) every ``every`` steps."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from vllm_semclip.tiny_models import TinyLlavaSpec, build_tiny_llava
@@ -145,14 +179,14 @@ def run_condition(where: str, binding: float, steps: int, every: int, held_out, 
                                seed=seed)
         trainer.pixel_values = lambda samples: samples  # the "pixels" are the samples; the tower reads their cards
         trainer.tile_features = lambda samples: tower(samples)
-    question = side_question if where != "tower" else drawn_side_question
+    make = QUESTIONS[question][where == "tower"]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)  # the VLM recipe's optimiser and schedule
     sched = warmup_cosine(opt, min(100, steps // 6), steps)
     rng = random.Random(seed)
     curve = []
     for step in tqdm(range(steps), desc=f"{where}, binding {binding}", disable=not progress, mininterval=5):
-        batch = [question(rng, rng.randint(1, 3)) for _ in range(16)]
+        batch = [make(rng, rng.randint(1, 3)) for _ in range(16)]
         loss = trainer.loss(batch, rng, binding_layer=2, position_binding_weight=binding)
         opt.zero_grad()
         loss.backward()
@@ -161,7 +195,7 @@ def run_condition(where: str, binding: float, steps: int, every: int, held_out, 
         sched.step()
         if (step + 1) % every == 0 or step + 1 == steps:
             model.eval()
-            curve.append({"step": step + 1, "side_accuracy": round(accuracy(trainer, held_out), 4)})
+            curve.append({"step": step + 1, "accuracy": round(accuracy(trainer, held_out), 4)})
             model.train()
     return curve
 
@@ -170,7 +204,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--every", type=int, default=100, help="held-out accuracy every this many steps")
-    ap.add_argument("--questions", type=int, default=96, help="held-out side questions")
+    ap.add_argument("--questions", type=int, default=96, help="held-out questions")
+    ap.add_argument("--question", choices=list(QUESTIONS), default="side",
+                    help="what is asked: a card's side of the image, or the benchmark's two-card left/right")
     ap.add_argument("--conditions", default=",".join(CONDITIONS), help="comma-separated, of: " + ", ".join(CONDITIONS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
@@ -188,23 +224,23 @@ def main() -> None:
 
     tower_dir = args.tower or str(DEFAULT_TOWER_DIR)
     held_out = {}
-    for kind, question in (("synthetic", side_question), ("tower", drawn_side_question)):
+    for kind, make in zip(("synthetic", "tower"), QUESTIONS[args.question]):
         held_rng = random.Random(f"{args.seed}-held-out")
-        held_out[kind] = [question(held_rng, held_rng.randint(1, 3)) for _ in range(args.questions)]
+        held_out[kind] = [make(held_rng, held_rng.randint(1, 3)) for _ in range(args.questions)]
     rows = {}
     for name in names:
         where, binding = CONDITIONS[name]
         torch.manual_seed(args.seed)
         rows[name] = run_condition(where, binding, args.steps, args.every,
                                    held_out["tower" if where == "tower" else "synthetic"], args.seed, progress=True,
-                                   tower_dir=tower_dir)
+                                   tower_dir=tower_dir, question=args.question)
     steps = [p["step"] for p in next(iter(rows.values()))]
-    print("held-out side-of-the-image accuracy (chance 50%) after N steps: " + " | ".join(f"{s:>5}" for s in steps))
+    print(f"held-out {WHAT[args.question]} accuracy (chance 50%) after N steps: " + " | ".join(f"{s:>5}" for s in steps))
     for name, curve in rows.items():
-        print(f"{name:>32}: " + " | ".join(f"{100 * p['side_accuracy']:4.0f}%" for p in curve))
+        print(f"{name:>32}: " + " | ".join(f"{100 * p['accuracy']:4.0f}%" for p in curve))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"steps": args.steps, "questions": args.questions, "seed": args.seed,
+    out.write_text(json.dumps({"question": args.question, "steps": args.steps, "questions": args.questions, "seed": args.seed,
                                "tower": tower_dir, "curves": rows}, indent=2))
     import matplotlib
 
@@ -213,12 +249,12 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, curve in rows.items():
-        ax.plot([p["step"] for p in curve], [100 * p["side_accuracy"] for p in curve], marker="o", label=name)
+        ax.plot([p["step"] for p in curve], [100 * p["accuracy"] for p in curve], marker="o", label=name)
     ax.axhline(50, color="gray", lw=0.8, ls="--")
-    ax.set_xlabel("training steps (16 side questions each)")
-    ax.set_ylabel("held-out side of the image (%)")
+    ax.set_xlabel(f"training steps (16 {WHAT[args.question]} questions each)")
+    ax.set_ylabel(f"held-out {WHAT[args.question]} (%)")
     ax.set_ylim(0, 100)
-    ax.set_title("side questions: synthetic tokens vs the CLIP tower's", fontsize=10)
+    ax.set_title(f"{WHAT[args.question]} questions: synthetic tokens vs the CLIP tower's", fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)

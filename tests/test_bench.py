@@ -18,6 +18,7 @@ from vllm_semclip.serve_bench import METRICS
 TOWER_PROBE = Path(__file__).resolve().parents[1] / "benchmarks" / "tower_probe.py"
 READOUT_CEILING = TOWER_PROBE.with_name("readout_ceiling.py")
 POSITION_SADDLE = TOWER_PROBE.with_name("position_saddle.py")
+WHICH_CARD = TOWER_PROBE.with_name("which_card.py")
 
 
 @pytest.mark.timeout(900)
@@ -203,6 +204,61 @@ def test_position_saddle_runs_its_conditions(tmp_path):
     assert doc["tower"].endswith("semclip-vit-t-16")
     for curve in doc["curves"].values():
         assert [p["step"] for p in curve] == [2, 4]
-        assert all(p["side_accuracy"] in {i / 8 for i in range(9)} for p in curve)
+        assert all(p["accuracy"] in {i / 8 for i in range(9)} for p in curve)
     assert (tmp_path / "saddle.png").stat().st_size > 1000
     assert "side-of-the-image accuracy" in stdout
+
+
+def test_position_saddle_asks_the_two_card_question_with_the_right_answer_first(tmp_path):
+    import random
+
+    module = _benchmark_module(POSITION_SADDLE)
+    rng = random.Random(0)
+    for n_cards in (1, 2, 3) * 10:
+        s = module.two_card_question(rng, n_cards)
+        a, b = s.cards[0], s.cards[1]
+        assert len(s.cards) == max(2, n_cards) and abs(a.center[0] - b.center[0]) >= a.bbox[2]
+        assert s.question == f"Is the {a.shape} on the left or right side of the {b.shape}?"
+        side = "left" if a.center[0] < b.center[0] else "right"
+        assert s.options[0] == f"The {a.shape} is on the {side} side of the {b.shape}."
+    doc, stdout = _run_benchmark(POSITION_SADDLE, tmp_path / "two.json", "--question", "two-card", "--steps", "2",
+                                 "--every", "2", "--questions", "4", "--threads", "1", "--conditions",
+                                 "card tokens only,CLIP tower")
+    assert doc["question"] == "two-card" and list(doc["curves"]) == ["card tokens only", "CLIP tower"]
+    assert "two-card left/right accuracy" in stdout
+
+
+def test_which_card_rates_answers_that_follow_the_truth_a_or_b():
+    """Answers made by a known rule agree with what the rule reads: the truth always (accuracy 1 on
+    both halves), {a}'s side always, {b}'s side always."""
+    which = _benchmark_module(WHICH_CARD)
+    samples = which.two_card_questions(200)
+    truth = ["left" if s.cards[0].center[0] < s.cards[1].center[0] else "right" for s in samples]
+    by_a = ["left" if s.cards[0].center[0] < s.tiles[0].width / 2 else "right" for s in samples]
+    by_b = ["left" if s.cards[1].center[0] < s.tiles[0].width / 2 else "right" for s in samples]
+    r = which.follow_rates(samples, truth)
+    assert r["truth"] == r["opposite_halves"] == r["same_half"] == 1.0 and r["side_a"] == r["side_a_rule"]
+    assert 0.7 < r["side_a_rule"] < 0.95 and 0.4 < r["opposite_share"] < 0.9 and r["questions"] == 200
+    r = which.follow_rates(samples, by_a)
+    assert r["side_a"] == 1.0 and r["opposite_halves"] == 1.0 and r["same_half"] < 1.0
+    r = which.follow_rates(samples, by_b)  # on opposite halves {b}'s side is always the wrong answer
+    assert r["side_b"] == 1.0 and r["opposite_halves"] == 0.0
+    r = which.follow_rates(samples, ["left"] * len(samples))
+    assert r["left"] == 1.0 and r["side_a"] + r["side_b"] > 0
+
+
+def test_which_card_runs_on_the_bundled_llava_and_its_truth_is_the_llavas_accuracy(tmp_path, model_dir):
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from vllm_semclip.train_vlm import LlavaTrainer, accuracy
+
+    doc, stdout = _run_benchmark(WHICH_CARD, tmp_path / "which.json", "--model", str(model_dir), "--questions", "24",
+                                 "--threads", "1")
+    r = doc["results"][str(model_dir)]
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    trainer = LlavaTrainer(model, AutoProcessor.from_pretrained(model_dir))
+    samples = _benchmark_module(WHICH_CARD).two_card_questions(24)
+    assert r["truth"] == pytest.approx(accuracy(trainer, samples))
+    assert all(0 <= r[k] <= 1 for k in ("truth", "side_a", "side_b", "left")) and r["questions"] == 24
+    assert (tmp_path / "which.png").stat().st_size > 1000 and "a's side alone would be right" in stdout
