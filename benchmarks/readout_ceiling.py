@@ -74,8 +74,6 @@ def option_mask(samples) -> torch.Tensor:
 
 
 def main() -> None:
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
     from vllm_semclip.cards import CROP_SIDE_RANGE, VISIBLE_SIDE_RANGE
     from vllm_semclip.tiny_models import DEFAULT_MODEL_DIR
     from vllm_semclip.train_vlm import LlavaTrainer, accuracy
@@ -89,8 +87,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/readout_ceiling.json")
     args = ap.parse_args()
 
-    model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32).eval()
-    trainer = LlavaTrainer(model, AutoProcessor.from_pretrained(args.model))
+    trainer = LlavaTrainer.from_pretrained(args.model)
     rng = random.Random(f"{args.seed}-readout")
     _, train_x, train_shape, train_color = tile_set(trainer, rng, args.tiles, None, CROP_SIDE_RANGE, "training tiles")
     held = {k: tile_set(trainer, rng, args.questions, k, VISIBLE_SIDE_RANGE, f"held-out, {k} card(s)") for k in (1, 2, 3)}

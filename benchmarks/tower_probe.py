@@ -206,8 +206,6 @@ def plot(probe: list[dict], by_cards: dict[str, float], binding: list[dict], pat
 
 
 def main() -> None:
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
     from vllm_semclip.cards import VISIBLE_SIDE_RANGE, card_tile
     from vllm_semclip.tiny_models import DEFAULT_MODEL_DIR, ensure_default_models
     from vllm_semclip.train_vlm import LlavaTrainer
@@ -222,8 +220,7 @@ def main() -> None:
     if args.model is None:
         ensure_default_models()
     model_dir = args.model or str(DEFAULT_MODEL_DIR)
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-    trainer = LlavaTrainer(model, AutoProcessor.from_pretrained(model_dir))
+    trainer = LlavaTrainer.from_pretrained(model_dir)
     rng = random.Random(args.seed)
     tiles = [card_tile(rng, trainer.tile_size, n_cards=rng.randint(1, 3), side_range=VISIBLE_SIDE_RANGE)
              for _ in range(args.tiles)]
@@ -233,7 +230,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": model_dir, "tiles": args.tiles, "questions_per_condition": args.questions, "seed": args.seed,
-            "vision_feature_layer": model.config.vision_feature_layer}
+            "vision_feature_layer": trainer.model.config.vision_feature_layer}
     out.write_text(json.dumps({"meta": meta, "position_probe": probe, "accuracy_by_cards": by_cards,
                                "attention_binding": binding}, indent=2))
     plot(probe, by_cards, binding, out.with_suffix(".png"))

@@ -79,11 +79,7 @@ def follow_rates(samples: list[Sample], answers: list[str]) -> dict[str, float]:
 
 
 def measure(model_dir: Path | str, samples: list[Sample]) -> dict[str, float]:
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-    trainer = LlavaTrainer(model, AutoProcessor.from_pretrained(model_dir))
-    scores = trainer.option_scores(samples)
+    scores = LlavaTrainer.from_pretrained(model_dir).option_scores(samples)
     return follow_rates(samples, [answered_side(s, sc) for s, sc in zip(samples, scores)])
 
 

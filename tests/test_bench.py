@@ -248,16 +248,12 @@ def test_which_card_rates_answers_that_follow_the_truth_a_or_b():
 
 
 def test_which_card_runs_on_the_bundled_llava_and_its_truth_is_the_llavas_accuracy(tmp_path, model_dir):
-    import torch
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
     from vllm_semclip.train_vlm import LlavaTrainer, accuracy
 
     doc, stdout = _run_benchmark(WHICH_CARD, tmp_path / "which.json", "--model", str(model_dir), "--questions", "24",
                                  "--threads", "1")
     r = doc["results"][str(model_dir)]
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-    trainer = LlavaTrainer(model, AutoProcessor.from_pretrained(model_dir))
+    trainer = LlavaTrainer.from_pretrained(model_dir)
     samples = _benchmark_module(WHICH_CARD).two_card_questions(24)
     assert r["truth"] == pytest.approx(accuracy(trainer, samples))
     assert all(0 <= r[k] <= 1 for k in ("truth", "side_a", "side_b", "left")) and r["questions"] == 24

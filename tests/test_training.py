@@ -381,11 +381,7 @@ def test_text_samples_write_each_card_as_colour_and_shape_among_filler_words():
 
 @pytest.fixture(scope="module")
 def trainer(model_dir):
-    import torch
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return LlavaTrainer(model, AutoProcessor.from_pretrained(model_dir))
+    return LlavaTrainer.from_pretrained(model_dir)
 
 
 def test_token_layout_matches_what_vllm_serves(trainer, tokens_per_tile):

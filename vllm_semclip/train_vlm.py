@@ -297,6 +297,14 @@ class LlavaTrainer:
         for p in model.model.vision_tower.parameters():
             p.requires_grad_(False)
 
+    @classmethod
+    def from_pretrained(cls, model_dir: Path | str) -> "LlavaTrainer":
+        """A saved LLaVA checkpoint (fp32, eval mode) and its processor, ready to score."""
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+        return cls(model, AutoProcessor.from_pretrained(model_dir))
+
     def unfreeze_tower(self) -> None:
         """Let the language model's loss train the tower too (``VlmTrainConfig.tower_lr``)."""
         for p in self.model.model.vision_tower.parameters():
@@ -538,10 +546,7 @@ def held_out_sets(n: int, seed: int, pad_fill, tile_size: int) -> dict[str, list
 
 def evaluate(model_dir: Path | str, n: int = 400, seed: int = 0, progress: bool = True) -> dict:
     """Held-out accuracies of a saved tiny LLaVA (likelihood protocol, Hugging Face forward)."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-    trainer = LlavaTrainer(model, AutoProcessor.from_pretrained(model_dir))
+    trainer = LlavaTrainer.from_pretrained(model_dir)
     sets = held_out_sets(n, seed, trainer.pad_fill, trainer.tile_size)
     return {f"{name}_accuracy": accuracy(trainer, samples) for name, samples in sets.items()} | {"eval_questions": n}
 
