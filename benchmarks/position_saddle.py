@@ -15,7 +15,10 @@ image?" (1–3 cards). Three conditions:
 * ``card tokens only``: the same code on the tokens under a card, nothing on the background;
 * ``every token + position binding``: as the first, with ``position_binding_weight`` 0.5 —
   heads 0 and 1 of layer 2, at the position predicting left/right, steered onto the named card;
-* ``CLIP tower`` (± position binding): the same questions on drawn tiles through the bundled
+* ``… + position & word binding``: as position binding, and heads 0 and 1 of layer 0, at the
+  same position, steered onto the question's words naming the two cards (``word_binding_weight``
+  0.5) — so the cards' heads know which card is which;
+* ``CLIP tower`` (± the bindings): the same questions on drawn tiles through the bundled
   tiny CLIP tower (``--tower``), frozen — the LLaVA's real input, for comparison.
 
 Attention spread over the whole image averages the position code of every token — the same for
@@ -50,12 +53,16 @@ from vllm_semclip.cards import CROP_SIDE_RANGE, spatial_option, spatial_question
 from vllm_semclip.scenes import COLORS, SHAPES, Placed, find_box
 
 TILE = 224
-CONDITIONS = {  # name: (where the position code is — "tower": the real tiny CLIP's tokens —, position_binding_weight)
-    "every token": ("all", 0.0),
-    "card tokens only": ("card", 0.0),
-    "every token + position binding": ("all", 0.5),
-    "CLIP tower": ("tower", 0.0),
-    "CLIP tower + position binding": ("tower", 0.5),
+CONDITIONS = {  # name: (where the position code is — "tower": the real tiny CLIP's tokens —,
+    #                  position_binding_weight, word_binding_weight)
+    "every token": ("all", 0.0, 0.0),
+    "card tokens only": ("card", 0.0, 0.0),
+    "every token + position binding": ("all", 0.5, 0.0),
+    "card tokens only + position & word binding": ("card", 0.5, 0.5),
+    "every token + position & word binding": ("all", 0.5, 0.5),
+    "CLIP tower": ("tower", 0.0, 0.0),
+    "CLIP tower + position binding": ("tower", 0.5, 0.0),
+    "CLIP tower + position & word binding": ("tower", 0.5, 0.5),
 }
 
 
@@ -157,7 +164,7 @@ class SyntheticTower:
 
 
 def run_condition(where: str, binding: float, steps: int, every: int, held_out, seed: int, progress: bool,
-                  tower_dir: str | None = None, question: str = "side") -> list[dict]:
+                  tower_dir: str | None = None, question: str = "side", word_binding: float = 0.0) -> list[dict]:
     """Train a fresh projector + language model on ``question`` questions (``QUESTIONS``) over
     synthetic tokens (or, for ``where="tower"``, drawn tiles through the CLIP in ``tower_dir``);
     the held-out accuracy (V* protocol) every ``every`` steps."""
@@ -185,9 +192,10 @@ def run_condition(where: str, binding: float, steps: int, every: int, held_out, 
     sched = warmup_cosine(opt, min(100, steps // 6), steps)
     rng = random.Random(seed)
     curve = []
-    for step in tqdm(range(steps), desc=f"{where}, binding {binding}", disable=not progress, mininterval=5):
+    for step in tqdm(range(steps), desc=f"{where}, binding {binding}/{word_binding}", disable=not progress, mininterval=5):
         batch = [make(rng, rng.randint(1, 3)) for _ in range(16)]
-        loss = trainer.loss(batch, rng, binding_layer=2, position_binding_weight=binding)
+        loss = trainer.loss(batch, rng, binding_layer=2, position_binding_weight=binding,
+                            word_binding_weight=word_binding, word_binding_layer=0)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -229,11 +237,11 @@ def main() -> None:
         held_out[kind] = [make(held_rng, held_rng.randint(1, 3)) for _ in range(args.questions)]
     rows = {}
     for name in names:
-        where, binding = CONDITIONS[name]
+        where, binding, word_binding = CONDITIONS[name]
         torch.manual_seed(args.seed)
         rows[name] = run_condition(where, binding, args.steps, args.every,
                                    held_out["tower" if where == "tower" else "synthetic"], args.seed, progress=True,
-                                   tower_dir=tower_dir, question=args.question)
+                                   tower_dir=tower_dir, question=args.question, word_binding=word_binding)
     steps = [p["step"] for p in next(iter(rows.values()))]
     print(f"held-out {WHAT[args.question]} accuracy (chance 50%) after N steps: " + " | ".join(f"{s:>5}" for s in steps))
     for name, curve in rows.items():

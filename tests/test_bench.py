@@ -200,7 +200,8 @@ def test_position_saddle_runs_its_conditions(tmp_path):
     doc, stdout = _run_benchmark(POSITION_SADDLE, tmp_path / "saddle.json", "--steps", "4", "--every", "2",
                                  "--questions", "8", "--threads", "1")
     assert list(doc["curves"]) == ["every token", "card tokens only", "every token + position binding",
-                                   "CLIP tower", "CLIP tower + position binding"]
+                                   "card tokens only + position & word binding", "every token + position & word binding",
+                                   "CLIP tower", "CLIP tower + position binding", "CLIP tower + position & word binding"]
     assert doc["tower"].endswith("semclip-vit-t-16")
     for curve in doc["curves"].values():
         assert [p["step"] for p in curve] == [2, 4]
@@ -223,8 +224,9 @@ def test_position_saddle_asks_the_two_card_question_with_the_right_answer_first(
         assert s.options[0] == f"The {a.shape} is on the {side} side of the {b.shape}."
     doc, stdout = _run_benchmark(POSITION_SADDLE, tmp_path / "two.json", "--question", "two-card", "--steps", "2",
                                  "--every", "2", "--questions", "4", "--threads", "1", "--conditions",
-                                 "card tokens only,CLIP tower")
-    assert doc["question"] == "two-card" and list(doc["curves"]) == ["card tokens only", "CLIP tower"]
+                                 "card tokens only,CLIP tower + position & word binding")
+    assert doc["question"] == "two-card"
+    assert list(doc["curves"]) == ["card tokens only", "CLIP tower + position & word binding"]
     assert "two-card left/right accuracy" in stdout
 
 

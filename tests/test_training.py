@@ -147,7 +147,8 @@ def test_clip_config_is_validated(bad):
                                  {"side_fraction": 1.5}, {"binding_weight": -0.1}, {"binding_layer": -1},
                                  {"tower_lr": -1e-4}, {"turns": 0}, {"text_steps": -1},
                                  {"position_binding_weight": -0.5}, {"side_steps": -1},
-                                 {"ground_spatial_fraction": 1.5}, {"align_ground_fraction": -0.1}])
+                                 {"ground_spatial_fraction": 1.5}, {"align_ground_fraction": -0.1},
+                                 {"word_binding_weight": -0.5}, {"word_binding_layer": -1}])
 def test_vlm_config_is_validated(bad):
     with pytest.raises(ValueError):
         VlmTrainConfig(**bad)
@@ -470,6 +471,47 @@ def test_train_vlm_refuses_a_binding_layer_the_model_does_not_have(tmp_path):
     assert not (tmp_path / "x").exists()  # refused before anything was built
 
 
+def test_train_vlm_refuses_a_word_binding_layer_the_model_does_not_have(tmp_path):
+    from vllm_semclip.tiny_models import TinyLlavaSpec
+    from vllm_semclip.train_vlm import train_vlm
+
+    with pytest.raises(ValueError, match="word_binding_layer 7"):
+        train_vlm(VlmTrainConfig(word_binding_weight=0.5, word_binding_layer=7), out_dir=tmp_path / "x",
+                  spec=TinyLlavaSpec())
+    assert not (tmp_path / "x").exists()
+
+
+def test_continue_from_loads_projector_and_language_model_and_keeps_the_tower(tmp_path, model_dir):
+    from transformers import LlavaForConditionalGeneration
+
+    from vllm_semclip.tiny_models import TinyLlavaSpec, build_tiny_llava
+    from vllm_semclip.train_vlm import continue_from
+
+    build_tiny_llava(tmp_path / "fresh", TinyLlavaSpec(seed=3))  # random projector + LM, random tower
+    fresh = LlavaForConditionalGeneration.from_pretrained(tmp_path / "fresh", dtype=torch.float32)
+    saved = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+    tower_before = {k: v.clone() for k, v in fresh.state_dict().items() if "vision_tower" in k}
+    continue_from(fresh, model_dir)
+    after = fresh.state_dict()
+    lm = [k for k in after if "vision_tower" not in k]
+    assert any("multi_modal_projector" in k for k in lm) and any("lm_head" in k for k in lm)
+    assert all(torch.equal(after[k], saved[k]) for k in lm)
+    assert all(torch.equal(after[k], v) for k, v in tower_before.items())
+    assert not all(torch.equal(after[k], saved[k]) for k in tower_before)  # the tower is not the saved one's
+
+    build_tiny_llava(tmp_path / "wide", TinyLlavaSpec(text_hidden_size=192, text_heads=6))
+    with pytest.raises(ValueError, match="not a LLaVA of this model's sizes"):
+        continue_from(fresh, tmp_path / "wide")
+
+
+def test_train_vlm_refuses_to_continue_from_the_directory_it_writes(tmp_path, model_dir):
+    from vllm_semclip.tiny_models import TinyLlavaSpec
+    from vllm_semclip.train_vlm import train_vlm
+
+    with pytest.raises(ValueError, match="same directory"):
+        train_vlm(VlmTrainConfig(init=str(tmp_path)), out_dir=tmp_path, spec=TinyLlavaSpec())
+
+
 @pytest.mark.parametrize("tower_lr", [0.0, 1e-3])
 def test_train_vlm_trains_the_tower_only_when_given_a_tower_lr(tmp_path, tower_lr):
     """LLaVA-1.5 keeps the tower frozen (``tower_lr`` 0: the saved tower is the CLIP's ViT,
@@ -611,16 +653,76 @@ def test_position_binding_targets_point_heads_0_and_1_at_the_named_cards_from_th
         samples[0].options[0].rsplit(" ", 1)[1].rstrip(".")
 
 
-def test_position_binding_adds_a_term_only_where_left_right_questions_have_cards(trainer):
-    rng = random.Random(12)
+def test_word_targets_point_heads_0_and_1_from_the_left_right_position_at_the_words_naming_a_and_b(trainer):
+    """The keys are exactly the question's tokens of {a} (head 0) and {b} (head 1) — "image" for a
+    side-of-the-image question, the question's word and not the image token — the query the
+    token before "left"/"right"; attribute questions get none."""
+    rng = random.Random(21)
+    samples = [tile_sample(rng, n_cards=3, spatial=False), tile_sample(rng, n_cards=3, spatial=True),
+               side_sample(rng, n_cards=2), tile_sample(rng, n_cards=2, spatial=True)]
+    encoded = [trainer.encode(s, s.options[0], bos=i % 2 == 0) for i, s in enumerate(samples)]
+    for named in (0, 1):
+        targets = trainer.word_targets(samples, encoded, named)
+        assert [row for row, _, _ in targets] == [1, 2, 3]
+        for row, query, keys in targets:
+            sample, (ids, begin) = samples[row], encoded[row]
+            words = sample.question.rstrip("?").split()
+            marked = keys.nonzero().flatten().tolist()
+            assert trainer.tokenizer.decode([ids[i] for i in marked]).strip() == (words[2], words[-1])[named]
+            image_end = ids.index(trainer.image_token_id) + trainer.tokens_per_tile
+            assert image_end <= marked[0] and marked[-1] < begin  # in the question, not the answer or the image
+            side = sample.options[0].split(" side of ")[0].rsplit(" ", 1)[1]
+            assert trainer.tokenizer.decode(ids[query + 1:query + 2]).strip() == side
+
+
+def test_position_and_word_binding_add_terms_only_for_left_right_questions(trainer):
+    rng = random.Random(22)
     attribute = [tile_sample(rng, n_cards=2, spatial=False) for _ in range(3)]
     spatial = [tile_sample(rng, n_cards=2, spatial=True) for _ in range(3)]
     with torch.no_grad():
         plain = float(trainer.loss(attribute, random.Random(0)))
-        assert float(trainer.loss(attribute, random.Random(0), position_binding_weight=1.0)) == pytest.approx(plain)
+        for steering in ({"position_binding_weight": 1.0}, {"word_binding_weight": 1.0}):
+            assert float(trainer.loss(attribute, random.Random(0), **steering)) == pytest.approx(plain)
         plain = float(trainer.loss(spatial, random.Random(0)))
-        steered = float(trainer.loss(spatial, random.Random(0), position_binding_weight=1.0))
-    assert steered > plain + 0.1  # −log of an attention share below 1, for two heads
+        cards = float(trainer.loss(spatial, random.Random(0), position_binding_weight=1.0))
+        first = float(trainer.loss(spatial, random.Random(0), word_binding_weight=1.0))
+        later = float(trainer.loss(spatial, random.Random(0), word_binding_weight=1.0, word_binding_layer=3))
+        both = float(trainer.loss(spatial, random.Random(0), word_binding_weight=1.0, position_binding_weight=1.0))
+    # −log of an attention share below 1, for two heads; at the layer asked for; the terms add up
+    assert cards > plain + 0.1 and first > plain + 0.1 and later > plain + 0.1 and first != pytest.approx(later)
+    assert both == pytest.approx(first + cards - plain, rel=1e-4)
+
+
+def _steps_lower(model_dir, samples, steering, steps: int = 5) -> tuple[float, float]:
+    """``steering(trainer, encoded, attentions)`` before and after ``steps`` Adam steps on it alone (a fresh copy of the model)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    trainer = LlavaTrainer(model, AutoProcessor.from_pretrained(model_dir))
+    encoded = [trainer.encode(s, s.options[0]) for s in samples]
+    features = trainer.tile_features(trainer.pixel_values(samples))
+
+    def loss() -> torch.Tensor:
+        out = trainer._forward_with_attentions([ids for ids, _ in encoded], features)
+        return steering(trainer, encoded, out.attentions)
+
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    before = float(loss())
+    for _ in range(steps):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    return before, float(loss())
+
+
+def test_a_few_steps_of_word_binding_turn_the_first_layers_heads_to_the_named_words(model_dir):
+    samples = [tile_sample(random.Random(i), n_cards=3, spatial=True) for i in range(6)]
+
+    def steering(trainer, encoded, attentions):
+        return sum(trainer.binding_loss(attentions, trainer.word_targets(samples, encoded, h), 0, h) for h in (0, 1))
+
+    before, after = _steps_lower(model_dir, samples, steering)
+    assert after < before - 0.5
 
 
 def test_binding_loss_is_zero_when_the_head_looks_only_at_the_card_and_log_n_when_it_looks_everywhere(trainer):
@@ -641,27 +743,14 @@ def test_binding_loss_is_zero_when_the_head_looks_only_at_the_card_and_log_n_whe
 def test_a_few_steps_of_the_binding_loss_move_the_heads_attention_onto_the_asked_card(model_dir):
     """The loss trains what it says: its gradient reaches the language model, and a few steps of
     it raise the attention the steered head pays the asked-for card (on a copy of the model)."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
-    trainer = LlavaTrainer(model, AutoProcessor.from_pretrained(model_dir))
     samples = [tile_sample(random.Random(i), n_cards=3, spatial=False) for i in range(6)]
-    encoded = [trainer.encode(s, s.options[0]) for s in samples]
-    targets = trainer.binding_targets(samples, encoded)
-    features = trainer.tile_features(trainer.pixel_values(samples))
 
-    def binding() -> torch.Tensor:
-        out = trainer._forward_with_attentions([ids for ids, _ in encoded], features)
-        return trainer.binding_loss(out.attentions, targets, layer=2)
+    def steering(trainer, encoded, attentions):
+        return trainer.binding_loss(attentions, trainer.binding_targets(samples, encoded), layer=2)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=3e-3)
-    before = float(binding())
-    for _ in range(5):
-        opt.zero_grad()
-        binding().backward()
-        opt.step()
-    assert float(binding()) < before - 0.5
+    before, after = _steps_lower(model_dir, samples, steering)
+    assert after < before - 0.5
+    trainer = LlavaTrainer.from_pretrained(model_dir)
     combined = trainer.loss(samples, random.Random(0), binding_weight=0.1, binding_layer=2)
     plain = trainer.loss(samples, random.Random(0))
     assert float(combined) > float(plain)  # the binding term is added, never negative

@@ -235,6 +235,9 @@ def cmd_train(argv: list[str]) -> int:
         p.add_argument("--position-binding-weight", type=float,
                        help="the same loss on left/right questions: heads 0 and 1, at the position predicting "
                             "left/right, steered to the two cards' tokens (default 0: off)")
+        p.add_argument("--word-binding-weight", type=float,
+                       help="left/right questions: heads 0 and 1 of the first layer, at the same position, steered "
+                            "to the question's words naming the two cards (default 0: off)")
         p.add_argument("--tower-lr", type=float,
                        help="train the tower too after alignment, at this learning rate (default 0: frozen)")
         p.add_argument("--turns", type=int,
@@ -252,12 +255,15 @@ def cmd_train(argv: list[str]) -> int:
         p.add_argument("--align-ground-fraction", type=float,
                        help="share of alignment samples drawn as grounding-stage samples, so the skill is kept "
                             "(default 0)")
+        p.add_argument("--init", help="continue from this saved LLaVA's projector and language model (the tower is "
+                                       "--relevance-dir's)")
         p.add_argument("--align-projector-only", action="store_true", default=None,
                        help="alignment trains the projector alone, the language model frozen (LLaVA-1.5's stage 1)")
     args = p.parse_args(argv)
     overrides = {k: getattr(args, k, None) for k in ("model", "steps", "seed", "threads", "init", "curriculum", "lr",
                                                   "position_weight", "position_card_weight", "label_weight", "label_tiles",
-                                                  "side_fraction", "binding_weight", "position_binding_weight", "tower_lr", "turns",
+                                                  "side_fraction", "binding_weight", "position_binding_weight", "word_binding_weight",
+                                                  "tower_lr", "turns",
                                                   "text_steps", "side_steps", "ground_spatial_fraction",
                                                   "align_ground_fraction", "align_projector_only")}
     overrides = {k: v for k, v in overrides.items() if v is not None}
