@@ -15,7 +15,7 @@
     accuracy, crop hit rate and visual tokens of overview/random/all/clip/trained/oracle through vLLM.
 ``semclip train clip [--model NAME] [--init DIR] [--out DIR] [--steps N] [--seed S]``
     trains the tiny CLIP (the LLaVA tower; at 336 px ψ's default) and evaluates it on held-out cards.
-``semclip train vlm [--relevance-dir DIR] [--out DIR] [--steps N] [--seed S]``
+``semclip train vlm [--relevance-dir DIR] [--init DIR] [--out DIR] [--steps N] [--seed S]``
     builds the tiny LLaVA on the tiny CLIP's tower, trains projector + LM, evaluates held-out questions.
 ``semclip label --data DIR [--model DIR] --out LABELS [--address RAY_ADDRESS] [--actors N]``
     distant supervision: the VLM scores overview + each candidate crop per question, on Ray
