@@ -507,18 +507,17 @@ class LlavaTrainer:
         (~⅓ each among three) — at the answer's position nothing yet says which shapes were
         named — and the two-card question stays at a constant answer; with an earlier layer
         steered from the answer back to the two words, the cards' heads lock onto {a} and {b}
-        and the comparison is learnt (``benchmarks/position_saddle.py``, README)."""
+        and the comparison can be learnt (``benchmarks/position_saddle.py``, README)."""
         conversations = [self.encode_conversation(s, bos=rng.random() < 0.5) for s in samples]
         ids = [x for x, _ in conversations]
         encoded = [(x, spans[0][0]) for x, spans in conversations]  # the first answer (binding targets)
         features = self.tile_features(self.pixel_values(samples))
-        steered = []  # (weight, head, targets), then (weight, layer, head, targets)
+        steered = []  # (weight, layer, head, targets)
         if binding_weight:
-            steered.append((binding_weight, 0, self.binding_targets(samples, encoded)))
+            steered.append((binding_weight, binding_layer, 0, self.binding_targets(samples, encoded)))
         if position_binding_weight:
-            steered += [(position_binding_weight, head, self.binding_targets(samples, encoded, "relative_position", head))
-                        for head in (0, 1)]
-        steered = [(w, binding_layer, h, t) for w, h, t in steered]
+            steered += [(position_binding_weight, binding_layer, head,
+                         self.binding_targets(samples, encoded, "relative_position", head)) for head in (0, 1)]
         if word_binding_weight:
             steered += [(word_binding_weight, word_binding_layer, head, self.word_targets(samples, encoded, head))
                         for head in (0, 1)]
