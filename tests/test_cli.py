@@ -102,6 +102,12 @@ def test_train_vlm_refuses_heads_narrower_than_32_before_training():
     assert out.returncode == 2 and "32 wide" in out.stderr
 
 
+def test_train_vlm_takes_the_learning_rate():
+    """--lr reaches VlmTrainConfig (a continuation with --init is run at a lower rate): out of range, it is refused."""
+    out = semclip("train", "vlm", "--lr", "0", "--out", "/nonexistent/x", timeout=120)
+    assert out.returncode == 2 and "lr must be in (0, 1)" in out.stderr
+
+
 def test_serve_command_translates_flags():
     cmd = serve_command("/m", {"topk": 2, "grids": (2, 3)}, port=9000,
                         vllm_args=["--hf-overrides", '{"semclip_config": {"overlap": 0.1}, "foo": 1}', "--max-model-len", "2048"])

@@ -197,20 +197,21 @@ def cmd_train(argv: list[str]) -> int:
         print("usage: semclip train clip|vlm [--out DIR] [--steps N] [--seed S] ...", file=sys.stderr)
         return 2
     what, argv = argv[0], argv[1:]
-    from .tiny_models import DEFAULT_MODEL_DIR, DEFAULT_TOWER_DIR
+    from .tiny_models import DEFAULT_TOWER_DIR
 
     p = argparse.ArgumentParser(prog=f"semclip train {what}")
-    # the bundled CLIP is the LLaVA's tower (and, at 336 px, ψ): a new one goes to out/ unless asked
-    p.add_argument("--out", default="out/psi" if what == "clip" else str(DEFAULT_MODEL_DIR))
+    # the bundled CLIP is the LLaVA's tower (and, at 336 px, ψ), and the bundled LLaVA is a chain of
+    # runs (README): a new model goes to out/ unless the package's directory is asked for
+    p.add_argument("--out", default="out/psi" if what == "clip" else "out/vlm")
     p.add_argument("--steps", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--lr", type=float, help="peak learning rate of the warm-up/cosine schedule")
     if what == "clip":
         p.add_argument("--model", help="open_clip config to train (default SemClip-ViT-T-16, 224 px; "
                        "SemClip-ViT-T-16-336 with --init resizes a 224-px ψ's position grid)")
         p.add_argument("--init", help="continue from this ψ checkpoint directory")
         p.add_argument("--curriculum", type=float, help="fraction of steps over which cards shrink (default 0.2)")
-        p.add_argument("--lr", type=float)
         p.add_argument("--position-weight", type=float,
                        help="weight of the patch-position loss at the LLaVA's feature layer (default 0: off)")
         p.add_argument("--position-card-weight", type=float,

@@ -133,6 +133,8 @@ class VlmTrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be at least 1")
+        if not 0 < self.lr < 1 or self.weight_decay < 0 or self.warmup < 0:
+            raise ValueError("lr must be in (0, 1), weight_decay and warmup non-negative")
         for name in ("align_fraction", "scene_fraction", "spatial_fraction", "side_fraction", "ground_spatial_fraction",
                      "align_ground_fraction"):
             if not 0 <= getattr(self, name) <= 1:
