@@ -17,7 +17,8 @@ import pytest
 
 from vllm_semclip.benchdata import BenchRecord, load_bench, write_bench
 from vllm_semclip.crops import candidate_boxes, crop_hit
-from vllm_semclip.label import LabelConfig, LabelError, label_row, load_labels, run_labelling, score_condition
+from vllm_semclip.label import (LabelConfig, LabelError, label_row, label_statistics, load_labels, run_labelling,
+                                score_condition)
 
 QUESTIONS = 3
 
@@ -73,6 +74,26 @@ def test_a_crops_gain_is_its_rise_in_the_correct_options_probability():
     assert all(c["gain"] == 0 for i, c in enumerate(row["crops"]) if i != helpful)
     assert [c["hit"] for c in row["crops"]] == [crop_hit([b], rec.target_boxes) for b in candidates]
     assert row["oracle"] == helpful
+
+
+def test_label_statistics_count_per_category():
+    rec = BenchRecord("q", "direct_attributes", "/none.jpg", "What is the color of the circle?",
+                      ["a", "b", "c", "d"], ["circle"], [[610, 410, 30, 30]])
+    n = len(candidate_boxes(900, 600, (2, 3)))
+    wrong = [-2.0, -1.0, -1.5, -3.0]
+    helped = [wrong] * (n + 1)
+    helped[1 + 12] = [-0.2, -3.0, -3.0, -3.0]  # the oracle crop (bottom-right 3x3 cell) answers right
+    flat = [[-0.5, -1.0, -1.5, -3.0]] * (n + 1)  # right everywhere, no crop gains
+    spatial = BenchRecord("s", "relative_position", "/none.jpg", "Is the circle on the left or right side of the star?",
+                          ["l", "r"], ["circle", "star"], [[10, 10, 30, 30], [700, 500, 30, 30]])
+    rows = [label_row(rec, (900, 600), (2, 3), helped), label_row(rec, (900, 600), (2, 3), flat),
+            label_row(spatial, (900, 600), (2, 3), [[-1.0, -0.5]] * (n + 1))]
+    stats = label_statistics(rows)
+    assert stats["direct_attributes"] == {"questions": 2, "overview_accuracy": 0.5, "oracle_crop_accuracy": 1.0,
+                                          "best_crop_hit_rate": 0.5, "helped_questions": 1}
+    assert stats["relative_position"] == {"questions": 1, "overview_accuracy": 0.0, "oracle_crop_accuracy": 0.0,
+                                          "best_crop_hit_rate": 0.0, "helped_questions": 0}
+    assert label_statistics(rows, min_gain=10.0)["direct_attributes"]["helped_questions"] == 0
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -329,3 +329,22 @@ def load_labels(path: str | Path) -> list[dict[str, Any]]:
     if not files:
         raise FileNotFoundError(f"no label shards ({SHARD_GLOB}) in {path}")
     return [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
+
+
+def label_statistics(rows: Sequence[dict[str, Any]], min_gain: float = 0.05) -> dict[str, dict[str, Any]]:
+    """What labels say about their VLM, per category: how often the overview alone is answered
+    right, how often the oracle crop (the smallest covering the targets) is, how often the crop of
+    largest gain contains the targets, and how many questions have a crop gaining ``min_gain``
+    (those ψ trains on). Why: whether crops can help a VLM at all is read here, before ψ is trained."""
+    out: dict[str, dict[str, Any]] = {}
+    for category in sorted({r["category"] for r in rows}):
+        group = [r for r in rows if r["category"] == category]
+        n = len(group)
+        out[category] = {
+            "questions": n,
+            "overview_accuracy": round(sum(r["overview"]["correct"] for r in group) / n, 4),
+            "oracle_crop_accuracy": round(sum(r["crops"][r["oracle"]]["correct"] for r in group) / n, 4),
+            "best_crop_hit_rate": round(sum(r["crops"][r["best"]]["hit"] for r in group) / n, 4),
+            "helped_questions": sum(r["crops"][r["best"]]["gain"] >= min_gain for r in group),
+        }
+    return out

@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .label import load_labels
+from .label import label_statistics, load_labels
 from .tiny_models import DEFAULT_RELEVANCE_DIR, MODELS_DIR
 
 DEFAULT_TRAINED_RELEVANCE_DIR = MODELS_DIR / "semclip-vit-t-16-336-trained"
@@ -256,6 +256,7 @@ def train_relevance(config: RelevanceTrainConfig, out_dir: Path | str = DEFAULT_
     out = save_local_dir(model, model_cfg, out_dir)
     report = {"config": asdict(config), "train_questions": len(train_set), "val_questions": len(val_set),
               "labelled_questions": len(rows), "train_seconds": round(time.time() - start, 1),
+              "label_statistics": label_statistics(rows, config.min_gain),
               "zero_shot": history[0], "best_epoch": best, "kept_start": kept_start, "history": history}
     (out / "train_config.json").write_text(json.dumps(asdict(config), indent=1))
     (out / "train_report.json").write_text(json.dumps(report, indent=1))
