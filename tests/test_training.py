@@ -675,7 +675,25 @@ def test_word_targets_point_heads_0_and_1_from_the_left_right_position_at_the_wo
             assert trainer.tokenizer.decode(ids[query + 1:query + 2]).strip() == side
 
 
-def test_position_and_word_binding_add_terms_only_for_left_right_questions(trainer):
+@pytest.fixture(scope="module")
+def untrained_dir(tmp_path_factory) -> str:
+    """The tiny LLaVA as ``semclip train vlm`` starts it: the bundled tower, a random (seeded)
+    projector and language model. The steering tests run on it: the bundled LLaVA was trained with
+    the steerings, so its heads already look where they would be steered."""
+    from vllm_semclip.tiny_models import DEFAULT_TOWER_DIR, TinyLlavaSpec, build_tiny_llava
+
+    out = tmp_path_factory.mktemp("untrained") / "llava"
+    build_tiny_llava(out, TinyLlavaSpec(), relevance_dir=DEFAULT_TOWER_DIR)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def untrained(untrained_dir):
+    return LlavaTrainer.from_pretrained(untrained_dir)
+
+
+def test_position_and_word_binding_add_terms_only_for_left_right_questions(untrained):
+    trainer = untrained
     rng = random.Random(22)
     attribute = [tile_sample(rng, n_cards=2, spatial=False) for _ in range(3)]
     spatial = [tile_sample(rng, n_cards=2, spatial=True) for _ in range(3)]
@@ -715,13 +733,13 @@ def _steps_lower(model_dir, samples, steering, steps: int = 5) -> tuple[float, f
     return before, float(loss())
 
 
-def test_a_few_steps_of_word_binding_turn_the_first_layers_heads_to_the_named_words(model_dir):
+def test_a_few_steps_of_word_binding_turn_the_first_layers_heads_to_the_named_words(untrained_dir):
     samples = [tile_sample(random.Random(i), n_cards=3, spatial=True) for i in range(6)]
 
     def steering(trainer, encoded, attentions):
         return sum(trainer.binding_loss(attentions, trainer.word_targets(samples, encoded, h), 0, h) for h in (0, 1))
 
-    before, after = _steps_lower(model_dir, samples, steering)
+    before, after = _steps_lower(untrained_dir, samples, steering)
     assert after < before - 0.5
 
 
@@ -740,7 +758,7 @@ def test_binding_loss_is_zero_when_the_head_looks_only_at_the_card_and_log_n_whe
     assert float(trainer.binding_loss((on_card,), targets, layer=0, head=1)) == pytest.approx(-math.log(1e-6))
 
 
-def test_a_few_steps_of_the_binding_loss_move_the_heads_attention_onto_the_asked_card(model_dir):
+def test_a_few_steps_of_the_binding_loss_move_the_heads_attention_onto_the_asked_card(untrained_dir):
     """The loss trains what it says: its gradient reaches the language model, and a few steps of
     it raise the attention the steered head pays the asked-for card (on a copy of the model)."""
     samples = [tile_sample(random.Random(i), n_cards=3, spatial=False) for i in range(6)]
@@ -748,9 +766,9 @@ def test_a_few_steps_of_the_binding_loss_move_the_heads_attention_onto_the_asked
     def steering(trainer, encoded, attentions):
         return trainer.binding_loss(attentions, trainer.binding_targets(samples, encoded), layer=2)
 
-    before, after = _steps_lower(model_dir, samples, steering)
+    before, after = _steps_lower(untrained_dir, samples, steering)
     assert after < before - 0.5
-    trainer = LlavaTrainer.from_pretrained(model_dir)
+    trainer = LlavaTrainer.from_pretrained(untrained_dir)
     combined = trainer.loss(samples, random.Random(0), binding_weight=0.1, binding_layer=2)
     plain = trainer.loss(samples, random.Random(0))
     assert float(combined) > float(plain)  # the binding term is added, never negative
