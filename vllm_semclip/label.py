@@ -331,6 +331,12 @@ def load_labels(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
 
 
+def helped(row: dict[str, Any], min_gain: float) -> bool:
+    """Whether some crop of a labelled question gains at least ``min_gain`` (its best crop is the
+    one of largest gain): the questions ψ trains on."""
+    return row["crops"][row["best"]]["gain"] >= min_gain
+
+
 def label_statistics(rows: Sequence[dict[str, Any]], min_gain: float = 0.05) -> dict[str, dict[str, Any]]:
     """What labels say about their VLM, per category: how often the overview alone is answered
     right, how often the oracle crop (the smallest covering the targets) is, how often the crop of
@@ -345,6 +351,6 @@ def label_statistics(rows: Sequence[dict[str, Any]], min_gain: float = 0.05) -> 
             "overview_accuracy": round(sum(r["overview"]["correct"] for r in group) / n, 4),
             "oracle_crop_accuracy": round(sum(r["crops"][r["oracle"]]["correct"] for r in group) / n, 4),
             "best_crop_hit_rate": round(sum(r["crops"][r["best"]]["hit"] for r in group) / n, 4),
-            "helped_questions": sum(r["crops"][r["best"]]["gain"] >= min_gain for r in group),
+            "helped_questions": sum(helped(r, min_gain) for r in group),
         }
     return out

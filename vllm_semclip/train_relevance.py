@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .label import label_statistics, load_labels
+from .label import helped, label_statistics, load_labels
 from .tiny_models import DEFAULT_RELEVANCE_DIR, MODELS_DIR
 
 DEFAULT_TRAINED_RELEVANCE_DIR = MODELS_DIR / "semclip-vit-t-16-336-trained"
@@ -154,7 +154,7 @@ def _split(rows: list[dict], config: RelevanceTrainConfig) -> tuple[list[dict], 
     random.Random(config.seed).shuffle(order)
     n_val = max(1, round(len(rows) * config.val_fraction))
     val = [rows[i] for i in sorted(order[:n_val])]
-    train = [rows[i] for i in sorted(order[n_val:]) if max(c["gain"] for c in rows[i]["crops"]) >= config.min_gain]
+    train = [rows[i] for i in sorted(order[n_val:]) if helped(rows[i], config.min_gain)]
     return train, val
 
 
