@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 
 from vllm_semclip import SemClipConfig, select_crops
+from vllm_semclip.cards import CAPTIONS
 from vllm_semclip.relevance import RelevanceModel, get_relevance_model
 from vllm_semclip.tiny_models import DEFAULT_RELEVANCE_DIR, RELEVANCE_MODEL_NAME
 
@@ -14,12 +15,55 @@ def crops(photo):
     return [photo.crop((0, 0, 256, 256)), photo.crop((256, 256, 512, 512)), photo.resize((64, 48))]
 
 
-def test_local_dir_and_named_config_with_checkpoint_agree(model_dir, crops):
+def test_local_dir_and_named_config_with_checkpoint_agree_up_to_the_reference(model_dir, crops):
+    """The same weights by directory or by name + checkpoint file; the directory also carries ψ's
+    reference texts (its training captions), whose mean similarity it subtracts — a named model has none."""
     by_dir = RelevanceModel.from_pretrained(str(DEFAULT_RELEVANCE_DIR))
     by_name = RelevanceModel.from_pretrained(RELEVANCE_MODEL_NAME, str(DEFAULT_RELEVANCE_DIR / "open_clip_model.safetensors"))
-    a, b = by_dir.score("a red triangle", crops), by_name.score("a red triangle", crops)
-    assert a.shape == (3,) and torch.allclose(a, b, atol=1e-6)
+    assert by_name.reference is None and by_dir.reference.texts == CAPTIONS and by_dir.reference.weight == 1.0
+    question = "What is the color of the triangle?"
+    plain = by_name.score(question, crops)
+    reference_mean = torch.stack([by_name.score(t, crops) for t in CAPTIONS]).mean(dim=0)  # v·mean(r) = mean(v·r)
+    assert plain.shape == (3,) and (plain.abs() <= 1.0001).all()
+    assert torch.allclose(by_dir.score(question, crops), plain - reference_mean, atol=1e-5)
     assert by_dir.image_size == 336  # SemClip-ViT-T-16-336, as ViT-L-14-336 for real LLaVA-1.5
+
+
+def test_reference_texts_round_trip_and_are_validated(tmp_path):
+    import open_clip
+
+    from vllm_semclip.relevance import TextReference, register_model_configs, save_local_dir
+
+    register_model_configs()
+    model = open_clip.create_model(RELEVANCE_MODEL_NAME, pretrained=None)
+    cfg = open_clip.get_model_config(RELEVANCE_MODEL_NAME)
+    reference = TextReference(("a red circle", "a blue square"), weight=0.5)
+    save_local_dir(model, cfg, tmp_path, reference=reference)
+    assert TextReference.load(tmp_path) == reference
+    assert RelevanceModel.from_pretrained(str(tmp_path)).reference == reference
+    save_local_dir(model, cfg, tmp_path)  # saved again without one: no stale reference left behind
+    assert TextReference.load(tmp_path) is None and RelevanceModel.from_pretrained(str(tmp_path)).reference is None
+    with pytest.raises(ValueError, match="non-empty strings"):
+        TextReference(())
+    with pytest.raises(ValueError, match="non-empty strings"):
+        TextReference(("a red circle", " "))
+    with pytest.raises(ValueError, match="weight"):
+        TextReference(("a red circle",), weight=-1.0)
+    (tmp_path / TextReference.FILE).write_text('{"texts": ["a red circle"]}')
+    with pytest.raises(ValueError, match="reference_texts"):
+        RelevanceModel.from_pretrained(str(tmp_path))
+
+
+def test_weight_zero_scores_by_plain_cosine(tmp_path, crops):
+    import shutil
+
+    from vllm_semclip.relevance import TextReference
+
+    shutil.copytree(DEFAULT_RELEVANCE_DIR, tmp_path / "psi")
+    TextReference(CAPTIONS, weight=0.0).save(tmp_path / "psi")
+    plain = RelevanceModel.from_pretrained(RELEVANCE_MODEL_NAME, str(DEFAULT_RELEVANCE_DIR / "open_clip_model.safetensors"))
+    off = RelevanceModel.from_pretrained(str(tmp_path / "psi"))
+    assert torch.allclose(off.score("a red triangle", crops), plain.score("a red triangle", crops), atol=1e-6)
 
 
 def test_builtin_open_clip_name_loads(crops):

@@ -112,6 +112,9 @@ def test_bundled_psi_is_the_tower_clip_at_336_px():
         rebuilt = resize_local_dir(DEFAULT_TOWER_DIR, RELEVANCE_MODEL_NAME, tmp)
         assert (rebuilt / "open_clip_model.safetensors").read_bytes() == \
             (DEFAULT_RELEVANCE_DIR / "open_clip_model.safetensors").read_bytes()
+        # and the reference texts (the CLIP's training captions) come along
+        assert (rebuilt / "semclip_relevance.json").read_bytes() == \
+            (DEFAULT_RELEVANCE_DIR / "semclip_relevance.json").read_bytes()
     psi, tower = (load_file(str(d / "open_clip_model.safetensors")) for d in (DEFAULT_RELEVANCE_DIR, DEFAULT_TOWER_DIR))
     assert psi.keys() == tower.keys()
     assert [k for k in psi if psi[k].shape != tower[k].shape or not (psi[k] == tower[k]).all()] == \

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from vllm_semclip.benchdata import load_bench, write_bench
 from vllm_semclip.crops import candidate_boxes, oracle_index
 from vllm_semclip.label import label_row, write_shard
+from vllm_semclip.relevance import query_features
 from vllm_semclip.tiny_models import DEFAULT_TOWER_DIR, TOWER_MODEL_NAME
 from vllm_semclip.train_relevance import (
     DEFAULT_TRAINED_RELEVANCE_DIR,
@@ -61,11 +62,21 @@ def perfect_labels(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(perfect_labels):
-    """From the 224-px CLIP: started from the bundled 336-px ψ, no epoch beats the start's mean
-    gain on these 4 validation questions, so the kept "best" would be the start itself."""
+def plain_tower(tmp_path_factory) -> Path:
+    """The 224-px CLIP without its reference texts (plain cosine): with them, or at 336 px, it already
+    picks the right crop for all 4 validation questions, and no epoch could beat the start."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("plain") / "psi"
+    shutil.copytree(DEFAULT_TOWER_DIR, out)
+    (out / "semclip_relevance.json").unlink()
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(perfect_labels, plain_tower):
     out = perfect_labels / "psi"
-    config = RelevanceTrainConfig(labels=str(perfect_labels / "labels"), init=str(DEFAULT_TOWER_DIR), epochs=12,
+    config = RelevanceTrainConfig(labels=str(perfect_labels / "labels"), init=str(plain_tower), epochs=12,
                                   batch_size=6, lr=1e-3, warmup=2, val_fraction=0.25)
     return out, train_relevance(config, out, progress=False)
 
@@ -92,9 +103,22 @@ def test_a_run_that_never_beats_its_start_says_it_kept_the_start(perfect_labels,
     start = load_file(str(DEFAULT_TOWER_DIR / "open_clip_model.safetensors"))
     saved = load_file(str(tmp_path / "psi" / "open_clip_model.safetensors"))
     assert all(torch.equal(start[k], saved[k]) for k in start)
+    # trained with its start's reference texts, saved with them: served as it was trained
+    from vllm_semclip.relevance import RelevanceModel
+
+    trained = RelevanceModel.from_pretrained(str(tmp_path / "psi"))
+    assert trained.reference is not None and trained.reference == RelevanceModel.from_pretrained(
+        str(DEFAULT_TOWER_DIR)).reference
+    with torch.inference_mode():
+        served = trained._text_embedding("What is the color of the circle?")
+        objective = query_features(trained.model, trained.tokenizer, ["What is the color of the circle?"],
+                                   trained.reference)[0]
+    assert torch.allclose(served, objective, atol=1e-6)
+    assert not torch.allclose(served, query_features(trained.model, trained.tokenizer,
+                                                     ["What is the color of the circle?"])[0], atol=1e-3)
 
 
-def test_the_checkpoint_is_safetensors_and_open_clip_loads_it(tiny_run, perfect_labels):
+def test_the_checkpoint_is_safetensors_and_open_clip_loads_it(tiny_run, perfect_labels, plain_tower):
     from PIL import Image
 
     from vllm_semclip.relevance import RelevanceModel
@@ -102,9 +126,10 @@ def test_the_checkpoint_is_safetensors_and_open_clip_loads_it(tiny_run, perfect_
     out, _ = tiny_run
     files = sorted(p.name for p in out.iterdir())
     assert files == ["open_clip_config.json", "open_clip_model.safetensors", "train_config.json", "train_report.json",
-                     "validation.png"]
+                     "validation.png"]  # its start had no reference texts, so neither has it
     trained = RelevanceModel.from_pretrained(str(out))
-    zero_shot = RelevanceModel.from_pretrained(str(DEFAULT_TOWER_DIR))  # where tiny_run started
+    zero_shot = RelevanceModel.from_pretrained(str(plain_tower))  # where tiny_run started
+    assert trained.reference is None
     rec = load_bench(perfect_labels / "bench")[0]
     with Image.open(rec.image) as im:
         image = im.convert("RGB")

@@ -172,6 +172,7 @@ def test_clip_training_writes_a_checkpoint_open_clip_loads(tmp_path, position_we
     assert report["config"]["label_tiles"] == label_tiles
     psi = RelevanceModel.from_pretrained(str(tmp_path / "psi"))
     assert psi.image_size == 224 and (tmp_path / "psi" / "train_report.json").is_file()
+    assert psi.reference.texts == CAPTIONS  # ψ's query is scored less the mean of what it was trained on
 
 
 def test_a_224_px_psi_goes_to_336_px_with_its_position_grid_resized(tmp_path):
@@ -200,6 +201,7 @@ def test_a_224_px_psi_goes_to_336_px_with_its_position_grid_resized(tmp_path):
         if key != "visual.positional_embedding":
             assert torch.equal(a[key], b[key]), key
     assert open_clip.get_model_config("SemClip-ViT-T-16-336")["vision_cfg"]["image_size"] == 336
+    assert RelevanceModel.from_pretrained(str(tmp_path / "psi336")).reference.texts == CAPTIONS
     with pytest.raises(FileNotFoundError, match="local-dir"):
         train_clip(ClipTrainConfig(model="SemClip-ViT-T-16-336", init=str(tmp_path), steps=0, **small),
                    tmp_path / "none", progress=False)

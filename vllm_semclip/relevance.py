@@ -7,16 +7,27 @@ with a local checkpoint file, or a directory in open_clip's ``local-dir:`` forma
 (what the bundled tiny model and ``semclip train-relevance`` write).
 
 The score is the cosine similarity of the normalised image and text embeddings
-(CLIP's zero-shot similarity, without the logit scale: only the ranking matters).
+(CLIP's zero-shot similarity, without the logit scale: only the ranking matters),
+less — when ψ's directory names *reference texts* (:class:`TextReference`) — the
+similarity with their mean embedding. Why: a question's embedding shares a large part
+with every text ψ was trained on ("there is a card here"), and crops whose texture
+looks like a card in general score high on that shared part whatever shape was asked
+for; subtracting the mean of ψ's own caption vocabulary leaves the part of the question
+that says *which* object. On the benchmark's candidate grids it lifts the bundled ψ's
+top-1 crop hit from 68 to 70% (attribute) and 47 to 71% (spatial) on the held-out
+split, 65 → 73% and 46 → 70% on the training split (README). A named open_clip model
+has no reference and scores by plain cosine.
 Text embeddings are cached per question, since a server sees the same question
 text again (retries, several images, benchmark sweeps).
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,16 +63,71 @@ def _open_clip_identifier(model_name: str) -> str:
     return model_name
 
 
+@dataclass(frozen=True)
+class TextReference:
+    """Texts whose mean embedding is subtracted from every query's (see the module doc).
+
+    Kept beside the weights, in ``semclip_relevance.json`` of a local-dir ψ, because it
+    belongs to the model: the captions it was trained on. ``weight`` scales the mean.
+    """
+
+    texts: tuple[str, ...]
+    weight: float = 1.0
+
+    FILE = "semclip_relevance.json"
+
+    def __post_init__(self) -> None:
+        if not self.texts or not all(isinstance(t, str) and t.strip() for t in self.texts):
+            raise ValueError(f"reference texts must be non-empty strings, got {self.texts!r}")
+        if not 0.0 <= self.weight <= 4.0:
+            raise ValueError(f"reference weight must be in [0, 4], got {self.weight}")
+
+    @classmethod
+    def load(cls, directory: Path | str) -> TextReference | None:
+        path = Path(directory) / cls.FILE
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("reference_texts"), list):
+            raise ValueError(f"{path} must hold {{\"reference_texts\": [...], \"reference_weight\": w}}")
+        return cls(tuple(data["reference_texts"]), float(data.get("reference_weight", 1.0)))
+
+    def save(self, directory: Path | str) -> Path:
+        path = Path(directory) / self.FILE
+        path.write_text(json.dumps({"reference_texts": list(self.texts), "reference_weight": self.weight}, indent=1))
+        return path
+
+
+def query_features(model, tokenizer, texts: Sequence[str], reference: TextReference | None = None,
+                   device: str = "cpu") -> torch.Tensor:
+    """ψ's query vectors: normalised text embeddings, less the weighted mean of the reference's.
+
+    The one definition of what a crop's score is compared against — serving, the trained-ψ
+    objective and its validation all call it (with gradients where training needs them).
+    """
+    import torch
+
+    feats = torch.nn.functional.normalize(model.encode_text(tokenizer(list(texts)).to(device)).float(), dim=-1)
+    if reference is not None and reference.weight:
+        ref = torch.nn.functional.normalize(
+            model.encode_text(tokenizer(list(reference.texts)).to(device)).float(), dim=-1)
+        feats = feats - reference.weight * ref.mean(dim=0)
+    return feats
+
+
 class RelevanceModel:
     """ψ(question, crops) → scores, on an open_clip dual encoder."""
 
-    def __init__(self, model, preprocess, tokenizer, device: str = "cpu", text_cache_size: int = 4096) -> None:
+    def __init__(self, model, preprocess, tokenizer, device: str = "cpu", text_cache_size: int = 4096,
+                 reference: TextReference | None = None) -> None:
         from torch import nn
 
         self.model = model
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.device = device
+        self.reference = reference
+        self._reference_mean: torch.Tensor | None = None
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._text_cache_size = text_cache_size
         self._lock = threading.Lock()
@@ -81,8 +147,10 @@ class RelevanceModel:
 
         register_model_configs()
         identifier = _open_clip_identifier(model_name)
+        reference = None
         if identifier.startswith("local-dir:"):
-            pretrained = None  # the directory carries its own weights
+            pretrained = None  # the directory carries its own weights (and maybe its reference texts)
+            reference = TextReference.load(identifier.split(":", 1)[1])
         elif pretrained is not None and Path(pretrained).expanduser().is_file():
             pretrained = str(Path(pretrained).expanduser().resolve())
         try:
@@ -98,7 +166,7 @@ class RelevanceModel:
             raise
         tokenizer = open_clip.get_tokenizer(identifier)
         model.eval()
-        return cls(model, preprocess, tokenizer, device=device)
+        return cls(model, preprocess, tokenizer, device=device, reference=reference)
 
     @property
     def image_size(self) -> int:
@@ -110,18 +178,20 @@ class RelevanceModel:
         if cached is not None:
             self._text_cache.move_to_end(question)
             return cached
-        import torch
-
-        tokens = self.tokenizer([question]).to(self.device)
-        emb = self.model.encode_text(tokens)
-        emb = torch.nn.functional.normalize(emb.float(), dim=-1)[0]
+        # query_features' arithmetic, with the reference mean encoded once per model, not per question
+        emb = query_features(self.model, self.tokenizer, [question], device=self.device)[0]
+        if self.reference is not None and self.reference.weight:
+            if self._reference_mean is None:
+                self._reference_mean = query_features(self.model, self.tokenizer, self.reference.texts,
+                                                      device=self.device).mean(dim=0)
+            emb = emb - self.reference.weight * self._reference_mean
         self._text_cache[question] = emb
         if len(self._text_cache) > self._text_cache_size:
             self._text_cache.popitem(last=False)
         return emb
 
     def _similarity(self, question: str, batch: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity of each preprocessed image in ``batch`` with the question (one forward)."""
+        """ψ's score of each preprocessed image in ``batch`` for the question (one forward; see the module doc)."""
         import torch
 
         with self._lock, torch.inference_mode():
@@ -186,7 +256,7 @@ class RelevanceModel:
     def score_regions(
         self, question: str, image: Image.Image, boxes: Sequence[tuple[int, int, int, int]], pad_to_square: bool = True
     ) -> torch.Tensor:
-        """Cosine similarity of each region of ``image`` with the question, in one batched forward."""
+        """ψ's score of each region of ``image`` for the question, in one batched forward."""
         import torch
 
         if not boxes:
@@ -194,7 +264,7 @@ class RelevanceModel:
         return self._similarity(question, self.region_batch(image, boxes, pad_to_square))
 
     def score(self, question: str, crops: Sequence[Image.Image]) -> torch.Tensor:
-        """Cosine similarity of each crop with the question, in one batched forward."""
+        """ψ's score of each crop for the question, in one batched forward."""
         import torch
 
         if not crops:
@@ -202,14 +272,14 @@ class RelevanceModel:
         return self._similarity(question, torch.stack([self.preprocess(c) for c in crops]))
 
 
-def save_local_dir(model, model_cfg: dict, out_dir: Path | str, half: bool = True) -> Path:
-    """Write ψ in open_clip's ``local-dir`` format: ``open_clip_config.json`` + ``open_clip_model.safetensors``.
+def save_local_dir(model, model_cfg: dict, out_dir: Path | str, half: bool = True,
+                   reference: TextReference | None = None) -> Path:
+    """Write ψ in open_clip's ``local-dir`` format: ``open_clip_config.json`` + ``open_clip_model.safetensors``
+    (+ ``semclip_relevance.json`` with a ``reference``; a stale one is removed without).
 
     safetensors, not pickle: a checkpoint is data, never code. ``half`` stores fp16 (a few MB
     for the tiny model); :meth:`RelevanceModel.from_pretrained` reads it back either way.
     """
-    import json
-
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -220,6 +290,10 @@ def save_local_dir(model, model_cfg: dict, out_dir: Path | str, half: bool = Tru
         "model_cfg": model_cfg,
         "preprocess_cfg": {"mean": list(model.visual.image_mean), "std": list(model.visual.image_std)},
     }, indent=2))
+    if reference is not None:
+        reference.save(out)
+    else:
+        (out / TextReference.FILE).unlink(missing_ok=True)
     return out
 
 

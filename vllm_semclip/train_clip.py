@@ -70,7 +70,7 @@ from .cards import (
     mosaic,
     spatial_question,
 )
-from .relevance import save_local_dir
+from .relevance import TextReference, save_local_dir
 from .scenes import COLORS, Placed
 from .tiny_models import TOWER_MODEL_NAME
 
@@ -394,7 +394,8 @@ def resize_local_dir(src: Path | str, model_name: str, out_dir: Path | str) -> P
     import open_clip
 
     model = load_as(model_name, src)
-    return save_local_dir(model.eval(), open_clip.get_model_config(model_name), out_dir)
+    return save_local_dir(model.eval(), open_clip.get_model_config(model_name), out_dir,
+                          reference=TextReference.load(src))
 
 
 def train_clip(config: ClipTrainConfig = ClipTrainConfig(), out_dir: Path | str = "out/psi",
@@ -492,7 +493,8 @@ def train_clip(config: ClipTrainConfig = ClipTrainConfig(), out_dir: Path | str 
     train_seconds = time.time() - start
     model.eval()
     out = Path(out_dir)
-    save_local_dir(model, open_clip.get_model_config(config.model), out)
+    # the captions it was trained on: ψ scores a question less their mean (relevance.TextReference)
+    save_local_dir(model, open_clip.get_model_config(config.model), out, reference=TextReference(CAPTIONS))
     report = {"model": config.model, "config": asdict(config), "train_seconds": round(train_seconds, 1),
               "final_loss": round(running or 0.0, 4), "torch_threads": torch.get_num_threads(),
               **evaluate(out, config.seed, config.eval_cards, config.eval_mosaics)}

@@ -7,10 +7,14 @@ whose best gain is below ``min_gain`` carry no signal (no crop helps the VLM) an
 out of training (they stay in validation).
 
 The objective (:class:`CropContrastiveLoss`): with ``B`` questions in a batch and the
-``C`` candidate crops of each one's image, question ``i``'s text embedding ``t_i`` is
-compared with every crop embedding ``v_{j,c}`` of the batch::
+``C`` candidate crops of each one's image, question ``i``'s query ``t_i`` is compared
+with every crop embedding ``v_{j,c}`` of the batch::
 
-    logits[i, (j, c)] = s · <t_i, v_{j,c}>          (s = exp(logit_scale), both normalised)
+    logits[i, (j, c)] = s · <t_i, v_{j,c}>          (s = exp(logit_scale), v normalised)
+
+``t_i`` is what serving scores with (:func:`relevance.query_features`): the normalised
+text embedding, less the mean of ψ's reference texts when the starting ψ has them — encoded
+by the text tower being trained, every step, and saved with the trained ψ.
     loss = mean_i  −log softmax_{(j,c) ∈ N(i)}(logits[i])[(i, best_i)]
 
 ``N(i)`` is every crop of the batch — the other crops of the same image and the crops of
@@ -45,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from .label import helped, label_statistics, load_labels
+from .relevance import TextReference, query_features
 from .tiny_models import DEFAULT_RELEVANCE_DIR, MODELS_DIR
 
 DEFAULT_TRAINED_RELEVANCE_DIR = MODELS_DIR / "semclip-vit-t-16-336-trained"
@@ -82,7 +87,7 @@ class CropContrastiveLoss:
     """Text→crop InfoNCE over every crop of the batch, same-text crops of other images masked (see module doc)."""
 
     def __call__(self, text_features, crop_features, positives, logit_scale, question_ids):
-        """``text_features`` [B, D], ``crop_features`` [B, C, D] (both normalised), ``positives`` [B] crop index,
+        """``text_features`` [B, D] (ψ's queries), ``crop_features`` [B, C, D] (normalised), ``positives`` [B] crop index,
         ``question_ids`` [B] ints equal for equal question texts."""
         import torch
 
@@ -134,13 +139,14 @@ def _encode_crops(model, pixels, batch: int = 256):
     return feats.reshape(*pixels.shape[:2], -1)
 
 
-def validate(model, tokenizer, data: LabelledSet, lock_image: bool) -> dict[str, float]:
+def validate(model, tokenizer, data: LabelledSet, lock_image: bool,
+             reference: TextReference | None = None) -> dict[str, float]:
     """Top-1 crop per held-out question: hit rate, agreement with the VLM's best crop, mean gain."""
     import torch
 
     model.eval()
     with torch.inference_mode():
-        texts = model.encode_text(tokenizer(data.questions), normalize=True)
+        texts = query_features(model, tokenizer, data.questions, reference)
         feats = data.crops if lock_image else _encode_crops(model, data.crops)
         choice = torch.einsum("qd,qcd->qc", texts, feats).argmax(dim=1).tolist()
     n = len(data)
@@ -212,7 +218,7 @@ def train_relevance(config: RelevanceTrainConfig, out_dir: Path | str = DEFAULT_
     loss_fn = CropContrastiveLoss()
     text_ids = {q: i for i, q in enumerate(sorted(set(train_set.questions)))}
     positives = torch.tensor(train_set.best)
-    history = [{"epoch": 0, "loss": None, **validate(model, tokenizer, val_set, config.lock_image)}]
+    history = [{"epoch": 0, "loss": None, **validate(model, tokenizer, val_set, config.lock_image, psi.reference)}]
     best_state, best = {k: v.detach().clone() for k, v in model.state_dict().items()}, history[0]
     rng = torch.Generator().manual_seed(config.seed)
     start = time.time()
@@ -227,7 +233,7 @@ def train_relevance(config: RelevanceTrainConfig, out_dir: Path | str = DEFAULT_
             idx = order[s:s + config.batch_size]
             if len(idx) < 2:
                 continue
-            texts = model.encode_text(tokenizer([train_set.questions[i] for i in idx]), normalize=True)
+            texts = query_features(model, tokenizer, [train_set.questions[i] for i in idx], psi.reference)
             crops = train_set.crops[idx] if config.lock_image else _encode_crops(model, train_set.crops[idx])
             qids = torch.tensor([text_ids[train_set.questions[i]] for i in idx])
             loss = loss_fn(texts, crops, positives[idx], model.logit_scale.exp(), qids)
@@ -240,7 +246,7 @@ def train_relevance(config: RelevanceTrainConfig, out_dir: Path | str = DEFAULT_
                 model.logit_scale.clamp_(0, math.log(100))
             losses.append(loss.item())
         entry = {"epoch": epoch, "loss": round(sum(losses) / max(1, len(losses)), 4),
-                 **validate(model, tokenizer, val_set, config.lock_image)}
+                 **validate(model, tokenizer, val_set, config.lock_image, psi.reference)}
         history.append(entry)
         bar.set_postfix(loss=entry["loss"], val_hit=f"{entry['hit_rate']:.3f}", val_gain=f"{entry['mean_gain']:.3f}")
         if entry["mean_gain"] > best["mean_gain"] or not config.keep_best:
@@ -253,7 +259,7 @@ def train_relevance(config: RelevanceTrainConfig, out_dir: Path | str = DEFAULT_
                       "the start's weights (keep_best=False / --keep-last saves the last epoch)", stacklevel=2)
     model.load_state_dict(best_state)
     model.eval()
-    out = save_local_dir(model, model_cfg, out_dir)
+    out = save_local_dir(model, model_cfg, out_dir, reference=psi.reference)  # scored as it was trained
     report = {"config": asdict(config), "train_questions": len(train_set), "val_questions": len(val_set),
               "labelled_questions": len(rows), "train_seconds": round(time.time() - start, 1),
               "label_statistics": label_statistics(rows, config.min_gain),
