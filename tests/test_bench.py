@@ -259,3 +259,34 @@ def test_which_card_runs_on_the_bundled_llava_and_its_truth_is_the_llavas_accura
     assert r["truth"] == pytest.approx(accuracy(trainer, samples))
     assert all(0 <= r[k] <= 1 for k in ("truth", "side_a", "side_b", "left")) and r["questions"] == 24
     assert (tmp_path / "which.png").stat().st_size > 1000 and "a's side alone would be right" in stdout
+
+
+PSI_HIT = TOWER_PROBE.with_name("psi_hit.py")
+
+
+def test_psi_hit_runs_and_its_served_hits_are_select_crops_picks(tmp_path, model_dir):
+    """``psi_hit.py`` on a small benchmark: its "served" top crop is the one ``select_crops`` (what the
+    processor runs) picks, its "plain" one the pick of the same ψ loaded by name, without reference texts."""
+    from PIL import Image
+
+    from vllm_semclip import SemClipConfig, select_crops
+    from vllm_semclip.benchdata import load_bench, write_bench
+    from vllm_semclip.crops import crop_hit
+    from vllm_semclip.tiny_models import DEFAULT_RELEVANCE_DIR, RELEVANCE_MODEL_NAME
+
+    write_bench(tmp_path / "bench", 8, seed=909, progress=False)
+    doc, stdout = _run_benchmark(PSI_HIT, tmp_path / "hit.json", "--data", str(tmp_path / "bench"),
+                                 "--model", str(DEFAULT_RELEVANCE_DIR), "--threads", "1")
+    r = doc["results"][str(DEFAULT_RELEVANCE_DIR)]
+    records = load_bench(tmp_path / "bench")
+    plain = SemClipConfig(relevance_model=RELEVANCE_MODEL_NAME,
+                          relevance_pretrained=str(DEFAULT_RELEVANCE_DIR / "open_clip_model.safetensors"))
+    for way, config in (("served", SemClipConfig()), ("plain", plain)):
+        hits = [crop_hit(select_crops(Image.open(rec.image), rec.question, config).boxes, rec.target_boxes)
+                for rec in records]
+        assert r[way]["overall"] == pytest.approx(sum(hits) / len(hits)), way
+        attribute = [h for h, rec in zip(hits, records) if rec.category == "direct_attributes"]
+        assert r[way]["direct_attributes"] == pytest.approx(sum(attribute) / len(attribute)), way
+    colours = {k for k in r["served"] if k.startswith("color:")}
+    assert colours == {f"color:{rec.extra['color']}" for rec in records if rec.category == "direct_attributes"}
+    assert doc["questions"] == 8 and (tmp_path / "hit.png").stat().st_size > 1000 and "reference texts" in stdout
