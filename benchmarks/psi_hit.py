@@ -45,7 +45,7 @@ def hit_rates(psi: RelevanceModel, records, grids=(2, 3), desc: str = "ψ",
         with torch.inference_mode():
             crops = torch.nn.functional.normalize(
                 psi.model.encode_image(psi.region_batch(image, boxes, True).to(psi.input_dtype)).float(), dim=-1)
-            queries = {"served": psi._text_embedding(rec.question),
+            queries = {"served": psi.query_vector(rec.question),
                        "plain": query_features(psi.model, psi.tokenizer, [rec.question])[0]}
         for way, query in queries.items():
             hit = crop_hit([boxes[int((crops @ query).argmax())]], rec.target_boxes)

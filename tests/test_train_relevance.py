@@ -110,7 +110,7 @@ def test_a_run_that_never_beats_its_start_says_it_kept_the_start(perfect_labels,
     assert trained.reference is not None and trained.reference == RelevanceModel.from_pretrained(
         str(DEFAULT_TOWER_DIR)).reference
     with torch.inference_mode():
-        served = trained._text_embedding("What is the color of the circle?")
+        served = trained.query_vector("What is the color of the circle?")
         objective = query_features(trained.model, trained.tokenizer, ["What is the color of the circle?"],
                                    trained.reference)[0]
     assert torch.allclose(served, objective, atol=1e-6)

@@ -173,7 +173,8 @@ class RelevanceModel:
         size = self.model.visual.image_size
         return int(size[0] if isinstance(size, (tuple, list)) else size)
 
-    def _text_embedding(self, question: str) -> torch.Tensor:
+    def query_vector(self, question: str) -> torch.Tensor:
+        """What every crop's normalised embedding is dotted with for ``question`` (cached per text)."""
         cached = self._text_cache.get(question)
         if cached is not None:
             self._text_cache.move_to_end(question)
@@ -195,7 +196,7 @@ class RelevanceModel:
         import torch
 
         with self._lock, torch.inference_mode():
-            text = self._text_embedding(question)
+            text = self.query_vector(question)
             images = torch.nn.functional.normalize(self.model.encode_image(batch.to(self.device, self.input_dtype)).float(), dim=-1)
             return (images @ text).cpu()
 
