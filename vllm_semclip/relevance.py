@@ -98,21 +98,32 @@ class TextReference:
         return path
 
 
-def query_features(model, tokenizer, texts: Sequence[str], reference: TextReference | None = None,
-                   device: str = "cpu") -> torch.Tensor:
-    """ψ's query vectors: normalised text embeddings, less the weighted mean of the reference's.
-
-    The one definition of what a crop's score is compared against — serving, the trained-ψ
-    objective and its validation all call it (with gradients where training needs them).
-    """
+def text_features(model, tokenizer, texts: Sequence[str], device: str = "cpu") -> torch.Tensor:
+    """Normalised text embeddings (float32)."""
     import torch
 
-    feats = torch.nn.functional.normalize(model.encode_text(tokenizer(list(texts)).to(device)).float(), dim=-1)
-    if reference is not None and reference.weight:
-        ref = torch.nn.functional.normalize(
-            model.encode_text(tokenizer(list(reference.texts)).to(device)).float(), dim=-1)
-        feats = feats - reference.weight * ref.mean(dim=0)
-    return feats
+    return torch.nn.functional.normalize(model.encode_text(tokenizer(list(texts)).to(device)).float(), dim=-1)
+
+
+def reference_offset(model, tokenizer, reference: TextReference | None, device: str = "cpu") -> torch.Tensor | None:
+    """``weight`` × the mean normalised embedding of the reference texts: what every query loses
+    (``None`` without a reference or at weight 0)."""
+    if reference is None or not reference.weight:
+        return None
+    return reference.weight * text_features(model, tokenizer, reference.texts, device).mean(dim=0)
+
+
+def query_features(model, tokenizer, texts: Sequence[str], reference: TextReference | None = None,
+                   device: str = "cpu") -> torch.Tensor:
+    """ψ's query vectors: normalised text embeddings less the reference offset.
+
+    What a crop's normalised embedding is dotted with — the trained-ψ objective and its
+    validation call it (with gradients where training needs them); serving does the same
+    with the offset computed once per model (:meth:`RelevanceModel.query_vector`).
+    """
+    feats = text_features(model, tokenizer, texts, device)
+    offset = reference_offset(model, tokenizer, reference, device)
+    return feats if offset is None else feats - offset
 
 
 class RelevanceModel:
@@ -127,7 +138,7 @@ class RelevanceModel:
         self.tokenizer = tokenizer
         self.device = device
         self.reference = reference
-        self._reference_mean: torch.Tensor | None = None
+        self._offset: torch.Tensor | None = None  # reference_offset(), computed on first use
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._text_cache_size = text_cache_size
         self._lock = threading.Lock()
@@ -179,13 +190,12 @@ class RelevanceModel:
         if cached is not None:
             self._text_cache.move_to_end(question)
             return cached
-        # query_features' arithmetic, with the reference mean encoded once per model, not per question
-        emb = query_features(self.model, self.tokenizer, [question], device=self.device)[0]
+        # query_features(), with the reference texts encoded once per model, not once per question
+        emb = text_features(self.model, self.tokenizer, [question], self.device)[0]
         if self.reference is not None and self.reference.weight:
-            if self._reference_mean is None:
-                self._reference_mean = query_features(self.model, self.tokenizer, self.reference.texts,
-                                                      device=self.device).mean(dim=0)
-            emb = emb - self.reference.weight * self._reference_mean
+            if self._offset is None:
+                self._offset = reference_offset(self.model, self.tokenizer, self.reference, self.device)
+            emb = emb - self._offset
         self._text_cache[question] = emb
         if len(self._text_cache) > self._text_cache_size:
             self._text_cache.popitem(last=False)
