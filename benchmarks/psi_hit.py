@@ -43,8 +43,7 @@ def hit_rates(psi: RelevanceModel, records, grids=(2, 3), desc: str = "ψ",
             image = to_rgb(im).copy()  # a loaded copy: the file closes here
         boxes = candidate_boxes(*image.size, grids)
         with torch.inference_mode():
-            crops = torch.nn.functional.normalize(
-                psi.model.encode_image(psi.region_batch(image, boxes, True).to(psi.input_dtype)).float(), dim=-1)
+            crops = psi.image_features(psi.region_batch(image, boxes, True))
             queries = {"served": psi.query_vector(rec.question),
                        "plain": query_features(psi.model, psi.tokenizer, [rec.question])[0]}
         for way, query in queries.items():

@@ -131,6 +131,7 @@ class RelevanceModel:
 
     def __init__(self, model, preprocess, tokenizer, device: str = "cpu", text_cache_size: int = 4096,
                  reference: TextReference | None = None) -> None:
+        import torch
         from torch import nn
 
         self.model = model
@@ -138,7 +139,8 @@ class RelevanceModel:
         self.tokenizer = tokenizer
         self.device = device
         self.reference = reference
-        self._offset: torch.Tensor | None = None  # reference_offset(), computed on first use
+        with torch.no_grad():  # the reference texts are encoded once per model, not once per question
+            self._offset = reference_offset(model, tokenizer, reference, device)
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._text_cache_size = text_cache_size
         self._lock = threading.Lock()
@@ -190,11 +192,9 @@ class RelevanceModel:
         if cached is not None:
             self._text_cache.move_to_end(question)
             return cached
-        # query_features(), with the reference texts encoded once per model, not once per question
+        # query_features(), with the reference offset computed once in __init__
         emb = text_features(self.model, self.tokenizer, [question], self.device)[0]
-        if self.reference is not None and self.reference.weight:
-            if self._offset is None:
-                self._offset = reference_offset(self.model, self.tokenizer, self.reference, self.device)
+        if self._offset is not None:
             emb = emb - self._offset
         self._text_cache[question] = emb
         if len(self._text_cache) > self._text_cache_size:
@@ -206,9 +206,13 @@ class RelevanceModel:
         import torch
 
         with self._lock, torch.inference_mode():
-            text = self.query_vector(question)
-            images = torch.nn.functional.normalize(self.model.encode_image(batch.to(self.device, self.input_dtype)).float(), dim=-1)
-            return (images @ text).cpu()
+            return (self.image_features(batch) @ self.query_vector(question)).cpu()
+
+    def image_features(self, batch: torch.Tensor) -> torch.Tensor:
+        """Normalised float32 embeddings of preprocessed images (moved to ψ's device and input dtype)."""
+        import torch
+
+        return torch.nn.functional.normalize(self.model.encode_image(batch.to(self.device, self.input_dtype)).float(), dim=-1)
 
     @property
     def resize_mode(self) -> str:
