@@ -1,13 +1,15 @@
-"""How often ψ's top crop holds the target — with and without its reference texts, by target colour.
+"""How often ψ's top crop holds the target — as served, padded, and without its reference texts.
 
 No VLM: for every question of a V*-layout benchmark, ψ scores the default candidates (grids
 2 and 3) and the top-1 crop is a *hit* when it contains every target box (the eval's
-``crop_hit_rate``). Each ψ is scored two ways from one image forward per question: as served
-(its query less the mean of its reference texts, ``relevance.TextReference``) and by plain
-cosine (no reference). Broken down by category and, for attribute questions, by the target's
-colour — where ψ misses, it is mostly dark or grey shapes on photos (black 29%, grey 47% with the
-bundled ψ on the held-out split, against 92–100% for blue, green and teal): ψ finds a card by
-its colour more than by its shape.
+``crop_hit_rate``). Each ψ is scored three ways: as served (``served``: each candidate the best
+of its square windows, ``relevance_fit="windows"``, and the query less the mean of ψ's
+reference texts, ``relevance.TextReference``); ``pad``: the candidate padded to a square with the
+CLIP mean colour, as the VLM's tiles are (the serving path before windows); ``plain``: windows
+with plain cosine (no reference). Broken down by category and, for attribute questions, by the
+target's colour: padded, the bundled ψ found a black shape in 29% of questions and a grey one in
+47% on the held-out split (blue, green, teal 92–100%) — a CLIP trained on square photos reads
+the grey band as content, and a dark shape loses to it.
 
 Prints the table, writes ``benchmarks/results/psi_hit.json`` and a bar chart beside it.
 
@@ -32,22 +34,25 @@ from vllm_semclip.tiny_models import DEFAULT_RELEVANCE_DIR
 from vllm_semclip.train_relevance import DEFAULT_TRAINED_RELEVANCE_DIR
 
 RESULTS = Path(__file__).resolve().parent / "results" / "psi_hit.json"
+WAYS = {"pad": "padded, reference texts", "plain": "windows, plain cosine", "served": "windows + reference (served)"}
 
 
 def hit_rates(psi: RelevanceModel, records, grids=(2, 3), desc: str = "ψ",
               progress: bool = True) -> dict[str, dict[str, float]]:
-    """{"served" | "plain": {group: top-1 hit rate}} with groups = categories, "overall", "color:NAME"."""
-    hits: dict[str, dict[str, list[bool]]] = {"served": defaultdict(list), "plain": defaultdict(list)}
+    """{"served" | "pad" | "plain": {group: top-1 hit rate}} with groups = categories, "overall", "color:NAME"."""
+    hits: dict[str, dict[str, list[bool]]] = {way: defaultdict(list) for way in WAYS}
     for rec in tqdm(records, desc=desc, disable=not progress):
         with Image.open(rec.image) as im:
             image = to_rgb(im).copy()  # a loaded copy: the file closes here
         boxes = candidate_boxes(*image.size, grids)
         with torch.inference_mode():
-            crops = psi.image_features(psi.region_batch(image, boxes, True))
-            queries = {"served": psi.query_vector(rec.question),
-                       "plain": query_features(psi.model, psi.tokenizer, [rec.question])[0]}
-        for way, query in queries.items():
-            hit = crop_hit([boxes[int((crops @ query).argmax())]], rec.target_boxes)
+            views = {fit: psi.region_views(image, boxes, fit) for fit in ("windows", "pad")}
+            feats = {fit: psi.image_features(pixels)[index] for fit, (pixels, index) in views.items()}  # [R, V, D]
+            served, plain = psi.query_vector(rec.question), query_features(psi.model, psi.tokenizer, [rec.question])[0]
+            scores = {"served": (feats["windows"] @ served).amax(1), "pad": (feats["pad"] @ served).amax(1),
+                      "plain": (feats["windows"] @ plain).amax(1)}
+        for way, score in scores.items():
+            hit = crop_hit([boxes[int(score.argmax())]], rec.target_boxes)
             groups = [rec.category, "overall"]
             if rec.category == "direct_attributes" and "color" in rec.extra:
                 groups.append(f"color:{rec.extra['color']}")
@@ -63,12 +68,12 @@ def plot(results: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     groups = [*CATEGORIES, *sorted(g for g in next(iter(results.values()))["served"] if g.startswith("color:"))]
-    bars = [(name, way) for name in results for way in ("plain", "served")]
+    bars = [(name, way) for name in results for way in WAYS]
     fig, ax = plt.subplots(figsize=(11, 3.8), dpi=110)
     width = 0.8 / len(bars)
     for i, (name, way) in enumerate(bars):
         values = [100 * results[name][way].get(g, float("nan")) for g in groups]
-        label = f"{Path(name).name} ({'reference texts' if way == 'served' else 'plain cosine'})"
+        label = f"{Path(name).name} ({WAYS[way]})"
         ax.bar([x + (i - (len(bars) - 1) / 2) * width for x in range(len(groups))], values, width, label=label)
     ax.set_xticks(range(len(groups)), [g.replace("color:", "") for g in groups], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("top-1 crop holds the target (%)")
@@ -96,12 +101,12 @@ def main() -> None:
     results = {}
     for name in args.model:
         results[name] = hit_rates(RelevanceModel.from_pretrained(name), records, desc=Path(name).name)
-    print(f"{'ψ':<34} {'scoring':<16} {'attribute':>9} {'spatial':>8} {'overall':>8}   by colour (attribute)")
+    print(f"{'ψ':<34} {'scoring':<28} {'attribute':>9} {'spatial':>8} {'overall':>8}   by colour (attribute)")
     for name, ways in results.items():
-        for way in ("plain", "served"):
+        for way in WAYS:
             r = ways[way]
             colours = " ".join(f"{g[6:]} {100 * v:.0f}" for g, v in r.items() if g.startswith("color:"))
-            print(f"{Path(name).name:<34} {('reference texts' if way == 'served' else 'plain cosine'):<16} "
+            print(f"{Path(name).name:<34} {WAYS[way]:<28} "
                   f"{100 * r['direct_attributes']:>9.1f} {100 * r['relative_position']:>8.1f} "
                   f"{100 * r['overall']:>8.1f}   {colours}")
     out = Path(args.out)

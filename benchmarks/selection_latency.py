@@ -3,8 +3,9 @@
 Times ``select_crops`` (crop the candidates, pad, ψ forward over all of them, top-k) and the
 ``overview``/``all`` methods beside it (no ψ), over real photos resized to several sizes,
 all in one run; ψ in fp32 and in bf16 (open_clip's ``precision``, the plugin's
-``relevance_precision``) side by side, and the bundled ψ (336 px) beside the same CLIP at 224 px
-(the LLaVA tower's size). Then, on ``--scenes`` benchmark questions generated in memory (seed 7,
+``relevance_precision``) side by side, the bundled ψ (336 px) beside the same CLIP at 224 px
+(the LLaVA tower's size), and ψ seeing each candidate through its square windows (the default
+``relevance_fit``; 4:3 photos: two windows per candidate) beside one padded view. Then, on ``--scenes`` benchmark questions generated in memory (seed 7,
 the held-out seed), how often bf16 and the 224-px ψ pick the default's crop and how often each
 pick contains the target. Prints tables and writes
 ``benchmarks/results/selection_latency.json``.
@@ -49,6 +50,7 @@ def main() -> None:
     configs = {"relevance k=1": SemClipConfig(topk=1),
                "relevance k=1 bf16": SemClipConfig(topk=1, relevance_precision="bf16"),
                "relevance k=1 224px": SemClipConfig(topk=1, relevance_model=str(DEFAULT_TOWER_DIR)),
+               "relevance k=1 pad": SemClipConfig(topk=1, relevance_fit="pad"),
                "all": SemClipConfig(method="all"), "overview": SemClipConfig(method="overview")}
     for config in configs.values():  # load ψ (each precision) once, outside the timings
         select_crops(photo, questions[0], config)
@@ -67,7 +69,7 @@ def main() -> None:
             "candidates": configs[name].num_candidates,
         }
     agreement = {other: pick_agreement(configs["relevance k=1"], configs[other], args.scenes)
-                 for other in ("relevance k=1 bf16", "relevance k=1 224px")}
+                 for other in ("relevance k=1 bf16", "relevance k=1 224px", "relevance k=1 pad")}
     meta = {"torch_threads": torch.get_num_threads(), "repeats": args.repeats,
             "relevance_model": f"bundled {RELEVANCE_MODEL_NAME}"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +82,8 @@ def main() -> None:
     for size in results["relevance k=1"]:
         base = results["relevance k=1"][size]["p50_ms"]
         print(f"p50 at {size}: bf16 / fp32 {results['relevance k=1 bf16'][size]['p50_ms'] / base:.2f}, "
-              f"336 px / 224 px {base / results['relevance k=1 224px'][size]['p50_ms']:.2f}")
+              f"336 px / 224 px {base / results['relevance k=1 224px'][size]['p50_ms']:.2f}, "
+              f"windows / pad {base / results['relevance k=1 pad'][size]['p50_ms']:.2f}")
     for other, a in agreement.items():
         print(f"\n{other} picks the default's crop on {a['same_top1']:.1%} of {a['questions']} benchmark questions; "
               f"crop hit default {a['hit_reference']:.1%}, {other} {a['hit_other']:.1%}")

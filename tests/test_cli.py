@@ -65,7 +65,8 @@ def test_select_overlay_draws_heatmap_and_boxes(model_dir, photo_path, tmp_path)
 @pytest.mark.parametrize(
     "args, words",
     [(("--topk", "11"), "topk must be an integer in 0..8"), (("--grids", "2,x"), "grids"),
-     (("--overlap", "0.9"), "overlap"), (("--relevance-precision", "int4"), "relevance_precision must be one of")],
+     (("--overlap", "0.9"), "overlap"), (("--relevance-precision", "int4"), "relevance_precision must be one of"),
+     (("--relevance-fit", "stretch"), "--relevance-fit")],
 )
 def test_select_bad_options_exit_2_with_message(model_dir, photo_path, args, words):
     out = semclip("select", str(photo_path), "q", *args)

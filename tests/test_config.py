@@ -110,6 +110,15 @@ def test_given_boxes_become_the_crops_clipped_to_the_image():
     assert config.selection_key() != config.replace({"boxes": [[0, 0, 5, 5]]}).selection_key()
 
 
+def test_relevance_fit_is_a_per_request_choice_in_the_cache_key():
+    assert SemClipConfig().relevance_fit == "windows"
+    padded = SemClipConfig().replace({"relevance_fit": "pad"}, request=True)  # not server-only
+    assert padded.relevance_fit == "pad" and padded.selection_key() != SemClipConfig().selection_key()
+    with pytest.raises(SemClipConfigError) as info:
+        SemClipConfig().replace({"relevance_fit": "stretch"}, request=True)
+    assert info.value.parameter == "relevance_fit" and "windows, pad, center" in str(info.value)
+
+
 def test_relevance_precision_takes_open_clip_values():
     assert SemClipConfig().relevance_precision == "fp32"
     assert SemClipConfig(relevance_precision="bf16").selection_key() != SemClipConfig().selection_key()

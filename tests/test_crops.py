@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vllm_semclip.crops import candidate_boxes, num_candidates, pad_to_square, to_rgb
+from vllm_semclip.crops import candidate_boxes, num_candidates, pad_to_square, square_windows, to_rgb
 
 
 def test_grid_cells_follow_aspect_ratio():
@@ -77,3 +77,26 @@ def test_pad_to_square_keeps_content_centered():
     assert sq.size == (40, 40)
     assert sq.getpixel((20, 20)) == (255, 0, 0) and sq.getpixel((20, 0)) == (0, 0, 255)
     assert pad_to_square(Image.new("RGB", (8, 8)), (0, 0, 0)).size == (8, 8)
+
+
+@pytest.mark.parametrize("box", [(0, 0, 100, 100), (10, 20, 170, 110), (0, 0, 90, 200), (5, 5, 305, 105),
+                                 (0, 0, 101, 100), (0, 0, 1000, 10), (3, 0, 4, 700)])
+def test_square_windows_cover_the_box_with_the_fewest_squares_of_its_short_side(box):
+    """ψ's views of a region: squares of its short side, evenly spaced, covering every pixel; at
+    most four (a longer region gets four equal slices instead, so ψ's cost stays bounded)."""
+    import math
+
+    windows = square_windows(box)
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    expected = min(4, math.ceil(max(w, h) / min(w, h)))
+    assert len(windows) == expected
+    assert all(bx0 >= x0 and by0 >= y0 and bx1 <= x1 and by1 <= y1 for bx0, by0, bx1, by1 in windows)
+    covered = np.zeros((h, w), bool)
+    for bx0, by0, bx1, by1 in windows:
+        covered[by0 - y0:by1 - y0, bx0 - x0:bx1 - x0] = True
+        if expected < 4 or max(w, h) <= 4 * min(w, h):
+            assert bx1 - bx0 == by1 - by0 == min(w, h)  # squares
+    assert covered.all()
+    if w == h:
+        assert windows == [box]

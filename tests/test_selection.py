@@ -109,6 +109,34 @@ def test_relevance_picks_the_top_scores(model_dir, photo):
     assert sel.scores == [sel.candidate_scores[i] for i in best]
 
 
+def test_windows_score_a_region_by_its_best_square_and_pad_sees_it_padded(model_dir, photo):
+    """``relevance_fit="windows"`` (the default): a non-square region scores as the best of the
+    squares covering it (each scored alone); a square region is its own one view, the same as
+    padded. ``pad`` scores the padded region — another view, another score — and select_crops
+    follows the config."""
+    from vllm_semclip.crops import square_windows
+
+    psi = get_relevance_model(str(DEFAULT_RELEVANCE_DIR))
+    question = "What is the color of the circle?"
+    boxes = [(0, 0, 300, 150), (100, 100, 300, 300), (50, 0, 150, 400)]
+    pixels, index = psi.region_views(photo, boxes, "windows")
+    assert pixels.shape[0] == 2 + 1 + 4 and index.shape == (3, 4)
+    windows = psi.score_regions(question, photo, boxes)
+    for box, score in zip(boxes, windows):
+        alone = psi.score_regions(question, photo, square_windows(box), fit="pad")  # squares: padding adds nothing
+        assert float(score) == pytest.approx(float(alone.max()), abs=1e-4)
+    padded = psi.score_regions(question, photo, boxes, fit="pad")
+    assert float(padded[1]) == pytest.approx(float(windows[1]), abs=1e-4)
+    assert abs(float(padded[0]) - float(windows[0])) > 1e-3 and abs(float(padded[2]) - float(windows[2])) > 1e-3
+    wide = photo.crop((0, 0, 512, 300))
+    a = select_crops(wide, question, SemClipConfig())
+    b = select_crops(wide, question, SemClipConfig(relevance_fit="pad"))
+    assert a.candidates == b.candidates and a.candidate_scores != pytest.approx(b.candidate_scores, abs=1e-4)
+    assert a.candidate_scores == pytest.approx(psi.score_regions(question, wide, a.candidates).tolist(), abs=1e-5)
+    with pytest.raises(ValueError, match="fit"):
+        psi.region_views(photo, boxes, "stretch")
+
+
 def test_random_is_seeded_and_reproducible(photo):
     cfg = SemClipConfig(method="random", topk=2)
     a = select_crops(photo, "q", cfg)

@@ -16,6 +16,8 @@ from vllm_semclip.train_relevance import (
     DEFAULT_TRAINED_RELEVANCE_DIR,
     CropContrastiveLoss,
     RelevanceTrainConfig,
+    _crop_views,
+    _encode_crops,
     train_relevance,
 )
 
@@ -37,6 +39,23 @@ def test_loss_is_text_to_crop_infonce_with_same_text_crops_of_other_images_maske
     # a batch of one text: the loss is plain softmax over its own image's crops
     one = CropContrastiveLoss()(text[:1], crops[:1], positives[:1], torch.tensor(1.0), qids[:1])
     assert one.item() == pytest.approx(-torch.log_softmax(crops[0] @ text[0], 0)[1].item(), rel=1e-5)
+
+
+def test_a_crops_logit_is_its_best_views():
+    """Crops given as views [B, C, V, D]: each crop's logit is its best view's (as ψ serves a
+    non-square crop); views that repeat one vector give the one-view loss exactly."""
+    g = torch.Generator().manual_seed(2)
+    b, c, v, d = 3, 4, 2, 8
+    text = torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=-1)
+    views = torch.nn.functional.normalize(torch.randn(b, c, v, d, generator=g), dim=-1)
+    positives, qids, scale = torch.tensor([1, 0, 3]), torch.tensor([0, 1, 2]), torch.tensor(10.0)
+    loss = CropContrastiveLoss()
+    one = views[:, :, 0]
+    assert torch.allclose(loss(text, one[:, :, None].expand(-1, -1, 2, -1), positives, scale, qids),
+                          loss(text, one, positives, scale, qids))
+    logits = (scale * torch.einsum("id,jcvd->ijcv", text, views)).amax(-1).reshape(b, b * c)
+    by_hand = torch.nn.functional.cross_entropy(logits, torch.arange(b) * c + positives)
+    assert torch.allclose(loss(text, views, positives, scale, qids), by_hand)
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +162,29 @@ def test_the_checkpoint_is_safetensors_and_open_clip_loads_it(tiny_run, perfect_
     # the weights file alone also serves as `relevance_pretrained` for the named config
     by_name = RelevanceModel.from_pretrained(TOWER_MODEL_NAME, str(out / "open_clip_model.safetensors"))
     assert torch.allclose(by_name.score_regions(rec.question, image, boxes), scores, atol=1e-3)
+
+
+@pytest.mark.parametrize("fit", ["windows", "pad"])
+def test_training_scores_crops_as_select_crops_does(perfect_labels, fit):
+    """The features train-relevance caches (every candidate's views, ``fit`` as served) rank the
+    candidates as ``select_crops`` does with that ``relevance_fit``: training sees what serving scores."""
+    from PIL import Image
+
+    from vllm_semclip import SemClipConfig, select_crops
+    from vllm_semclip.label import load_labels
+    from vllm_semclip.relevance import get_relevance_model
+    from vllm_semclip.tiny_models import DEFAULT_RELEVANCE_DIR
+
+    psi = get_relevance_model(str(DEFAULT_RELEVANCE_DIR))
+    rows = load_labels(perfect_labels / "labels")[:4]
+    feats = _crop_views(psi, rows, fit, False, lambda px: _encode_crops(psi.model, px))
+    assert feats.shape[:2] == (4, 13) and feats.shape[-1] == psi.model.visual.output_dim
+    for row, f in zip(rows, feats):
+        scores = (f @ psi.query_vector(row["question"])).amax(-1)
+        with Image.open(row["image"]) as im:
+            sel = select_crops(im.convert("RGB"), row["question"], SemClipConfig(relevance_fit=fit))
+        assert [tuple(c["box"]) for c in row["crops"]] == sel.candidates
+        assert scores.tolist() == pytest.approx(sel.candidate_scores, abs=1e-4)
 
 
 def test_unlocking_the_image_tower_trains_it(perfect_labels):

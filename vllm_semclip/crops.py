@@ -88,6 +88,31 @@ def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image
     return canvas
 
 
+MAX_WINDOWS = 4
+
+
+def square_windows(box: Box, max_windows: int = MAX_WINDOWS) -> list[Box]:
+    """The fewest squares of the box's short side that cover it, evenly spaced along its long
+    side (overlapping where the sides do not divide); a square box is its own one window.
+
+    How ψ looks at a non-square region (``relevance_fit="windows"``): every pixel of the
+    region at its own aspect, with no padding band for a CLIP that never saw one. Beyond
+    ``max_windows`` (a region longer than 4:1) the windows lengthen instead of multiplying —
+    ``max_windows`` equal slices, each then padded — so ψ's cost per region stays bounded.
+    """
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    side, long_side = min(w, h), max(w, h)
+    n = min(max_windows, math.ceil(long_side / side))
+    if n == 1:
+        return [box]
+    length = max(side, math.ceil(long_side / n))
+    starts = [round(i * (long_side - length) / (n - 1)) for i in range(n)]
+    if w > h:
+        return [(x0 + s, y0, x0 + s + length, y1) for s in starts]
+    return [(x0, y0 + s, x1, y0 + s + length) for s in starts]
+
+
 def crop_boxes(image: Image.Image, boxes: Sequence[Box]) -> list[Image.Image]:
     return [image.crop(box) for box in boxes]
 

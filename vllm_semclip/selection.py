@@ -100,7 +100,7 @@ def select_crops(image: Image.Image, question: str, config: SemClipConfig | None
 
     psi = get_relevance_model(config.relevance_model, config.relevance_pretrained, config.device,
                               config.relevance_precision)
-    scores = [float(s) for s in psi.score_regions(question, rgb, candidates, config.pad_to_square)]
+    scores = [float(s) for s in psi.score_regions(question, rgb, candidates, config.relevance_fit)]
     return result(_topk(scores, k), scores)
 
 

@@ -334,7 +334,7 @@ def cell_pick_accuracy(relevance, rng: random.Random, n: int, size: int, query: 
             else:
                 tiles.append(card_tile(rng, size, shapes=[], colors=[]).image)
         text = caption(color, shape) if query == "caption" else attribute_question(shape)
-        scores = relevance.score_regions(text, mosaic(tiles), boxes, pad_to_square=True)
+        scores = relevance.score_regions(text, mosaic(tiles), boxes)  # square cells: one view each
         correct += int(scores.argmax()) == target
     return correct / n
 

@@ -28,9 +28,9 @@ needed on one process and is left out.
 ``lock_image`` (open_clip's name, on by default) freezes the image tower — its crop
 embeddings are computed once — and tunes the text tower and logit scale: a few hundred
 labelled questions teach ψ what a question asks for, not to see anew. The crops are cut
-by ψ's serving path (:meth:`RelevanceModel.region_batch`), so training sees exactly what
-the processor will score. Validation (held-out questions, seeded split) runs before
-training and after every epoch: top-1 hit rate (the chosen crop contains the target),
+by ψ's serving path (:meth:`RelevanceModel.region_views`, ``fit`` as served: a crop's score
+is its best square window's), so training sees exactly what the processor will score.
+Validation (held-out questions, seeded split) runs before training and after every epoch: top-1 hit rate (the chosen crop contains the target),
 agreement with the VLM's best crop, and the mean gain of the chosen crop; the epoch with
 the best mean gain is saved, as open_clip ``local-dir`` (safetensors, no pickle) with the
 config it was trained with and its report.
@@ -68,6 +68,7 @@ class RelevanceTrainConfig:
     weight_decay: float = 0.05
     warmup: int = 20
     lock_image: bool = True
+    fit: str = "windows"  # how ψ fits a candidate to its input, as served (SemClipConfig.relevance_fit)
     keep_best: bool = True  # save the epoch with the best validation gain (else the last epoch)
     min_gain: float = 0.05
     val_fraction: float = 0.2
@@ -81,18 +82,25 @@ class RelevanceTrainConfig:
             raise ValueError("lr must be in (0, 1), weight_decay and warmup non-negative")
         if not 0 < self.val_fraction < 1:
             raise ValueError("val_fraction must be in (0, 1)")
+        from .config import RELEVANCE_FITS
+
+        if self.fit not in RELEVANCE_FITS:
+            raise ValueError(f"fit must be one of {RELEVANCE_FITS}, got {self.fit!r}")
 
 
 class CropContrastiveLoss:
     """Text→crop InfoNCE over every crop of the batch, same-text crops of other images masked (see module doc)."""
 
     def __call__(self, text_features, crop_features, positives, logit_scale, question_ids):
-        """``text_features`` [B, D] (ψ's queries), ``crop_features`` [B, C, D] (normalised), ``positives`` [B] crop index,
-        ``question_ids`` [B] ints equal for equal question texts."""
+        """``text_features`` [B, D] (ψ's queries), ``crop_features`` [B, C, D] or [B, C, V, D] (normalised; a
+        crop's logit is its best view's, as served), ``positives`` [B] crop index, ``question_ids`` [B] ints
+        equal for equal question texts."""
         import torch
 
-        b, c, d = crop_features.shape
-        logits = logit_scale * text_features @ crop_features.reshape(b * c, d).T  # [B, B*C]
+        if crop_features.dim() == 3:
+            crop_features = crop_features[:, :, None]
+        b, c, v, d = crop_features.shape
+        logits = (logit_scale * text_features @ crop_features.reshape(b * c * v, d).T).reshape(b, b * c, v).amax(-1)
         owner = torch.arange(b, device=logits.device).repeat_interleave(c)  # which question each crop belongs to
         same_text = question_ids[:, None] == question_ids[owner][None, :]
         other_image = owner[None, :] != torch.arange(b, device=logits.device)[:, None]
@@ -109,14 +117,17 @@ class LabelledSet:
     gains: list[list[float]]
     best: list[int]  # the labeller's positive crop per question (``best`` of its label row)
     hits: list[list[bool]]
-    crops: Any  # [Q, C, 3, H, W] fp16 pixels, or [Q, C, D] frozen features with lock_image
+    crops: Any  # [Q, C, V, 3, H, W] fp16 pixels of each crop's V views, or [Q, C, V, D] frozen features
 
     def __len__(self) -> int:
         return len(self.questions)
 
 
-def _crop_tensors(psi, rows: Sequence[dict], progress: bool):
-    """Every labelled question's candidate crops, cut by ψ's serving path: [Q, C, 3, H, W] fp16."""
+def _crop_views(psi, rows: Sequence[dict], fit: str, progress: bool, encode=None):
+    """Every labelled question's candidate crops, cut by ψ's serving path (``fit`` as served):
+    [Q, C, V, 3, H, W] fp16 pixels, or with ``encode`` (the locked image tower) [Q, C, V, D]
+    features, encoded question by question. V is the most views a crop has; a crop with fewer
+    repeats its first (the max over views ignores it)."""
     import torch
     from PIL import Image
     from tqdm import tqdm
@@ -125,18 +136,22 @@ def _crop_tensors(psi, rows: Sequence[dict], progress: bool):
     for row in tqdm(rows, desc="cutting crops", disable=not progress):
         with Image.open(row["image"]) as im:
             image = im.convert("RGB")
-        boxes = [tuple(c["box"]) for c in row["crops"]]
-        out.append(psi.region_batch(image, boxes, pad_to_square=True).half())
-    return torch.stack(out)
+        pixels, index = psi.region_views(image, [tuple(c["box"]) for c in row["crops"]], fit)
+        if encode is not None:
+            with torch.inference_mode():
+                pixels = encode(pixels)
+        out.append((pixels.half() if encode is None else pixels)[index])
+    width = max(x.shape[1] for x in out)
+    return torch.stack([torch.cat([x, x[:, :1].expand(-1, width - x.shape[1], *x.shape[2:])], dim=1) for x in out])
 
 
 def _encode_crops(model, pixels, batch: int = 256):
     import torch
 
-    flat = pixels.reshape(-1, *pixels.shape[2:])
+    flat = pixels.reshape(-1, *pixels.shape[-3:])
     feats = torch.cat([model.encode_image(flat[i:i + batch].float(), normalize=True)
                        for i in range(0, flat.shape[0], batch)])
-    return feats.reshape(*pixels.shape[:2], -1)
+    return feats.reshape(*pixels.shape[:-3], -1)
 
 
 def validate(model, tokenizer, data: LabelledSet, lock_image: bool,
@@ -148,7 +163,7 @@ def validate(model, tokenizer, data: LabelledSet, lock_image: bool,
     with torch.inference_mode():
         texts = query_features(model, tokenizer, data.questions, reference)
         feats = data.crops if lock_image else _encode_crops(model, data.crops)
-        choice = torch.einsum("qd,qcd->qc", texts, feats).argmax(dim=1).tolist()
+        choice = torch.einsum("qd,qcvd->qcv", texts, feats).amax(-1).argmax(dim=1).tolist()
     n = len(data)
     return {"hit_rate": sum(h[c] for h, c in zip(data.hits, choice)) / n,
             "best_agreement": sum(c == b for c, b in zip(choice, data.best)) / n,
@@ -200,11 +215,9 @@ def train_relevance(config: RelevanceTrainConfig, out_dir: Path | str = DEFAULT_
     model, tokenizer = psi.model.float(), psi.tokenizer
 
     def prepare(subset: list[dict]) -> LabelledSet:
-        pixels = _crop_tensors(psi, subset, progress)
-        if config.lock_image:
-            with torch.inference_mode():
-                model.eval()
-                pixels = _encode_crops(model, pixels)
+        model.eval()
+        encode = (lambda px: _encode_crops(model, px)) if config.lock_image else None
+        pixels = _crop_views(psi, subset, config.fit, progress, encode)
         return LabelledSet([r["question"] for r in subset], [[c["gain"] for c in r["crops"]] for r in subset],
                            [r["best"] for r in subset], [[c["hit"] for c in r["crops"]] for r in subset], pixels)
 
