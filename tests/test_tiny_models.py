@@ -12,6 +12,8 @@ from vllm_semclip.tiny_models import (
     RELEVANCE_MODEL_NAME,
     TinyLlavaSpec,
     build_tiny_llava,
+    build_tiny_relevance,
+    update_llava_tower,
 )
 
 
@@ -95,6 +97,76 @@ def test_llava_tower_is_the_bundled_tiny_clip(model_dir):
     # LLaVA's tower is stored in bf16 (ψ in fp16): compare at that precision
     assert torch.allclose(hf, pooled, atol=0.05, rtol=0.05)
     assert not torch.allclose(hf, pooled.roll(1, dims=0), atol=0.05, rtol=0.05)  # and different images differ
+
+
+def _feature_layer_tokens(model_dir, pixels):
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.inference_mode():
+        out = model.model.vision_tower(pixels, output_hidden_states=True)
+    return out.hidden_states[model.config.vision_feature_layer], out.pooler_output
+
+
+def test_the_tokens_the_llava_reads_are_the_bundled_clips_at_its_feature_layer(model_dir):
+    """What the LLaVA actually sees — its tower's hidden states at ``vision_feature_layer`` — is
+    the tiny CLIP's block output there (open_clip's ``forward_intermediates``), every token."""
+    import torch
+
+    from vllm_semclip.relevance import RelevanceModel
+
+    layer = json.loads((Path(model_dir) / "config.json").read_text())["vision_feature_layer"]
+    oc = RelevanceModel.from_pretrained(str(DEFAULT_TOWER_DIR)).model.float()
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        theirs = oc.visual.forward_intermediates(pixels, indices=[layer], output_fmt="NLC",
+                                                 intermediates_only=True, output_extra_tokens=True)
+        below = oc.visual.forward_intermediates(pixels, indices=[layer - 1], output_fmt="NLC",
+                                                intermediates_only=True)["image_intermediates"][0]
+        ours, _ = _feature_layer_tokens(model_dir, pixels)
+    tokens = torch.cat([theirs["image_intermediates_prefix"][0], theirs["image_intermediates"][0]], dim=1)
+    assert ours.shape == tokens.shape == (2, 197, 128)
+    assert torch.allclose(ours, tokens, atol=0.05, rtol=0.05)
+    assert not torch.allclose(ours[:, 1:], below, atol=0.05, rtol=0.05)  # one layer lower is another thing
+
+
+def test_update_llava_tower_takes_a_clips_unread_layers_and_refuses_one_that_changes_what_it_reads(tmp_path):
+    """A CLIP that differs from the LLaVA's tower only above ``vision_feature_layer`` (its last
+    layer, post-layernorm) becomes the tower: the pooled output follows the new CLIP, the tokens
+    the LLaVA reads stay bit for bit. A CLIP that differs below is refused, naming the tensors."""
+    import torch
+
+    from vllm_semclip.relevance import RelevanceModel, save_local_dir
+
+    clip_dir = build_tiny_relevance(tmp_path / "clip", seed=1)
+    llava_dir = build_tiny_llava(tmp_path / "llava", relevance_dir=clip_dir)
+
+    def perturbed(name: str, block: int) -> Path:
+        model = RelevanceModel.from_pretrained(str(clip_dir)).model.float()
+        with torch.no_grad():
+            for p in model.visual.transformer.resblocks[block].parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        cfg = json.loads((clip_dir / "open_clip_config.json").read_text())["model_cfg"]
+        return save_local_dir(model, cfg, tmp_path / name, half=False)
+
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    before, pooled_before = _feature_layer_tokens(str(llava_dir), pixels)
+    head = perturbed("head", 3)  # 4 layers, feature layer -2: layer index 3 is never read
+    changed = update_llava_tower(llava_dir, head)
+    assert changed and all(".encoder.layers.3." in k for k in changed)
+    after, pooled_after = _feature_layer_tokens(str(llava_dir), pixels)
+    assert torch.equal(before, after)  # what the LLaVA reads: unchanged
+    assert not torch.allclose(pooled_before, pooled_after)
+    oc = RelevanceModel.from_pretrained(str(head)).model.float()
+    with torch.inference_mode():
+        oc.visual.output_tokens = True
+        pooled, _ = oc.visual(pixels)
+        assert torch.allclose(pooled_after @ oc.visual.proj, pooled, atol=0.05, rtol=0.05)  # the tower is the new CLIP
+    assert update_llava_tower(llava_dir, head) == []  # idempotent
+    with pytest.raises(ValueError, match="layers.0"):
+        update_llava_tower(llava_dir, perturbed("body", 0))
+    assert torch.equal(_feature_layer_tokens(str(llava_dir), pixels)[0], before)  # the refused one wrote nothing
 
 
 def test_bundled_psi_is_the_tower_clip_at_336_px():

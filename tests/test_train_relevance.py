@@ -82,13 +82,23 @@ def perfect_labels(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def plain_tower(tmp_path_factory) -> Path:
-    """The 224-px CLIP without its reference texts (plain cosine): with them, or at 336 px, it already
-    picks the right crop for all 4 validation questions, and no epoch could beat the start."""
+    """The 224-px CLIP without its reference texts and with its text projection scrambled (seeded):
+    as bundled it already picks the right crop for all 4 validation questions, so no epoch could
+    beat its start; scrambling the text side keeps the (locked) eyes and leaves the run something
+    to learn — what a text tower fine-tuned on labels is for."""
     import shutil
+
+    from safetensors.torch import save_file
 
     out = tmp_path_factory.mktemp("plain") / "psi"
     shutil.copytree(DEFAULT_TOWER_DIR, out)
     (out / "semclip_relevance.json").unlink()
+    weights = out / "open_clip_model.safetensors"
+    state = load_file(str(weights))
+    proj = state["text_projection"]
+    g = torch.Generator().manual_seed(0)
+    state["text_projection"] = (torch.randn(proj.shape, generator=g) * proj.float().std()).to(proj.dtype)
+    save_file(state, str(weights))
     return out
 
 

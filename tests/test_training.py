@@ -7,11 +7,14 @@ import torch
 
 from vllm_semclip.cards import CAPTIONS, CROP_SIDE_RANGE
 from vllm_semclip.train_clip import (
+    ClipLossWithNegatives,
     ClipTrainConfig,
     PatchLabelLoss,
     PatchPositionLoss,
+    ShapeQueryLoss,
     card_patch_labels,
     card_patch_mask,
+    empty_photo_tiles,
     label_only_tiles,
     sample_blocks,
     side_range_at,
@@ -137,7 +140,9 @@ def test_curriculum_shrinks_cards_to_crop_size():
 @pytest.mark.parametrize("bad", [{"steps": 0}, {"steps": -1}, {"lr": 2.0}, {"curriculum": 1.5}, {"position_weight": -1.0},
                                  {"position_layer": 0}, {"position_card_weight": -0.5},
                                  {"label_weight": -1.0}, {"label_tiles": -1, "label_weight": 1.0},
-                                 {"label_tiles": 8}])
+                                 {"label_tiles": 8}, {"empty_tiles": -1}, {"lock_image_unlocked_groups": 2},
+                                 {"lock_image": True, "lock_image_unlocked_groups": -1},
+                                 {"question_weight": -1.0}])
 def test_clip_config_is_validated(bad):
     with pytest.raises(ValueError):
         ClipTrainConfig(**bad)
@@ -173,6 +178,92 @@ def test_clip_training_writes_a_checkpoint_open_clip_loads(tmp_path, position_we
     psi = RelevanceModel.from_pretrained(str(tmp_path / "psi"))
     assert psi.image_size == 224 and (tmp_path / "psi" / "train_report.json").is_file()
     assert psi.reference.texts == CAPTIONS  # ψ's query is scored less the mean of what it was trained on
+
+
+def test_clip_loss_with_negatives_is_clip_loss_without_them_and_a_matching_negative_costs():
+    """No negatives: open_clip's ``ClipLoss`` to the bit. With them: a negative close to a
+    caption raises the loss (text→image only) and gets a gradient; one far from all does little."""
+    import open_clip
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(6, 16, generator=g), dim=-1)
+    texts = torch.nn.functional.normalize(images + 0.3 * torch.randn(6, 16, generator=g), dim=-1)
+    scale = torch.tensor(20.0)
+    loss = ClipLossWithNegatives()
+    assert torch.equal(loss(images, texts, scale), open_clip.ClipLoss()(images, texts, scale))
+    assert torch.equal(loss(images, texts, scale, images[:0]), open_clip.ClipLoss()(images, texts, scale))
+    close = texts[2:3].clone().requires_grad_(True)  # a photo that looks exactly like caption 2
+    far = -texts.mean(0, keepdim=True)
+    far = torch.nn.functional.normalize(far, dim=-1)
+    base = loss(images, texts, scale)
+    with_close = loss(images, texts, scale, close)
+    assert with_close > base + 0.1
+    with_close.backward()
+    assert close.grad is not None and close.grad.abs().sum() > 0
+    assert loss(images, texts, scale, far) < base + 0.01
+    # by hand: the text→image half over the block's images and the negative, the image→text half over texts
+    ce = torch.nn.functional.cross_entropy
+    labels = torch.arange(6)
+    by_hand = 0.5 * (ce(scale * images @ texts.T, labels)
+                     + ce(scale * texts @ torch.cat([images, close.detach()]).T, labels))
+    assert torch.allclose(loss(images, texts, scale, close.detach()), by_hand)
+
+
+def test_shape_query_loss_is_cross_entropy_with_one_positive_and_makes_every_positive_count():
+    """One positive per query: plain text→image cross-entropy. Several: each positive against the
+    negatives alone, averaged — low only when *every* tile of the asked shape outranks the other
+    shapes' tiles; one circle that looks unlike the query costs even if the others are first."""
+    g = torch.Generator().manual_seed(1)
+    queries = torch.nn.functional.normalize(torch.randn(3, 16, generator=g), dim=-1)
+    images = torch.nn.functional.normalize(torch.randn(9, 16, generator=g), dim=-1)
+    scale = torch.tensor(10.0)
+    loss = ShapeQueryLoss()
+    one = torch.zeros(3, 9, dtype=torch.bool)
+    one[0, 4] = one[1, 0] = one[2, 8] = True
+    expected = torch.nn.functional.cross_entropy(scale * queries @ images.T, torch.tensor([4, 0, 8]))
+    assert torch.allclose(loss(queries, images, one, scale), expected)
+    # images that are the queries themselves, three per query: every positive above every negative → near 0
+    stacked = queries.repeat_interleave(3, dim=0)
+    shown = torch.arange(3)[:, None] == torch.arange(9)[None] // 3
+    good = loss(queries, stacked, shown, torch.tensor(50.0))
+    assert good < 1e-3
+    unlike = stacked.clone()
+    unlike[0] = -queries[0]  # a tile of shape 0 that looks nothing like query 0 (its other two are perfect)
+    assert loss(queries, unlike, shown, torch.tensor(50.0)) > good + 1.0
+    # by hand, for that case: positive 0 of query 0 against query 0's six negatives
+    logits = 50.0 * queries @ unlike.T
+    by_hand = -torch.log_softmax(torch.cat([logits[0, :1], logits[0, 3:]]), dim=0)[0]
+    assert by_hand / 9 <= loss(queries, unlike, shown, torch.tensor(50.0)) <= by_hand / 9 + 1e-3
+
+
+def test_empty_photo_tiles_hold_no_card():
+    tiles = empty_photo_tiles(random.Random(5), 224, 8)
+    assert len(tiles) == 8 and all(t.cards == [] and t.image.size == (224, 224) for t in tiles)
+    assert len({t.image.tobytes() for t in tiles}) == 8  # different photos / regions
+
+
+def test_a_locked_image_tower_keeps_everything_below_its_unlocked_groups(tmp_path):
+    """``lock_image`` with 2 unlocked groups (open_clip's LiT lock) trains the last block, ln_post
+    and the projection with the empty-tile negatives; the embeddings and the blocks below — all
+    the LLaVA's feature layer (block -2) reads — stay bit for bit, so the LLaVA's features do."""
+    from vllm_semclip.relevance import RelevanceModel
+    from vllm_semclip.tiny_models import DEFAULT_TOWER_DIR
+
+    config = ClipTrainConfig(steps=2, caption_blocks=1, eval_cards=24, eval_mosaics=3, init=str(DEFAULT_TOWER_DIR),
+                             lr=1e-3, warmup=0, lock_image=True, lock_image_unlocked_groups=2, empty_tiles=4,
+                             question_weight=1.0)
+    report = train_clip(config, tmp_path / "psi", progress=False)
+    assert report["config"]["empty_tiles"] == 4 and report["config"]["lock_image_unlocked_groups"] == 2
+    assert report["config"]["question_weight"] == 1.0
+    before = RelevanceModel.from_pretrained(str(DEFAULT_TOWER_DIR)).model.state_dict()
+    after = RelevanceModel.from_pretrained(str(tmp_path / "psi")).model.state_dict()
+    last = len({k.split(".")[3] for k in before if k.startswith("visual.transformer.resblocks.")}) - 1
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    trainable = {k for k in before if k.startswith((f"visual.transformer.resblocks.{last}.", "visual.ln_post.",
+                                                      "visual.proj"))}
+    assert changed & trainable  # the head of the tower moved
+    assert not {k for k in changed if k.startswith("visual.")} - trainable  # nothing below it did
+    assert any(not k.startswith("visual.") for k in changed)  # the text tower trains as before
 
 
 def test_a_224_px_psi_goes_to_336_px_with_its_position_grid_resized(tmp_path):

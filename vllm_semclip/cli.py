@@ -224,6 +224,16 @@ def cmd_train(argv: list[str]) -> int:
                             "token at the LLaVA's feature layer (default 0: off)")
         p.add_argument("--label-tiles", type=int,
                        help="extra tiles per step with 1-3 cards, for the patch losses only (default 0)")
+        p.add_argument("--empty-tiles", type=int,
+                       help="photo tiles without a card per step, a negative for every caption (default 0)")
+        p.add_argument("--question-weight", type=float,
+                       help="weight of the shape-question loss: each shape's question against every tile of a "
+                            "caption block, every tile of that shape a positive (default 0: off)")
+        p.add_argument("--lock-image", action="store_true", default=None,
+                       help="freeze the image tower (open_clip's LiT lock) but its last --lock-image-unlocked-groups")
+        p.add_argument("--lock-image-unlocked-groups", type=int,
+                       help="image-tower groups left trainable under --lock-image (2: the last block, ln_post and "
+                            "the projection, which the LLaVA's feature layer never sees)")
     if what == "vlm":
         p.add_argument("--relevance-dir", default=str(DEFAULT_TOWER_DIR), help="trained tiny CLIP whose ViT is the tower")
         p.add_argument("--side-fraction", type=float,
@@ -266,6 +276,7 @@ def cmd_train(argv: list[str]) -> int:
     args = p.parse_args(argv)
     overrides = {k: getattr(args, k, None) for k in ("model", "steps", "seed", "threads", "init", "curriculum", "lr",
                                                   "position_weight", "position_card_weight", "label_weight", "label_tiles",
+                                                  "empty_tiles", "lock_image", "lock_image_unlocked_groups", "question_weight",
                                                   "side_fraction", "binding_weight", "position_binding_weight", "word_binding_weight",
                                                   "tower_lr", "turns",
                                                   "text_steps", "side_steps", "ground_spatial_fraction",

@@ -271,6 +271,56 @@ def build_tiny_llava(
     return out
 
 
+def update_llava_tower(llava_dir: Path | str, clip_dir: Path | str) -> list[str]:
+    """Make the LLaVA's vision tower the ViT of the CLIP in ``clip_dir``, where the two agree
+    on everything the LLaVA reads; return the names of the tensors that changed.
+
+    The LLaVA reads its tower's hidden states at ``vision_feature_layer`` (-2: the output of the
+    second-to-last layer), so the last layer and the post-layernorm never reach it. A CLIP
+    continued with those alone trainable (``semclip train clip --lock-image
+    --lock-image-unlocked-groups 2``) is a better ψ and still the same eyes; this copies its
+    unread layers into the LLaVA checkpoint so the tower *is* that CLIP's ViT again (converted,
+    in the checkpoint's dtype) while every token the LLaVA sees stays bit for bit. Anything it
+    reads that differs is refused, naming the tensors: that would be another LLaVA.
+    """
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .convert import clip_vision_state_dict
+
+    llava = Path(llava_dir)
+    config = json.loads((llava / "config.json").read_text())
+    layers = int(config["vision_config"]["num_hidden_layers"])
+    feature_layer = config.get("vision_feature_layer", -2)
+    if not isinstance(feature_layer, int):
+        raise ValueError(f"{llava}: vision_feature_layer {feature_layer!r} (several layers) is not supported")
+    read = feature_layer if feature_layer >= 0 else layers + 1 + feature_layer  # hidden_states[0] = embeddings
+    unread = tuple(f"model.vision_tower.vision_model.encoder.layers.{i}." for i in range(read, layers)) + \
+        ("model.vision_tower.vision_model.post_layernorm.",)
+    clip, _ = _vision_source(TinyLlavaSpec(), clip_dir)
+    new = {f"model.vision_tower.{k}": v for k, v in clip_vision_state_dict(clip, prefix="vision_model.").items()
+           if not k.startswith("visual_projection")}
+    path = llava / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata()
+    tower = {k for k in state if k.startswith("model.vision_tower.")}
+    if tower != set(new):
+        raise ValueError(f"{clip_dir} does not convert to {llava}'s tower layout "
+                         f"(missing {sorted(tower - set(new))[:3]}, extra {sorted(set(new) - tower)[:3]})")
+    new = {k: v.to(state[k].dtype) for k, v in new.items()}
+    differ = [k for k in sorted(tower) if not torch.equal(state[k], new[k])]
+    read_differ = [k for k in differ if not k.startswith(unread)]
+    if read_differ:
+        raise ValueError(f"{clip_dir} differs from {llava}'s tower in what the LLaVA reads "
+                         f"(vision_feature_layer {feature_layer}): {read_differ[:5]}")
+    if differ:
+        state.update({k: new[k] for k in differ})
+        save_file(state, str(path), metadata=metadata)
+    return differ
+
+
 def build_tiny_relevance(out_dir: Path | str = DEFAULT_TOWER_DIR, seed: int = 0) -> Path:
     """Write a randomly initialised (seeded) ``SemClip-ViT-T-16`` in open_clip's local-dir format."""
     import open_clip

@@ -40,6 +40,13 @@ whole tile; the LLaVA reads tiles with up to three cards, where each token must 
 own card. ``label_tiles`` adds such tiles (1–3 cards, no caption) to every step for the patch
 losses alone.
 
+Why ψ's head alone (``lock_image`` with ``lock_image_unlocked_groups=2``, open_clip's LiT lock):
+the LLaVA reads the tower's second-to-last block, so the last block, ``ln_post`` and the
+projection make only ψ's embedding; training just those (and the text tower) improves ψ while
+every token the LLaVA sees stays bit for bit (``tiny_models.update_llava_tower`` then copies the
+unread layer into the LLaVA). ``question_weight`` (:class:`ShapeQueryLoss`) teaches that head
+what ψ is actually asked — a shape's question, against every tile of a caption block.
+
 Why a curriculum: the card is large at first and shrinks to its real size over the first
 20% of the steps (``curriculum``). Colour is learned in minutes at any size; shape needs the larger
 views first.
@@ -101,10 +108,20 @@ class ClipTrainConfig:
     label_weight: float = 0.0  # weight of the patch-label loss (shape and colour of the card under a patch)
     # extra tiles per step with 1–3 cards at crop size (the LLaVA's training tiles), for the patch losses only
     label_tiles: int = 0
+    # photo tiles without a card added to every caption block as images no text describes (ClipLossWithNegatives)
+    empty_tiles: int = 0
+    # open_clip's LiT-style lock: freeze the image tower but its last ``lock_image_unlocked_groups`` groups
+    # (2 = the last block, ln_post and the projection: what the LLaVA, reading block -2, never sees)
+    lock_image: bool = False
+    lock_image_unlocked_groups: int = 0
+    # weight of ShapeQueryLoss: each shape's question against every tile of each caption block (0 = off)
+    question_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.caption_blocks < 1 or self.label_tiles < 0:
-            raise ValueError("steps and label_tiles must be non-negative and caption_blocks at least 1")
+        if self.steps < 0 or self.caption_blocks < 1 or self.label_tiles < 0 or self.empty_tiles < 0:
+            raise ValueError("steps, label_tiles and empty_tiles must be non-negative and caption_blocks at least 1")
+        if self.lock_image_unlocked_groups < 0 or (self.lock_image_unlocked_groups and not self.lock_image):
+            raise ValueError("lock_image_unlocked_groups is a non-negative count and needs lock_image")
         if self.label_tiles and not (self.label_weight or self.position_weight or self.position_card_weight):
             raise ValueError("label_tiles only feed the patch losses: set label_weight (or a position weight)")
         if self.steps == 0 and not self.init:
@@ -113,8 +130,10 @@ class ClipTrainConfig:
             raise ValueError("lr must be in (0, 1), weight_decay and warmup non-negative")
         if not 0 <= self.curriculum <= 1:
             raise ValueError("curriculum is a fraction of the steps (0-1)")
-        if min(self.position_weight, self.position_card_weight, self.label_weight) < 0 or self.position_layer >= 0:
-            raise ValueError("position_weight, position_card_weight and label_weight must be non-negative, "
+        if min(self.position_weight, self.position_card_weight, self.label_weight, self.question_weight) < 0 \
+                or self.position_layer >= 0:
+            raise ValueError("position_weight, position_card_weight, label_weight and question_weight must be "
+                             "non-negative, "
                              "position_layer negative (-1 = last block)")
 
 
@@ -161,6 +180,58 @@ class PatchPositionLoss(torch.nn.Module):
         column, row = self.logits(patches)
         right = 0.5 * ((column.argmax(-1) == self.columns).float() + (row.argmax(-1) == self.rows).float())
         return float(right.mean() if mask is None else right[mask].mean())
+
+
+class ClipLossWithNegatives(torch.nn.Module):
+    """open_clip's ``ClipLoss`` on one block, with images that no text of the block describes
+    added to every text's candidates (text→image only: there is no text to match them with).
+
+    Why: a caption block holds one card per tile, so a CLIP trained on it never learns that a
+    photo *without* the named card is wrong for the caption — yet most of ψ's candidate crops
+    hold no card. (Alone it moved ψ's benchmark hits by nothing: the dark targets ψ missed were
+    lost to the padding band, README "What ψ's crop holds"; it stays in the seventh run's
+    recipe.) Without negatives it is ``ClipLoss`` exactly (a test checks).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        import open_clip
+
+        self.clip_loss = open_clip.ClipLoss()
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                negatives: torch.Tensor | None = None) -> torch.Tensor:
+        if negatives is None or not len(negatives):
+            return self.clip_loss(image_features, text_features, logit_scale)
+        ce = torch.nn.functional.cross_entropy
+        labels = torch.arange(len(text_features), device=text_features.device)
+        per_image = logit_scale * image_features @ text_features.T
+        per_text = logit_scale * text_features @ torch.cat([image_features, negatives]).T
+        return 0.5 * (ce(per_image, labels) + ce(per_text, labels))
+
+
+class ShapeQueryLoss(torch.nn.Module):
+    """Each shape's question ("What is the color of the circle?") against every tile of a
+    caption block: every tile showing that shape is a positive, and *each* positive must
+    outrank all the negatives on its own (text→image cross-entropy per positive, the other
+    positives left out of its denominator, averaged).
+
+    Why: ψ is asked the question, not the caption, and the question names a shape of *any*
+    colour. The caption blocks teach "a black circle"; the small question block pairs each
+    question with one tile of a random colour, so a dark circle and a vivid rectangle are rarely
+    ranked against each other for it — on held-out cards ψ ranks a black or grey card of the
+    asked shape over another shape's card only 91–92% of the time (99% for its caption), and
+    among a scene's 13 crops that is what loses dark targets. Per positive, so a black circle
+    ranked below a green rectangle costs even when the green circle is first.
+    """
+
+    def forward(self, query_features: torch.Tensor, image_features: torch.Tensor, positives: torch.Tensor,
+                logit_scale: torch.Tensor) -> torch.Tensor:
+        """``positives``: (queries, images) true where the image shows what the query asks for."""
+        logits = logit_scale * query_features @ image_features.T
+        negatives = torch.logsumexp(logits.masked_fill(positives, float("-inf")), dim=-1, keepdim=True)
+        per_positive = torch.nn.functional.softplus(negatives - logits)  # −log(e^p / (e^p + Σ e^neg))
+        return per_positive[positives].mean()
 
 
 class PatchLabelLoss(torch.nn.Module):
@@ -278,6 +349,11 @@ def label_only_tiles(rng: random.Random, size: int, n: int, side_range: tuple[fl
     """``n`` tiles with 1–3 cards each (as ``semclip train vlm``'s tiles have) for the patch losses:
     no caption describes a multi-card tile, so they stay out of the contrastive loss."""
     return [card_tile(rng, size, n_cards=rng.randint(1, len(SHAPES)), side_range=side_range) for _ in range(n)]
+
+
+def empty_photo_tiles(rng: random.Random, size: int, n: int) -> list:
+    """``n`` photo tiles without a card: the negatives of :class:`ClipLossWithNegatives`."""
+    return [card_tile(rng, size, shapes=[], colors=[]) for _ in range(n)]
 
 
 def zero_shot_scores(model, tokenizer, rng: random.Random, n: int, size: int, batch: int = 96) -> dict[str, float]:
@@ -420,6 +496,8 @@ def train_clip(config: ClipTrainConfig = ClipTrainConfig(), out_dir: Path | str 
     tokenizer = open_clip.get_tokenizer(config.model)
     size = int(open_clip.get_model_config(config.model)["vision_cfg"]["image_size"])
     mean, std = model.visual.image_mean, model.visual.image_std
+    if config.lock_image:  # open_clip's own (LiT); the frozen groups get no gradient and no decay
+        model.lock_image_tower(unlocked_groups=config.lock_image_unlocked_groups)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -436,7 +514,9 @@ def train_clip(config: ClipTrainConfig = ClipTrainConfig(), out_dir: Path | str 
         groups.append({"params": list(label_fn.parameters()), "weight_decay": 0.0, "lr": 10 * config.lr})
     opt = torch.optim.AdamW(groups, lr=config.lr)
     sched = warmup_cosine(opt, config.warmup, config.steps)
-    loss_fn = open_clip.ClipLoss()
+    loss_fn = ClipLossWithNegatives()
+    question_fn = ShapeQueryLoss()
+    questions = [attribute_question(shape) for shape in SHAPES]
     model.train()
     start = time.time()
     bar = tqdm(range(config.steps), desc="train clip", disable=not progress, mininterval=5)
@@ -447,6 +527,7 @@ def train_clip(config: ClipTrainConfig = ClipTrainConfig(), out_dir: Path | str 
         texts = [t for ts, _ in blocks for t in ts]
         tiles = [tile for _, ts in blocks for tile in ts]
         tiles += label_only_tiles(rng, size, config.label_tiles, side_range)  # after the captioned ones
+        tiles += empty_photo_tiles(rng, size, config.empty_tiles)  # last
         pixels = to_tensor([tile.image for tile in tiles], mean, std)
         if position_fn is None and label_fn is None:
             image_features = model.encode_image(pixels, normalize=True)
@@ -454,14 +535,24 @@ def train_clip(config: ClipTrainConfig = ClipTrainConfig(), out_dir: Path | str 
             out = model.forward_intermediates(image=pixels, image_indices=[config.position_layer],
                                               image_output_fmt="NLC")
             image_features, patches = out["image_features"], out["image_intermediates"][0]
-        text_features = model.encode_text(tokenizer(texts), normalize=True)
+        text_features = model.encode_text(tokenizer(texts + (questions if config.question_weight else [])),
+                                          normalize=True)
         scale = model.logit_scale.exp()
+        negatives = image_features[len(image_features) - config.empty_tiles:] if config.empty_tiles else None
         loss, offset = 0.0, 0
-        for ts, _ in blocks:  # the label-only tiles at the end have no caption
+        for ts, _ in blocks:  # the label-only and empty tiles at the end have no caption
             sl = slice(offset, offset + len(ts))
-            loss = loss + loss_fn(image_features[sl], text_features[sl], scale) * len(ts)
+            loss = loss + loss_fn(image_features[sl], text_features[sl], scale, negatives) * len(ts)
             offset += len(ts)
         loss = loss / offset
+        if config.question_weight:  # the caption blocks come first; each of their tiles shows one card
+            captioned = [tile for _, ts in blocks[:config.caption_blocks] for tile in ts]
+            shown = torch.tensor([[tile.cards[0].shape == shape for tile in captioned] for shape in SHAPES])
+            n_neg = config.empty_tiles
+            candidates = image_features[:len(captioned)] if not n_neg else \
+                torch.cat([image_features[:len(captioned)], image_features[len(image_features) - n_neg:]])
+            shown = torch.cat([shown, torch.zeros(len(SHAPES), n_neg, dtype=torch.bool)], dim=1)
+            loss = loss + config.question_weight * question_fn(text_features[len(texts):], candidates, shown, scale)
         if position_fn is not None:
             on_cards = card_patch_mask([tile.cards for tile in tiles], size, model.visual.patch_size[0])
             token_loss = position_fn.token_loss(patches)  # one head forward for both terms
