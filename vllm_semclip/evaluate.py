@@ -234,7 +234,7 @@ def plot_accuracy_vs_tokens(results: Sequence[dict], path: Path | str) -> Path:
         x = doc["mean_visual_tokens"]
         j = seen.get(round(x), 0)
         seen[round(x)] = j + 1
-        ax.scatter([x], [100 * doc["overall_accuracy"]], marker=markers["overall"], s=60, c=colours[doc["method"]])
+        ax.scatter([x], [100 * doc["overall_accuracy"]], marker=markers["overall"], s=60, color=colours[doc["method"]])
         ax.annotate(label, (x, 100 * doc["overall_accuracy"]), textcoords="offset points", xytext=(8, -4 + 11 * j),
                     fontsize=8, arrowprops={"arrowstyle": "-", "alpha": 0.3} if j else None)
         for cat, acc in doc["accuracy_by_category"].items():
