@@ -46,8 +46,7 @@ def hit_rates(psi: RelevanceModel, records, grids=(2, 3), desc: str = "ψ",
             image = to_rgb(im).copy()  # a loaded copy: the file closes here
         boxes = candidate_boxes(*image.size, grids)
         with torch.inference_mode():
-            views = {fit: psi.region_views(image, boxes, fit) for fit in ("windows", "pad")}
-            feats = {fit: psi.image_features(pixels)[index] for fit, (pixels, index) in views.items()}  # [R, V, D]
+            feats = {fit: psi.region_features(image, boxes, fit) for fit in ("windows", "pad")}  # [R, V, D]
             served, plain = psi.query_vector(rec.question), query_features(psi.model, psi.tokenizer, [rec.question])[0]
             scores = {"served": (feats["windows"] @ served).amax(1), "pad": (feats["pad"] @ served).amax(1),
                       "plain": (feats["windows"] @ plain).amax(1)}

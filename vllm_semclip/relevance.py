@@ -308,8 +308,15 @@ class RelevanceModel:
 
         if not boxes:
             return torch.empty(0)
+        with self._lock, torch.inference_mode():
+            return (self.region_features(image, boxes, fit) @ self.query_vector(question)).amax(dim=1).cpu()
+
+    def region_features(self, image: Image.Image, boxes: Sequence[tuple[int, int, int, int]],
+                        fit: str = "windows") -> torch.Tensor:
+        """Normalised embeddings of every region's views, ``[R, V, D]`` (see :meth:`region_views`):
+        a region's score for a query is its best view's dot product with it."""
         pixels, index = self.region_views(image, boxes, fit)
-        return self._similarity(question, pixels)[index].amax(dim=1)
+        return self.image_features(pixels)[index]
 
     def score(self, question: str, crops: Sequence[Image.Image]) -> torch.Tensor:
         """ψ's score of each crop for the question, in one batched forward."""
