@@ -153,7 +153,8 @@ def test_clip_config_is_validated(bad):
                                  {"tower_lr": -1e-4}, {"turns": 0}, {"text_steps": -1},
                                  {"position_binding_weight": -0.5}, {"side_steps": -1},
                                  {"ground_spatial_fraction": 1.5}, {"align_ground_fraction": -0.1},
-                                 {"word_binding_weight": -0.5}, {"word_binding_layer": -1}])
+                                 {"word_binding_weight": -0.5}, {"word_binding_layer": -1},
+                                 {"attribute_word_binding_weight": -0.5}])
 def test_vlm_config_is_validated(bad):
     with pytest.raises(ValueError):
         VlmTrainConfig(**bad)
@@ -568,9 +569,10 @@ def test_train_vlm_refuses_a_word_binding_layer_the_model_does_not_have(tmp_path
     from vllm_semclip.tiny_models import TinyLlavaSpec
     from vllm_semclip.train_vlm import train_vlm
 
-    with pytest.raises(ValueError, match="word_binding_layer 7"):
-        train_vlm(VlmTrainConfig(word_binding_weight=0.5, word_binding_layer=7), out_dir=tmp_path / "x",
-                  spec=TinyLlavaSpec())
+    for weight in ("word_binding_weight", "attribute_word_binding_weight"):
+        with pytest.raises(ValueError, match="word_binding_layer 7"):
+            train_vlm(VlmTrainConfig(**{weight: 0.5}, word_binding_layer=7), out_dir=tmp_path / "x",
+                      spec=TinyLlavaSpec())
     assert not (tmp_path / "x").exists()
 
 
@@ -804,6 +806,30 @@ def test_position_and_word_binding_add_terms_only_for_left_right_questions(untra
     assert both == pytest.approx(first + cards - plain, rel=1e-4)
 
 
+def test_attribute_word_targets_mark_the_asked_shape_in_the_question_at_the_colour_position(untrained):
+    trainer = untrained
+    rng = random.Random(5)
+    samples = [tile_sample(rng, n_cards=3, spatial=i % 2 == 1) for i in range(6)]
+    encoded = [trainer.encode(s, s.options[0]) for s in samples]
+    targets = trainer.word_targets(samples, encoded, 0, "direct_attributes")
+    assert [r for r, _, _ in targets] == [0, 2, 4]  # attribute questions only
+    for row, position, keys in targets:
+        ids, begin = encoded[row]
+        marked = [i for i in range(len(ids)) if keys[i]]
+        image_end = ids.index(trainer.image_token_id) + trainer.tokens_per_tile
+        assert image_end <= marked[0] and marked[-1] < begin  # in the question, not the image or the answer
+        assert trainer.tokenizer.decode([ids[i] for i in marked]).strip() == samples[row].asked_card().shape
+        assert trainer.tokenizer.decode([ids[position + 1]]).strip() == samples[row].asked_card().color
+    assert trainer.word_targets(samples, encoded, 1, "direct_attributes") == []  # a colour question names one card
+    with torch.no_grad():
+        plain = float(trainer.loss(samples, random.Random(0)))
+        steered = float(trainer.loss(samples, random.Random(0), attribute_word_binding_weight=1.0))
+        spatial_only = [s for s in samples if s.category == "relative_position"]
+        assert float(trainer.loss(spatial_only, random.Random(0), attribute_word_binding_weight=1.0)) == \
+            pytest.approx(float(trainer.loss(spatial_only, random.Random(0))))
+    assert steered > plain + 0.1
+
+
 def _steps_lower(model_dir, samples, steering, steps: int = 5) -> tuple[float, float]:
     """``steering(trainer, encoded, attentions)`` before and after ``steps`` Adam steps on it alone (a fresh copy of the model)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -831,6 +857,16 @@ def test_a_few_steps_of_word_binding_turn_the_first_layers_heads_to_the_named_wo
 
     def steering(trainer, encoded, attentions):
         return sum(trainer.binding_loss(attentions, trainer.word_targets(samples, encoded, h), 0, h) for h in (0, 1))
+
+    before, after = _steps_lower(untrained_dir, samples, steering)
+    assert after < before - 0.5
+
+
+def test_a_few_steps_of_attribute_word_binding_turn_the_first_layers_head_to_the_asked_shape(untrained_dir):
+    samples = [tile_sample(random.Random(i), n_cards=3, spatial=False) for i in range(6)]
+
+    def steering(trainer, encoded, attentions):
+        return trainer.binding_loss(attentions, trainer.word_targets(samples, encoded, 0, "direct_attributes"), 0, 0)
 
     before, after = _steps_lower(untrained_dir, samples, steering)
     assert after < before - 0.5

@@ -252,6 +252,10 @@ def cmd_train(argv: list[str]) -> int:
         p.add_argument("--word-binding-weight", type=float,
                        help="left/right questions: heads 0 and 1 of the first layer, at the same position, steered "
                             "to the question's words naming the two cards (default 0: off)")
+        p.add_argument("--attribute-word-binding-weight", type=float,
+                       help="colour questions: head 0 of the first layer, at the position predicting the colour, "
+                            "steered to the question's shape word (with --binding-weight: the pair of steerings "
+                            "of the left/right question; default 0: off)")
         p.add_argument("--tower-lr", type=float,
                        help="train the tower too after alignment, at this learning rate (default 0: frozen)")
         p.add_argument("--turns", type=int,
@@ -278,7 +282,7 @@ def cmd_train(argv: list[str]) -> int:
                                                   "position_weight", "position_card_weight", "label_weight", "label_tiles",
                                                   "empty_tiles", "lock_image", "lock_image_unlocked_groups", "question_weight",
                                                   "side_fraction", "binding_weight", "position_binding_weight", "word_binding_weight",
-                                                  "tower_lr", "turns",
+                                                  "attribute_word_binding_weight", "tower_lr", "turns",
                                                   "text_steps", "side_steps", "ground_spatial_fraction",
                                                   "align_ground_fraction", "align_projector_only")}
     overrides = {k: v for k, v in overrides.items() if v is not None}
