@@ -48,7 +48,9 @@ def _add_selection_flags(p: argparse.ArgumentParser, *, server: bool) -> None:
     p.add_argument("--relevance-pretrained", help="open_clip pretrained tag or checkpoint path (e.g. openai)")
     p.add_argument("--relevance-precision",
                    help="ψ's precision, open_clip's: fp32 (default), bf16, fp16, pure_bf16, pure_fp16")
-    p.add_argument("--relevance-fit", choices=("windows", "pad", "center"),
+    from .crops import RELEVANCE_FITS
+
+    p.add_argument("--relevance-fit", choices=RELEVANCE_FITS,
                    help="how ψ sees a non-square candidate: windows (default: best of the squares covering it), "
                         "pad (to a square, as the VLM's tiles), center (the centre square)")
     p.add_argument("--relevance-device", dest="device", help="where ψ runs (cpu, cuda, ...)")
@@ -340,7 +342,9 @@ def cmd_train_relevance(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--unlock-image", action="store_true", help="also train the image tower (default: locked)")
-    p.add_argument("--fit", choices=("windows", "pad", "center"),
+    from .crops import RELEVANCE_FITS
+
+    p.add_argument("--fit", choices=RELEVANCE_FITS,
                    help="how ψ sees a non-square crop, as it will be served (default windows)")
     p.add_argument("--keep-last", action="store_true",
                    help="save the last epoch (default: the epoch with the best validation gain, maybe the start)")

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from vllm.exceptions import VLLMValidationError
 
-from .crops import num_candidates
+from .crops import RELEVANCE_FITS, num_candidates
 from .tiny_models import DEFAULT_RELEVANCE_DIR
 
 Method = Literal["relevance", "random", "overview", "all", "given"]
@@ -41,7 +41,6 @@ SERVER_ONLY_FIELDS = frozenset({"relevance_model", "relevance_pretrained", "rele
 # ("bf16"/"fp16", OpenAI CLIP's own mixed precision), or every tensor low ("pure_*").
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "pure_bf16", "pure_fp16")
 RelevanceFit = Literal["windows", "pad", "center"]
-RELEVANCE_FITS: tuple[str, ...] = ("windows", "pad", "center")
 
 
 class SemClipConfigError(VLLMValidationError, ValueError):

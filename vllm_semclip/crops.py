@@ -89,6 +89,9 @@ def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image
 
 
 MAX_WINDOWS = 4
+# how ψ fits a non-square region to its square input (``SemClipConfig.relevance_fit``); here, beside
+# square_windows, so the CLI and the trainers can name them without importing vLLM
+RELEVANCE_FITS: tuple[str, ...] = ("windows", "pad", "center")
 
 
 def square_windows(box: Box, max_windows: int = MAX_WINDOWS) -> list[Box]:

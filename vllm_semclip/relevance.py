@@ -285,8 +285,10 @@ class RelevanceModel:
         """
         import torch
 
-        from .crops import square_windows
+        from .crops import RELEVANCE_FITS, square_windows
 
+        if fit not in RELEVANCE_FITS:
+            raise ValueError(f"fit must be one of {RELEVANCE_FITS}, got {fit!r}")
         if fit == "windows":
             views = [square_windows(b) for b in boxes]
             flat = [w for ws in views for w in ws]
@@ -295,8 +297,6 @@ class RelevanceModel:
             starts = [sum(len(ws) for ws in views[:i]) for i in range(len(views))]
             index = torch.tensor([[s + j if j < len(ws) else s for j in range(width)] for s, ws in zip(starts, views)])
             return pixels, index
-        if fit not in ("pad", "center"):
-            raise ValueError(f"fit must be 'windows', 'pad' or 'center', got {fit!r}")
         return self.region_batch(image, boxes, pad_to_square=fit == "pad"), torch.arange(len(boxes))[:, None]
 
     def score_regions(

@@ -548,10 +548,10 @@ def train_clip(config: ClipTrainConfig = ClipTrainConfig(), out_dir: Path | str 
         if config.question_weight:  # the caption blocks come first; each of their tiles shows one card
             captioned = [tile for _, ts in blocks[:config.caption_blocks] for tile in ts]
             shown = torch.tensor([[tile.cards[0].shape == shape for tile in captioned] for shape in SHAPES])
-            n_neg = config.empty_tiles
-            candidates = image_features[:len(captioned)] if not n_neg else \
-                torch.cat([image_features[:len(captioned)], image_features[len(image_features) - n_neg:]])
-            shown = torch.cat([shown, torch.zeros(len(SHAPES), n_neg, dtype=torch.bool)], dim=1)
+            candidates = image_features[:len(captioned)]
+            if negatives is not None:  # the empty tiles: negatives for every question too
+                candidates = torch.cat([candidates, negatives])
+                shown = torch.cat([shown, torch.zeros(len(SHAPES), len(negatives), dtype=torch.bool)], dim=1)
             loss = loss + config.question_weight * question_fn(text_features[len(texts):], candidates, shown, scale)
         if position_fn is not None:
             on_cards = card_patch_mask([tile.cards for tile in tiles], size, model.visual.patch_size[0])

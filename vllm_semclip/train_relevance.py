@@ -82,7 +82,7 @@ class RelevanceTrainConfig:
             raise ValueError("lr must be in (0, 1), weight_decay and warmup non-negative")
         if not 0 < self.val_fraction < 1:
             raise ValueError("val_fraction must be in (0, 1)")
-        from .config import RELEVANCE_FITS
+        from .crops import RELEVANCE_FITS
 
         if self.fit not in RELEVANCE_FITS:
             raise ValueError(f"fit must be one of {RELEVANCE_FITS}, got {self.fit!r}")
