@@ -109,6 +109,12 @@ def test_train_vlm_takes_the_learning_rate():
     assert out.returncode == 2 and "lr must be in (0, 1)" in out.stderr
 
 
+def test_train_vlm_takes_the_spatial_fraction():
+    """--spatial-fraction reaches VlmTrainConfig: outside 0-1 it is refused by name, before any training."""
+    out = semclip("train", "vlm", "--spatial-fraction", "1.5", "--out", "/nonexistent/x", timeout=120)
+    assert out.returncode == 2 and "spatial_fraction must be a fraction" in out.stderr
+
+
 def test_serve_command_translates_flags():
     cmd = serve_command("/m", {"topk": 2, "grids": (2, 3)}, port=9000,
                         vllm_args=["--hf-overrides", '{"semclip_config": {"overlap": 0.1}, "foo": 1}', "--max-model-len", "2048"])

@@ -240,6 +240,8 @@ def cmd_train(argv: list[str]) -> int:
         p.add_argument("--relevance-dir", default=str(DEFAULT_TOWER_DIR), help="trained tiny CLIP whose ViT is the tower")
         p.add_argument("--side-fraction", type=float,
                        help="share of single-tile samples asking a card's side of the image")
+        p.add_argument("--spatial-fraction", type=float,
+                       help="share of left/right questions among multi-card samples (default 0.45)")
         p.add_argument("--text-hidden-size", type=int, help="language model width (default 160)")
         p.add_argument("--text-layers", type=int, help="language model depth (default 4)")
         p.add_argument("--text-heads", type=int, help="attention heads, each at least 32 wide (default 5)")
@@ -283,7 +285,8 @@ def cmd_train(argv: list[str]) -> int:
     overrides = {k: getattr(args, k, None) for k in ("model", "steps", "seed", "threads", "init", "curriculum", "lr",
                                                   "position_weight", "position_card_weight", "label_weight", "label_tiles",
                                                   "empty_tiles", "lock_image", "lock_image_unlocked_groups", "question_weight",
-                                                  "side_fraction", "binding_weight", "position_binding_weight", "word_binding_weight",
+                                                  "side_fraction", "spatial_fraction", "binding_weight",
+                                                  "position_binding_weight", "word_binding_weight",
                                                   "attribute_word_binding_weight", "tower_lr", "turns",
                                                   "text_steps", "side_steps", "ground_spatial_fraction",
                                                   "align_ground_fraction", "align_projector_only")}
