@@ -89,6 +89,12 @@ def test_serve_refuses_bad_flags_before_starting():
     assert out.returncode == 2 and "topk" in out.stderr
 
 
+def test_demo_refuses_a_negative_tally_before_starting(tmp_path):
+    out = semclip("demo", "--tally", "-1", "--out", str(tmp_path / "o"), timeout=120)
+    assert out.returncode == 2 and "--tally" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "o").exists()  # no server was started, nothing written
+
+
 @pytest.mark.parametrize("topk,words", [("1,two", "--topk"), ("1,12", "topk")])
 def test_eval_refuses_a_bad_k_sweep_before_starting(tmp_path, topk, words):
     out = semclip("eval", "--data", str(tmp_path), "--method", "clip", "--topk", topk, "--out", str(tmp_path / "o"),
@@ -128,10 +134,17 @@ def test_serve_command_translates_flags():
 
 def test_demo_answers_and_writes_overlays(model_dir, tmp_path, tokens_per_tile):
     """`make demo`'s command: a real server, benchmark scenes, the openai client; the server is stopped after."""
-    out = semclip("demo", "--out", str(tmp_path), timeout=600)
+    out = semclip("demo", "--out", str(tmp_path), "--tally", "4", timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     records = json.loads((tmp_path / "demo.json").read_text())
     assert len(records) == 4
+    # the tally: four more scenes, asked concurrently, two of each kind, none of them a shown one
+    tally = json.loads((tmp_path / "tally.json").read_text())
+    assert [r["kind"] for r in tally] == ["attribute", "spatial"] * 2
+    assert not {r["name"] for r in tally} & {r["name"] for r in records}
+    assert all(isinstance(r[k], bool) for r in tally for k in ("correct", "stock_correct", "crop_hit"))
+    right, stock = sum(r["correct"] for r in tally), sum(r["stock_correct"] for r in tally)
+    assert f"SemClip right on {right}/4, stock LLaVA on {stock}/4" in out.stdout
     for i, rec in enumerate(records):
         assert isinstance(rec["answer"], str) and isinstance(rec["stock_answer"], str)
         assert rec["visual_tokens"] == 2 * tokens_per_tile and len(rec["boxes"]) == 1

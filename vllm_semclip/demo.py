@@ -4,6 +4,9 @@ The scenes are the V*-style benchmark's (:mod:`vllm_semclip.benchdata`, a seed n
 run uses): 1500–2700 px photos with small shapes that vanish when the image is shrunk to one
 tile. Each question is asked twice of the same real server — with SemClip (overview + the
 crop ψ picks) and as stock LLaVA (``topk: 0``, overview only) — so the difference is visible.
+Four scenes are shown in full (answers, crops, overlays); four are too few to judge by, so
+``--tally N`` more scenes (half of each kind, the next indices of the same seed) are then asked
+concurrently and only counted, which is also what a served client sees under load.
 
 The server is real (vLLM's OpenAI server on 127.0.0.1 with the plugin) and so is the
 client (the ``openai`` package, images sent as base64 data URLs). Visual tokens are
@@ -20,6 +23,13 @@ from pathlib import Path
 
 DEMO_SEED = 2026  # not a training seed (training scenes use 1_000_000 and up)
 SCENES = [("attribute", 0), ("attribute", 1), ("spatial", 0), ("spatial", 1)]
+TALLY_WORKERS = 8  # concurrent requests while tallying (the server batches them)
+
+
+def tally_scenes(n: int) -> list[tuple[str, int]]:
+    """``n`` scenes after the shown ones, alternating kinds (attribute first)."""
+    first = 1 + max(index for _, index in SCENES)
+    return [("attribute" if i % 2 == 0 else "spatial", first + i // 2) for i in range(n)]
 
 
 def text_token_count(tokenizer, question: str, num_images: int = 1) -> int:
@@ -49,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="out/demo", help="where overlays and the server log go")
     p.add_argument("--topk", type=int, default=1)
     p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--tally", type=int, default=20,
+                   help="more scenes asked after the four shown, only counted (default 20; 0: none)")
     args = p.parse_args(argv)
+    if args.tally < 0:
+        p.error("--tally must be 0 or more")
 
     model_dir, _ = ensure_default_models()
     out = Path(args.out)
@@ -105,8 +119,36 @@ def main(argv: list[str] | None = None) -> int:
                             "boxes": [list(b) for b in selection.boxes], "crop_hit": hit, "visual_tokens": visual,
                             "prompt_tokens": reply.usage.prompt_tokens, "overlay": str(overlay)})
         (out / "demo.json").write_text(json.dumps(records, indent=2))
-    n = len(records)
-    print(f"SemClip right on {sum(r['correct'] for r in records)}/{n}, stock LLaVA on "
-          f"{sum(r['stock_correct'] for r in records)}/{n}.")
+        n = len(records)
+        print(f"SemClip right on {sum(r['correct'] for r in records)}/{n}, stock LLaVA on "
+              f"{sum(r['stock_correct'] for r in records)}/{n}.")
+
+        def count(scene: tuple[str, int]) -> dict:
+            kind, index = scene
+            image, rec = (make_attribute if kind == "attribute" else make_spatial)(index, DEMO_SEED)
+            reply, _ = ask(image, rec.question, args.topk)
+            stock, _ = ask(image, rec.question, 0)
+            return {"name": rec.name, "kind": kind,
+                    "correct": choose_option(reply.choices[0].message.content, rec.options) == 0,
+                    "stock_correct": choose_option(stock.choices[0].message.content, rec.options) == 0,
+                    "crop_hit": crop_hit(select_crops(image, rec.question, config).boxes, rec.target_boxes)}
+
+        if args.tally:
+            from concurrent.futures import ThreadPoolExecutor
+
+            from tqdm import tqdm
+
+            with ThreadPoolExecutor(TALLY_WORKERS) as pool:
+                tally = list(tqdm(pool.map(count, tally_scenes(args.tally)), total=args.tally,
+                                  desc=f"{args.tally} more scenes"))
+            (out / "tally.json").write_text(json.dumps(tally, indent=2))
+            print(f"On {args.tally} more scenes (counted only): SemClip right on "
+                  f"{sum(r['correct'] for r in tally)}/{args.tally}, stock LLaVA on "
+                  f"{sum(r['stock_correct'] for r in tally)}/{args.tally}; {out / 'tally.json'}")
+            for kind in ("attribute", "spatial"):
+                rows = [r for r in tally if r["kind"] == kind]
+                print(f"  {kind}: SemClip {sum(r['correct'] for r in rows)}/{len(rows)}, stock LLaVA "
+                      f"{sum(r['stock_correct'] for r in rows)}/{len(rows)}, ψ's crop holds the target "
+                      f"{sum(r['crop_hit'] for r in rows)}/{len(rows)}")
     print(f"server stopped. Answers and boxes: {out / 'demo.json'}")
     return 0
