@@ -91,17 +91,24 @@ def main(argv: list[str] | None = None) -> int:
             )
             return reply, time.monotonic() - t
 
+        def ask_both(kind: str, index: int):
+            """One scene's question with SemClip and as stock LLaVA, graded; ψ's selection beside."""
+            image, rec = (make_attribute if kind == "attribute" else make_spatial)(index, DEMO_SEED)
+            reply, latency = ask(image, rec.question, args.topk)
+            stock, _ = ask(image, rec.question, 0)
+            selection = select_crops(image, rec.question, config)
+            graded = {"name": rec.name, "kind": kind,
+                      "correct": choose_option(reply.choices[0].message.content, rec.options) == 0,
+                      "stock_correct": choose_option(stock.choices[0].message.content, rec.options) == 0,
+                      "crop_hit": crop_hit(selection.boxes, rec.target_boxes)}
+            return image, rec, reply, latency, stock, selection, graded
+
         records = []
         for i, (kind, index) in enumerate(SCENES):
-            image, rec = (make_attribute if kind == "attribute" else make_spatial)(index, DEMO_SEED)
+            image, rec, reply, latency, stock, selection, graded = ask_both(kind, index)
             question = rec.question
-            reply, latency = ask(image, question, args.topk)
-            stock, _ = ask(image, question, 0)
             answer, stock_answer = reply.choices[0].message.content, stock.choices[0].message.content
-            right = choose_option(answer, rec.options) == 0
-            stock_right = choose_option(stock_answer, rec.options) == 0
-            selection = select_crops(image, question, config)
-            hit = crop_hit(selection.boxes, rec.target_boxes)
+            right, stock_right, hit = graded["correct"], graded["stock_correct"], graded["crop_hit"]
             visual = reply.usage.prompt_tokens - text_token_count(tokenizer, question) + 1
             overlay = out / f"{i}_{rec.name}.png"
             draw_selection(image, selection, overlay)
@@ -123,24 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"SemClip right on {sum(r['correct'] for r in records)}/{n}, stock LLaVA on "
               f"{sum(r['stock_correct'] for r in records)}/{n}.")
 
-        def count(scene: tuple[str, int]) -> dict:
-            kind, index = scene
-            image, rec = (make_attribute if kind == "attribute" else make_spatial)(index, DEMO_SEED)
-            reply, _ = ask(image, rec.question, args.topk)
-            stock, _ = ask(image, rec.question, 0)
-            return {"name": rec.name, "kind": kind,
-                    "correct": choose_option(reply.choices[0].message.content, rec.options) == 0,
-                    "stock_correct": choose_option(stock.choices[0].message.content, rec.options) == 0,
-                    "crop_hit": crop_hit(select_crops(image, rec.question, config).boxes, rec.target_boxes)}
-
         if args.tally:
             from concurrent.futures import ThreadPoolExecutor
 
             from tqdm import tqdm
 
             with ThreadPoolExecutor(TALLY_WORKERS) as pool:
-                tally = list(tqdm(pool.map(count, tally_scenes(args.tally)), total=args.tally,
-                                  desc=f"{args.tally} more scenes"))
+                graded = pool.map(lambda scene: ask_both(*scene)[-1], tally_scenes(args.tally))
+                tally = list(tqdm(graded, total=args.tally, desc=f"{args.tally} more scenes"))
             (out / "tally.json").write_text(json.dumps(tally, indent=2))
             print(f"On {args.tally} more scenes (counted only): SemClip right on "
                   f"{sum(r['correct'] for r in tally)}/{args.tally}, stock LLaVA on "
