@@ -1,12 +1,14 @@
-"""How often ψ's top crop holds the target — as served, padded, and without its reference texts.
+"""How often ψ's top crop holds the target — as served, padded, without its reference texts, raw.
 
 No VLM: for every question of a V*-layout benchmark, ψ scores the default candidates (grids
 2 and 3) and the top-1 crop is a *hit* when it contains every target box (the eval's
-``crop_hit_rate``). Each ψ is scored three ways: as served (``served``: each candidate the best
-of its square windows, ``relevance_fit="windows"``, and the query less the mean of ψ's
-reference texts, ``relevance.TextReference``); ``pad``: the candidate padded to a square with the
-CLIP mean colour, as the VLM's tiles are (the serving path before windows); ``plain``: windows
-with plain cosine (no reference). Broken down by category and, for attribute questions, by the
+``crop_hit_rate``). Each ψ is scored four ways: as served (``served``: each candidate the best
+of its square windows, ``relevance_fit="windows"``, the query less the mean of ψ's reference
+texts, ``relevance.TextReference``, and the scores standardised within each grid before the
+pick, ``relevance_norm="grid"``); each other way changes one of these: ``pad``: the candidate
+padded to a square with the CLIP mean colour, as the VLM's tiles are (the serving path before
+windows); ``plain``: plain cosine (no reference); ``raw``: ψ's raw scores compared across grids
+(``relevance_norm="none"``, the serving path before the grid ranking). Broken down by category and, for attribute questions, by the
 target's colour: padded, the bundled ψ found a black shape in 29% of questions and a grey one in
 47% on the held-out split (blue, green, teal 92–100%) — a CLIP trained on square photos reads
 the grey band as content, and a dark shape loses to it.
@@ -28,18 +30,18 @@ from PIL import Image
 from tqdm import tqdm
 
 from vllm_semclip.benchdata import CATEGORIES, load_bench
-from vllm_semclip.crops import candidate_boxes, crop_hit, to_rgb
+from vllm_semclip.crops import candidate_boxes, crop_hit, rank_scores, to_rgb
 from vllm_semclip.relevance import RelevanceModel, query_features
 from vllm_semclip.tiny_models import DEFAULT_RELEVANCE_DIR
 from vllm_semclip.train_relevance import DEFAULT_TRAINED_RELEVANCE_DIR
 
 RESULTS = Path(__file__).resolve().parent / "results" / "psi_hit.json"
-WAYS = {"pad": "padded, reference texts", "plain": "windows, plain cosine", "served": "windows + reference (served)"}
+WAYS = {"pad": "padded", "plain": "plain cosine", "raw": "raw scores across grids", "served": "served"}
 
 
 def hit_rates(psi: RelevanceModel, records, grids=(2, 3), desc: str = "ψ",
               progress: bool = True) -> dict[str, dict[str, float]]:
-    """{"served" | "pad" | "plain": {group: top-1 hit rate}} with groups = categories, "overall", "color:NAME"."""
+    """{"served" | "pad" | "plain" | "raw": {group: top-1 hit rate}} with groups = categories, "overall", "color:NAME"."""
     hits: dict[str, dict[str, list[bool]]] = {way: defaultdict(list) for way in WAYS}
     for rec in tqdm(records, desc=desc, disable=not progress):
         with Image.open(rec.image) as im:
@@ -48,10 +50,13 @@ def hit_rates(psi: RelevanceModel, records, grids=(2, 3), desc: str = "ψ",
         with torch.inference_mode():
             feats = {fit: psi.region_features(image, boxes, fit) for fit in ("windows", "pad")}  # [R, V, D]
             served, plain = psi.query_vector(rec.question), query_features(psi.model, psi.tokenizer, [rec.question])[0]
-            scores = {"served": (feats["windows"] @ served).amax(1), "pad": (feats["pad"] @ served).amax(1),
-                      "plain": (feats["windows"] @ plain).amax(1)}
+            raw = (feats["windows"] @ served).amax(1)
+            scores = {"served": rank_scores(raw.tolist(), grids), "raw": raw.tolist(),
+                      "pad": rank_scores((feats["pad"] @ served).amax(1).tolist(), grids),
+                      "plain": rank_scores((feats["windows"] @ plain).amax(1).tolist(), grids)}
         for way, score in scores.items():
-            hit = crop_hit([boxes[int(score.argmax())]], rec.target_boxes)
+            best = min(range(len(score)), key=lambda i: (-score[i], i))  # select_crops' order: ties to the coarser
+            hit = crop_hit([boxes[best]], rec.target_boxes)
             groups = [rec.category, "overall"]
             if rec.category == "direct_attributes" and "color" in rec.extra:
                 groups.append(f"color:{rec.extra['color']}")

@@ -267,7 +267,8 @@ PSI_HIT = TOWER_PROBE.with_name("psi_hit.py")
 def test_psi_hit_runs_and_its_served_hits_are_select_crops_picks(tmp_path, model_dir):
     """``psi_hit.py`` on a small benchmark: its "served" top crop is the one ``select_crops`` (what the
     processor runs) picks, its "pad" one the pick with ``relevance_fit="pad"``, its "plain" one the pick
-    of the same ψ loaded by name, without reference texts."""
+    of the same ψ loaded by name, without reference texts, its "raw" one the pick with
+    ``relevance_norm="none"``."""
     from PIL import Image
 
     from vllm_semclip import SemClipConfig, select_crops
@@ -282,7 +283,8 @@ def test_psi_hit_runs_and_its_served_hits_are_select_crops_picks(tmp_path, model
     records = load_bench(tmp_path / "bench")
     plain = SemClipConfig(relevance_model=RELEVANCE_MODEL_NAME,
                           relevance_pretrained=str(DEFAULT_RELEVANCE_DIR / "open_clip_model.safetensors"))
-    for way, config in (("served", SemClipConfig()), ("pad", SemClipConfig(relevance_fit="pad")), ("plain", plain)):
+    for way, config in (("served", SemClipConfig()), ("pad", SemClipConfig(relevance_fit="pad")), ("plain", plain),
+                        ("raw", SemClipConfig(relevance_norm="none"))):
         hits = [crop_hit(select_crops(Image.open(rec.image), rec.question, config).boxes, rec.target_boxes)
                 for rec in records]
         assert r[way]["overall"] == pytest.approx(sum(hits) / len(hits)), way
@@ -290,4 +292,4 @@ def test_psi_hit_runs_and_its_served_hits_are_select_crops_picks(tmp_path, model
         assert r[way]["direct_attributes"] == pytest.approx(sum(attribute) / len(attribute)), way
     colours = {k for k in r["served"] if k.startswith("color:")}
     assert colours == {f"color:{rec.extra['color']}" for rec in records if rec.category == "direct_attributes"}
-    assert doc["questions"] == 8 and (tmp_path / "hit.png").stat().st_size > 1000 and "reference texts" in stdout
+    assert doc["questions"] == 8 and (tmp_path / "hit.png").stat().st_size > 1000 and "raw scores across grids" in stdout

@@ -66,7 +66,7 @@ def test_select_overlay_draws_heatmap_and_boxes(model_dir, photo_path, tmp_path)
     "args, words",
     [(("--topk", "11"), "topk must be an integer in 0..8"), (("--grids", "2,x"), "grids"),
      (("--overlap", "0.9"), "overlap"), (("--relevance-precision", "int4"), "relevance_precision must be one of"),
-     (("--relevance-fit", "stretch"), "--relevance-fit")],
+     (("--relevance-fit", "stretch"), "--relevance-fit"), (("--relevance-norm", "softmax"), "--relevance-norm")],
 )
 def test_select_bad_options_exit_2_with_message(model_dir, photo_path, args, words):
     out = semclip("select", str(photo_path), "q", *args)

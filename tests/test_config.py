@@ -110,13 +110,17 @@ def test_given_boxes_become_the_crops_clipped_to_the_image():
     assert config.selection_key() != config.replace({"boxes": [[0, 0, 5, 5]]}).selection_key()
 
 
-def test_relevance_fit_is_a_per_request_choice_in_the_cache_key():
-    assert SemClipConfig().relevance_fit == "windows"
-    padded = SemClipConfig().replace({"relevance_fit": "pad"}, request=True)  # not server-only
-    assert padded.relevance_fit == "pad" and padded.selection_key() != SemClipConfig().selection_key()
+@pytest.mark.parametrize("field, default, other, bad, allowed", [
+    ("relevance_fit", "windows", "pad", "stretch", "windows, pad, center"),
+    ("relevance_norm", "grid", "none", "softmax", "grid, none"),
+])
+def test_how_psi_scores_and_ranks_is_a_per_request_choice_in_the_cache_key(field, default, other, bad, allowed):
+    assert getattr(SemClipConfig(), field) == default
+    changed = SemClipConfig().replace({field: other}, request=True)  # not server-only
+    assert getattr(changed, field) == other and changed.selection_key() != SemClipConfig().selection_key()
     with pytest.raises(SemClipConfigError) as info:
-        SemClipConfig().replace({"relevance_fit": "stretch"}, request=True)
-    assert info.value.parameter == "relevance_fit" and "windows, pad, center" in str(info.value)
+        SemClipConfig().replace({field: bad}, request=True)
+    assert info.value.parameter == field and allowed in str(info.value)
 
 
 def test_relevance_precision_takes_open_clip_values():

@@ -80,9 +80,11 @@ def test_unknown_model_is_a_clear_error():
 
 @pytest.mark.parametrize("precision", ["bf16", "pure_bf16"])
 def test_low_precision_psi_ranks_crops_as_fp32(model_dir, photo, precision):
-    """open_clip's precision argument: bf16 weights (×0.7–0.8 of ψ's CPU time here), the same ranking."""
-    fp32 = select_crops(photo, "What is the color of the flag?", SemClipConfig(topk=3))
-    low = select_crops(photo, "What is the color of the flag?", SemClipConfig(topk=3, relevance_precision=precision))
+    """open_clip's precision argument: bf16 weights (×0.7–0.8 of ψ's CPU time here), the same ranking
+    (of ψ's raw scores, whose scale the tolerance is in)."""
+    fp32 = select_crops(photo, "What is the color of the flag?", SemClipConfig(topk=3, relevance_norm="none"))
+    low = select_crops(photo, "What is the color of the flag?",
+                       SemClipConfig(topk=3, relevance_precision=precision, relevance_norm="none"))
     psi = get_relevance_model(str(DEFAULT_RELEVANCE_DIR), None, "cpu", precision)
     assert psi.input_dtype == torch.bfloat16 and psi is not get_relevance_model(str(DEFAULT_RELEVANCE_DIR))
     assert torch.allclose(torch.tensor(low.candidate_scores), torch.tensor(fp32.candidate_scores), atol=2e-2)
@@ -102,11 +104,38 @@ def test_text_embeddings_are_cached(model_dir, crops):
 
 
 def test_relevance_picks_the_top_scores(model_dir, photo):
-    sel = select_crops(photo, "What is the color of the flag?", SemClipConfig(topk=3))
+    """Ranked by ψ's scores standardised within each grid (the default), or by the raw scores;
+    ``scores`` are ψ's own either way. A question where the two disagree, so each is seen."""
+    question = "What is the color of the flag?"
+    sel = select_crops(photo, question, SemClipConfig(topk=3))
+    raw = select_crops(photo, question, SemClipConfig(topk=3, relevance_norm="none"))
     assert len(sel.candidates) == 13 and len(sel.candidate_scores) == 13
-    best = sorted(range(13), key=lambda i: -sel.candidate_scores[i])[:3]
-    assert sel.boxes == [sel.candidates[i] for i in best]
-    assert sel.scores == [sel.candidate_scores[i] for i in best]
+    assert raw.candidate_scores == sel.candidate_scores and raw.ranking_scores == raw.candidate_scores
+    s = torch.tensor(sel.candidate_scores, dtype=torch.float64)
+    z = torch.cat([(g - g.mean()) / g.std(unbiased=False) for g in (s[:4], s[4:])])  # per grid: 4 cells, 9 cells
+    assert torch.allclose(torch.tensor(sel.ranking_scores, dtype=torch.float64), z, atol=1e-6)
+    for chosen, by in ((sel, z.tolist()), (raw, sel.candidate_scores)):
+        best = sorted(range(13), key=lambda i: -by[i])[:3]
+        assert chosen.boxes == [chosen.candidates[i] for i in best]
+        assert chosen.scores == [chosen.candidate_scores[i] for i in best]
+    assert sel.boxes != raw.boxes
+
+
+def test_rank_scores_standardises_within_each_grid():
+    """A fine cell that stands out among its grid outranks a coarse cell of higher raw score."""
+    from vllm_semclip.crops import rank_scores
+
+    scores = [0.5, 0.6, 0.7, 0.8, *[0.0] * 8, 0.65]  # grid 2: four cells, all high; grid 3: one stands out
+    ranked = rank_scores(scores, (2, 3))
+    assert ranked[:4] == pytest.approx([-1.3416, -0.4472, 0.4472, 1.3416], abs=1e-4)
+    assert ranked[12] == pytest.approx(8 ** 0.5) and max(range(13), key=ranked.__getitem__) == 12
+    assert rank_scores(scores, (2, 3), "none") == scores  # raw: the coarse cell 3 would win
+    assert rank_scores([0.5, 0.1, 0.2, 0.3, 0.4], (1, 2))[0] == 0.0  # a one-cell grid has no spread
+    assert rank_scores([0.7] * 4, (2,)) == [0.0] * 4
+    with pytest.raises(ValueError, match="13 scores for grids"):
+        rank_scores(scores, (3,))
+    with pytest.raises(ValueError, match="norm must be one of"):
+        rank_scores(scores, (2, 3), "softmax")
 
 
 def test_windows_score_a_region_by_its_best_square_and_pad_sees_it_padded(model_dir, photo):

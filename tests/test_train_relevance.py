@@ -13,7 +13,6 @@ from vllm_semclip.label import label_row, write_shard
 from vllm_semclip.relevance import query_features
 from vllm_semclip.tiny_models import DEFAULT_TOWER_DIR, TOWER_MODEL_NAME
 from vllm_semclip.train_relevance import (
-    DEFAULT_TRAINED_RELEVANCE_DIR,
     CropContrastiveLoss,
     RelevanceTrainConfig,
     _crop_views,
@@ -197,6 +196,37 @@ def test_training_scores_crops_as_select_crops_does(perfect_labels, fit):
         assert scores.tolist() == pytest.approx(sel.candidate_scores, abs=1e-4)
 
 
+def test_validation_ranks_the_candidates_as_select_crops_does(perfect_labels):
+    """``validate`` picks, per question, the crop ``select_crops`` serves under the same
+    ``relevance_norm``: marking exactly the served pick as the hit gives a hit rate of 1 for that
+    norm — and less for the other, where the two picks differ."""
+    from PIL import Image
+
+    from vllm_semclip import SemClipConfig, select_crops
+    from vllm_semclip.label import load_labels
+    from vllm_semclip.relevance import get_relevance_model
+    from vllm_semclip.tiny_models import DEFAULT_RELEVANCE_DIR
+    from vllm_semclip.train_relevance import LabelledSet, validate
+
+    psi = get_relevance_model(str(DEFAULT_RELEVANCE_DIR))
+    rows = load_labels(perfect_labels / "labels")
+    feats = _crop_views(psi, rows, "windows", False, lambda px: _encode_crops(psi.model, px))
+    picks = {}
+    for norm in ("grid", "none"):
+        picks[norm] = []
+        for row in rows:
+            with Image.open(row["image"]) as im:
+                sel = select_crops(im.convert("RGB"), row["question"], SemClipConfig(relevance_norm=norm))
+            picks[norm].append(sel.candidates.index(sel.boxes[0]))
+    assert picks["grid"] != picks["none"]  # the labelled scenes have questions where the norm decides
+    for norm, other in (("grid", "none"), ("none", "grid")):
+        hits = [[i == p for i in range(13)] for p in picks[norm]]
+        data = LabelledSet([r["question"] for r in rows], [[0.0] * 13 for _ in rows], [0] * len(rows), hits, feats,
+                           [tuple(r["grids"]) for r in rows])
+        assert validate(psi.model, psi.tokenizer, data, True, psi.reference, norm)["hit_rate"] == 1.0
+        assert validate(psi.model, psi.tokenizer, data, True, psi.reference, other)["hit_rate"] < 1.0
+
+
 def test_unlocking_the_image_tower_trains_it(perfect_labels):
     out = perfect_labels / "psi-unlocked"
     config = RelevanceTrainConfig(labels=str(perfect_labels / "labels"), epochs=1, batch_size=6, lr=1e-3,
@@ -222,17 +252,18 @@ def test_labels_with_no_helpful_crop_are_refused(perfect_labels, tmp_path):
         RelevanceTrainConfig(labels="x", batch_size=1)
 
 
-@pytest.mark.skipif(not (DEFAULT_TRAINED_RELEVANCE_DIR / "open_clip_model.safetensors").is_file(),
-                    reason="the bundled trained ψ is built by `semclip train-relevance`")
-def test_the_plugin_serves_the_trained_psi(perfect_labels, model_dir):
-    """An engine started with the trained ψ picks its crops: same outputs as sending those boxes."""
+def test_the_plugin_serves_a_trained_psi(tiny_run, perfect_labels, model_dir):
+    """An engine started with a ψ trained by ``train_relevance`` (here, the module's run: the bundled
+    trained ψ may be its start's weights, see README) picks its crops: same outputs as sending those
+    boxes, other outputs than the zero-shot ψ's boxes."""
     from vllm import SamplingParams
 
     from vllm_semclip.config import SemClipConfig
     from vllm_semclip.evaluate import make_engine, prompt_for
     from vllm_semclip.selection import select_crops
 
-    trained, zero_shot = SemClipConfig(relevance_model=str(DEFAULT_TRAINED_RELEVANCE_DIR)), SemClipConfig()
+    psi_dir = str(tiny_run[0])
+    trained, zero_shot = SemClipConfig(relevance_model=psi_dir), SemClipConfig()
     cases = []
     for rec in load_bench(perfect_labels / "bench"):
         image = rec.load_image()
@@ -241,7 +272,7 @@ def test_the_plugin_serves_the_trained_psi(perfect_labels, model_dir):
             cases.append((rec, image, t, z))
     assert cases, "the trained ψ chose what the zero-shot one chose on every question"
     cases = cases[:3]
-    llm = make_engine(model_dir, {"method": "relevance", "max_topk": 1, "relevance_model": str(DEFAULT_TRAINED_RELEVANCE_DIR)})
+    llm = make_engine(model_dir, {"method": "relevance", "max_topk": 1, "relevance_model": psi_dir})
     try:
         tok = llm.get_tokenizer()
         prompts = []

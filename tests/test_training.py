@@ -844,12 +844,12 @@ def _steps_lower(model_dir, samples, steering, steps: int = 5) -> tuple[float, f
         return steering(trainer, encoded, out.attentions)
 
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    before = float(loss())
+    before = float(loss().detach())
     for _ in range(steps):
         opt.zero_grad()
         loss().backward()
         opt.step()
-    return before, float(loss())
+    return before, float(loss().detach())
 
 
 def test_a_few_steps_of_word_binding_turn_the_first_layers_heads_to_the_named_words(untrained_dir):
@@ -900,4 +900,4 @@ def test_a_few_steps_of_the_binding_loss_move_the_heads_attention_onto_the_asked
     trainer = LlavaTrainer.from_pretrained(untrained_dir)
     combined = trainer.loss(samples, random.Random(0), binding_weight=0.1, binding_layer=2)
     plain = trainer.loss(samples, random.Random(0))
-    assert float(combined) > float(plain)  # the binding term is added, never negative
+    assert float(combined.detach()) > float(plain.detach())  # the binding term is added, never negative

@@ -35,7 +35,7 @@ import sys
 from typing import Any
 
 SELECTION_FLAGS = ("topk", "grids", "overlap", "method", "relevance_model", "relevance_pretrained",
-                   "relevance_precision", "relevance_fit", "seed")
+                   "relevance_precision", "relevance_fit", "relevance_norm", "seed")
 
 
 def _add_selection_flags(p: argparse.ArgumentParser, *, server: bool) -> None:
@@ -48,11 +48,14 @@ def _add_selection_flags(p: argparse.ArgumentParser, *, server: bool) -> None:
     p.add_argument("--relevance-pretrained", help="open_clip pretrained tag or checkpoint path (e.g. openai)")
     p.add_argument("--relevance-precision",
                    help="ψ's precision, open_clip's: fp32 (default), bf16, fp16, pure_bf16, pure_fp16")
-    from .crops import RELEVANCE_FITS
+    from .crops import RELEVANCE_FITS, RELEVANCE_NORMS
 
     p.add_argument("--relevance-fit", choices=RELEVANCE_FITS,
                    help="how ψ sees a non-square candidate: windows (default: best of the squares covering it), "
                         "pad (to a square, as the VLM's tiles), center (the centre square)")
+    p.add_argument("--relevance-norm", choices=RELEVANCE_NORMS,
+                   help="how ψ's scores are compared across grids: grid (default: standardised among each "
+                        "grid's cells), none (raw)")
     p.add_argument("--relevance-device", dest="device", help="where ψ runs (cpu, cuda, ...)")
     p.add_argument("--seed", type=int, help="seed of the random method")
     if server:
@@ -345,10 +348,12 @@ def cmd_train_relevance(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--unlock-image", action="store_true", help="also train the image tower (default: locked)")
-    from .crops import RELEVANCE_FITS
+    from .crops import RELEVANCE_FITS, RELEVANCE_NORMS
 
     p.add_argument("--fit", choices=RELEVANCE_FITS,
                    help="how ψ sees a non-square crop, as it will be served (default windows)")
+    p.add_argument("--norm", choices=RELEVANCE_NORMS,
+                   help="how validation ranks the candidates, as they will be served (default grid)")
     p.add_argument("--keep-last", action="store_true",
                    help="save the last epoch (default: the epoch with the best validation gain, maybe the start)")
     p.add_argument("--seed", type=int)
@@ -356,7 +361,7 @@ def cmd_train_relevance(argv: list[str]) -> int:
     args = p.parse_args(argv)
     fields = {"init": args.init, "init_pretrained": args.init_pretrained, "epochs": args.epochs,
               "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "threads": args.threads,
-              "fit": args.fit}
+              "fit": args.fit, "norm": args.norm}
     config = RelevanceTrainConfig(labels=args.labels, lock_image=not args.unlock_image, keep_best=not args.keep_last,
                                   **{k: v for k, v in fields.items() if v is not None})
     report = train_relevance(config, args.out)

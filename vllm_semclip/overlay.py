@@ -1,7 +1,8 @@
 """Pictures of a selection: candidate scores as a heatmap, chosen boxes drawn on top.
 
-Each pixel's heat is the mean, over the grids, of the min–max normalised ψ score of
-the candidate covering it, so fine and coarse grids both show. Chosen boxes are
+Each pixel's heat is the mean, over the grids, of the min–max normalised score of the
+candidate covering it — the score the crops were ranked by (``Selection.ranking_scores``: ψ's,
+standardised within each grid by default) — so fine and coarse grids both show. Chosen boxes are
 outlined and numbered by rank.
 """
 
@@ -20,7 +21,7 @@ MAX_SIDE = 1024  # overlays are for looking at; keep them light
 
 def heatmap(selection: Selection) -> np.ndarray | None:
     """(H, W) array in [0, 1], or None when the method produced no scores."""
-    scores = selection.candidate_scores
+    scores = selection.ranking_scores if selection.ranking_scores is not None else selection.candidate_scores
     if not scores:
         return None
     w, h = selection.image_size

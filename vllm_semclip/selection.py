@@ -16,13 +16,17 @@ from typing import Any
 from PIL import Image
 
 from .config import SemClipConfig
-from .crops import Box, candidate_boxes, clip_box, crop_boxes, pad_to_square, to_rgb
+from .crops import Box, candidate_boxes, clip_box, crop_boxes, pad_to_square, rank_scores, to_rgb
 from .relevance import get_relevance_model
 
 
 @dataclass(frozen=True)
 class Selection:
-    """The crops chosen for one image and one question, best first."""
+    """The crops chosen for one image and one question, best first.
+
+    ``scores`` and ``candidate_scores`` are ψ's own (cosines, less its reference texts);
+    ``ranking_scores`` are what the crops were ranked by (``SemClipConfig.relevance_norm``).
+    """
 
     boxes: list[Box]
     scores: list[float | None]
@@ -31,6 +35,7 @@ class Selection:
     method: str
     question: str
     image_size: tuple[int, int]
+    ranking_scores: list[float] | None = None
 
     @property
     def num_crops(self) -> int:
@@ -43,6 +48,7 @@ class Selection:
             "candidates": len(self.candidates),
             "candidate_boxes": [list(b) for b in self.candidates],
             "candidate_scores": self.candidate_scores,
+            "ranking_scores": self.ranking_scores,
             "method": self.method,
             "question": self.question,
             "image_size": list(self.image_size),
@@ -73,7 +79,7 @@ def select_crops(image: Image.Image, question: str, config: SemClipConfig | None
     candidates = candidate_boxes(size[0], size[1], config.grids, config.overlap)
     k = min(config.num_crops, len(candidates))
 
-    def result(indices: list[int], scores: list[float] | None) -> Selection:
+    def result(indices: list[int], scores: list[float] | None, ranking: list[float] | None = None) -> Selection:
         chosen = [scores[i] for i in indices] if scores is not None else [None] * len(indices)
         return Selection(
             boxes=[candidates[i] for i in indices],
@@ -83,6 +89,7 @@ def select_crops(image: Image.Image, question: str, config: SemClipConfig | None
             method=config.method,
             question=question,
             image_size=size,
+            ranking_scores=ranking,
         )
 
     if config.method == "overview" or k == 0:
@@ -101,7 +108,8 @@ def select_crops(image: Image.Image, question: str, config: SemClipConfig | None
     psi = get_relevance_model(config.relevance_model, config.relevance_pretrained, config.device,
                               config.relevance_precision)
     scores = [float(s) for s in psi.score_regions(question, rgb, candidates, config.relevance_fit)]
-    return result(_topk(scores, k), scores)
+    ranking = rank_scores(scores, config.grids, config.relevance_norm)
+    return result(_topk(ranking, k), scores, ranking)
 
 
 def selected_tiles(

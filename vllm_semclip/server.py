@@ -124,7 +124,8 @@ def serve_command(
 _SERVE_FLAGS = {
     "topk": "--topk", "grids": "--grids", "overlap": "--overlap", "method": "--method",
     "relevance_model": "--relevance-model", "relevance_pretrained": "--relevance-pretrained",
-    "relevance_precision": "--relevance-precision", "relevance_fit": "--relevance-fit", "device": "--relevance-device", "seed": "--seed", "max_topk": "--max-topk",
+    "relevance_precision": "--relevance-precision", "relevance_fit": "--relevance-fit",
+    "relevance_norm": "--relevance-norm", "device": "--relevance-device", "seed": "--seed", "max_topk": "--max-topk",
 }
 
 

@@ -30,7 +30,8 @@ embeddings are computed once — and tunes the text tower and logit scale: a few
 labelled questions teach ψ what a question asks for, not to see anew. The crops are cut
 by ψ's serving path (:meth:`RelevanceModel.region_views`, ``fit`` as served: a crop's score
 is its best square window's), so training sees exactly what the processor will score.
-Validation (held-out questions, seeded split) runs before training and after every epoch: top-1 hit rate (the chosen crop contains the target),
+Validation (held-out questions, seeded split) runs before training and after every epoch, the
+candidates ranked as served (``norm``, ``SemClipConfig.relevance_norm``): top-1 hit rate (the chosen crop contains the target),
 agreement with the VLM's best crop, and the mean gain of the chosen crop; the epoch with
 the best mean gain is saved, as open_clip ``local-dir`` (safetensors, no pickle) with the
 config it was trained with and its report.
@@ -69,6 +70,7 @@ class RelevanceTrainConfig:
     warmup: int = 20
     lock_image: bool = True
     fit: str = "windows"  # how ψ fits a candidate to its input, as served (SemClipConfig.relevance_fit)
+    norm: str = "grid"  # how validation ranks the candidates, as served (SemClipConfig.relevance_norm)
     keep_best: bool = True  # save the epoch with the best validation gain (else the last epoch)
     min_gain: float = 0.05
     val_fraction: float = 0.2
@@ -82,10 +84,12 @@ class RelevanceTrainConfig:
             raise ValueError("lr must be in (0, 1), weight_decay and warmup non-negative")
         if not 0 < self.val_fraction < 1:
             raise ValueError("val_fraction must be in (0, 1)")
-        from .crops import RELEVANCE_FITS
+        from .crops import RELEVANCE_FITS, RELEVANCE_NORMS
 
         if self.fit not in RELEVANCE_FITS:
             raise ValueError(f"fit must be one of {RELEVANCE_FITS}, got {self.fit!r}")
+        if self.norm not in RELEVANCE_NORMS:
+            raise ValueError(f"norm must be one of {RELEVANCE_NORMS}, got {self.norm!r}")
 
 
 class CropContrastiveLoss:
@@ -118,6 +122,7 @@ class LabelledSet:
     best: list[int]  # the labeller's positive crop per question (``best`` of its label row)
     hits: list[list[bool]]
     crops: Any  # [Q, C, V, 3, H, W] fp16 pixels of each crop's V views, or [Q, C, V, D] frozen features
+    grids: list[tuple[int, ...]]  # each question's candidate grids (its crops in ``candidate_boxes`` order)
 
     def __len__(self) -> int:
         return len(self.questions)
@@ -155,15 +160,20 @@ def _encode_crops(model, pixels, batch: int = 256):
 
 
 def validate(model, tokenizer, data: LabelledSet, lock_image: bool,
-             reference: TextReference | None = None) -> dict[str, float]:
-    """Top-1 crop per held-out question: hit rate, agreement with the VLM's best crop, mean gain."""
+             reference: TextReference | None = None, norm: str = "grid") -> dict[str, float]:
+    """Top-1 crop per held-out question, ranked as served (``norm``: ``SemClipConfig.relevance_norm``):
+    hit rate, agreement with the VLM's best crop, mean gain."""
     import torch
+
+    from .crops import rank_scores
 
     model.eval()
     with torch.inference_mode():
         texts = query_features(model, tokenizer, data.questions, reference)
         feats = data.crops if lock_image else _encode_crops(model, data.crops)
-        choice = torch.einsum("qd,qcvd->qcv", texts, feats).amax(-1).argmax(dim=1).tolist()
+        scores = torch.einsum("qd,qcvd->qcv", texts, feats).amax(-1).tolist()
+    ranked = [rank_scores(s, grids, norm) for s, grids in zip(scores, data.grids)]
+    choice = [min(range(len(r)), key=lambda i, r=r: (-r[i], i)) for r in ranked]  # select_crops' tie order
     n = len(data)
     return {"hit_rate": sum(h[c] for h, c in zip(data.hits, choice)) / n,
             "best_agreement": sum(c == b for c, b in zip(choice, data.best)) / n,
@@ -219,7 +229,8 @@ def train_relevance(config: RelevanceTrainConfig, out_dir: Path | str = DEFAULT_
         encode = (lambda px: _encode_crops(model, px)) if config.lock_image else None
         pixels = _crop_views(psi, subset, config.fit, progress, encode)
         return LabelledSet([r["question"] for r in subset], [[c["gain"] for c in r["crops"]] for r in subset],
-                           [r["best"] for r in subset], [[c["hit"] for c in r["crops"]] for r in subset], pixels)
+                           [r["best"] for r in subset], [[c["hit"] for c in r["crops"]] for r in subset], pixels,
+                           [tuple(r["grids"]) for r in subset])
 
     train_set, val_set = prepare(train_rows), prepare(val_rows)
     if config.lock_image:
@@ -231,7 +242,7 @@ def train_relevance(config: RelevanceTrainConfig, out_dir: Path | str = DEFAULT_
     loss_fn = CropContrastiveLoss()
     text_ids = {q: i for i, q in enumerate(sorted(set(train_set.questions)))}
     positives = torch.tensor(train_set.best)
-    history = [{"epoch": 0, "loss": None, **validate(model, tokenizer, val_set, config.lock_image, psi.reference)}]
+    history = [{"epoch": 0, "loss": None, **validate(model, tokenizer, val_set, config.lock_image, psi.reference, config.norm)}]
     best_state, best = {k: v.detach().clone() for k, v in model.state_dict().items()}, history[0]
     rng = torch.Generator().manual_seed(config.seed)
     start = time.time()
@@ -259,7 +270,7 @@ def train_relevance(config: RelevanceTrainConfig, out_dir: Path | str = DEFAULT_
                 model.logit_scale.clamp_(0, math.log(100))
             losses.append(loss.item())
         entry = {"epoch": epoch, "loss": round(sum(losses) / max(1, len(losses)), 4),
-                 **validate(model, tokenizer, val_set, config.lock_image, psi.reference)}
+                 **validate(model, tokenizer, val_set, config.lock_image, psi.reference, config.norm)}
         history.append(entry)
         bar.set_postfix(loss=entry["loss"], val_hit=f"{entry['hit_rate']:.3f}", val_gain=f"{entry['mean_gain']:.3f}")
         if entry["mean_gain"] > best["mean_gain"] or not config.keep_best:
