@@ -8,8 +8,8 @@ texts, ``relevance.TextReference``, and the scores standardised within each grid
 pick, ``relevance_norm="grid"``); each other way changes one of these: ``pad``: the candidate
 padded to a square with the CLIP mean colour, as the VLM's tiles are (the serving path before
 windows); ``plain``: plain cosine (no reference); ``raw``: ψ's raw scores compared across grids
-(``relevance_norm="none"``, the serving path before the grid ranking). Broken down by category and, for attribute questions, by the
-target's colour: padded, the bundled ψ found a black shape in 29% of questions and a grey one in
+(``relevance_norm="none"``, the serving path before the grid ranking). Broken down by category
+and, for attribute questions, by the target's colour: padded, the bundled ψ found a black shape in 29% of questions and a grey one in
 47% on the held-out split (blue, green, teal 92–100%) — a CLIP trained on square photos reads
 the grey band as content, and a dark shape loses to it.
 

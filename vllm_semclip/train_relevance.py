@@ -31,9 +31,9 @@ labelled questions teach ψ what a question asks for, not to see anew. The crops
 by ψ's serving path (:meth:`RelevanceModel.region_views`, ``fit`` as served: a crop's score
 is its best square window's), so training sees exactly what the processor will score.
 Validation (held-out questions, seeded split) runs before training and after every epoch, the
-candidates ranked as served (``norm``, ``SemClipConfig.relevance_norm``): top-1 hit rate (the chosen crop contains the target),
-agreement with the VLM's best crop, and the mean gain of the chosen crop; the epoch with
-the best mean gain is saved, as open_clip ``local-dir`` (safetensors, no pickle) with the
+candidates ranked as served (``norm``, ``SemClipConfig.relevance_norm``): top-1 hit rate (the
+chosen crop contains the target), agreement with the VLM's best crop, and the mean gain of the
+chosen crop; the epoch with the best mean gain is saved, as open_clip ``local-dir`` (safetensors, no pickle) with the
 config it was trained with and its report.
 """
 
@@ -242,7 +242,8 @@ def train_relevance(config: RelevanceTrainConfig, out_dir: Path | str = DEFAULT_
     loss_fn = CropContrastiveLoss()
     text_ids = {q: i for i, q in enumerate(sorted(set(train_set.questions)))}
     positives = torch.tensor(train_set.best)
-    history = [{"epoch": 0, "loss": None, **validate(model, tokenizer, val_set, config.lock_image, psi.reference, config.norm)}]
+    history = [{"epoch": 0, "loss": None,
+                **validate(model, tokenizer, val_set, config.lock_image, psi.reference, config.norm)}]
     best_state, best = {k: v.detach().clone() for k, v in model.state_dict().items()}, history[0]
     rng = torch.Generator().manual_seed(config.seed)
     start = time.time()
