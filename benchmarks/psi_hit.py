@@ -30,7 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vllm_semclip.benchdata import CATEGORIES, load_bench
-from vllm_semclip.crops import candidate_boxes, crop_hit, rank_scores, to_rgb
+from vllm_semclip.crops import candidate_boxes, crop_hit, rank_scores, to_rgb, top_indices
 from vllm_semclip.relevance import RelevanceModel, query_features
 from vllm_semclip.tiny_models import DEFAULT_RELEVANCE_DIR
 from vllm_semclip.train_relevance import DEFAULT_TRAINED_RELEVANCE_DIR
@@ -55,8 +55,7 @@ def hit_rates(psi: RelevanceModel, records, grids=(2, 3), desc: str = "ψ",
                       "pad": rank_scores((feats["pad"] @ served).amax(1).tolist(), grids),
                       "plain": rank_scores((feats["windows"] @ plain).amax(1).tolist(), grids)}
         for way, score in scores.items():
-            best = min(range(len(score)), key=lambda i: (-score[i], i))  # select_crops' order: ties to the coarser
-            hit = crop_hit([boxes[best]], rec.target_boxes)
+            hit = crop_hit([boxes[top_indices(score, 1)[0]]], rec.target_boxes)
             groups = [rec.category, "overall"]
             if rec.category == "direct_attributes" and "color" in rec.extra:
                 groups.append(f"color:{rec.extra['color']}")

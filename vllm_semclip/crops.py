@@ -125,6 +125,12 @@ def rank_scores(scores: Sequence[float], grids: Sequence[int], norm: str = "grid
     return ranked
 
 
+def top_indices(scores: Sequence[float], k: int) -> list[int]:
+    """Indices of the k best scores; ties go to the earlier (coarser) candidate — the order
+    ``select_crops`` serves, which validation and the benchmarks must pick by too."""
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
+
+
 def square_windows(box: Box, max_windows: int = MAX_WINDOWS) -> list[Box]:
     """The fewest squares of the box's short side that cover it, evenly spaced along its long
     side (overlapping where the sides do not divide); a square box is its own one window.

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
 from .config import SemClipConfig
-from .crops import Box, candidate_boxes, clip_box, crop_boxes, pad_to_square, rank_scores, to_rgb
+from .crops import Box, candidate_boxes, clip_box, crop_boxes, pad_to_square, rank_scores, to_rgb, top_indices
 from .relevance import get_relevance_model
 
 
@@ -59,11 +58,6 @@ def _random_generator(config: SemClipConfig, question: str, size: tuple[int, int
     """Seeded by (seed, question, image size) so a request is reproducible in any process."""
     digest = hashlib.sha256(f"{config.seed}\x00{question}\x00{size[0]}x{size[1]}".encode()).digest()
     return random.Random(int.from_bytes(digest[:8], "big"))
-
-
-def _topk(scores: Sequence[float], k: int) -> list[int]:
-    """Indices of the k best scores; ties go to the earlier (coarser) candidate."""
-    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
 
 
 def select_crops(image: Image.Image, question: str, config: SemClipConfig | None = None) -> Selection:
@@ -109,7 +103,7 @@ def select_crops(image: Image.Image, question: str, config: SemClipConfig | None
                               config.relevance_precision)
     scores = [float(s) for s in psi.score_regions(question, rgb, candidates, config.relevance_fit)]
     ranking = rank_scores(scores, config.grids, config.relevance_norm)
-    return result(_topk(ranking, k), scores, ranking)
+    return result(top_indices(ranking, k), scores, ranking)
 
 
 def selected_tiles(

@@ -165,7 +165,7 @@ def validate(model, tokenizer, data: LabelledSet, lock_image: bool,
     hit rate, agreement with the VLM's best crop, mean gain."""
     import torch
 
-    from .crops import rank_scores
+    from .crops import rank_scores, top_indices
 
     model.eval()
     with torch.inference_mode():
@@ -173,7 +173,7 @@ def validate(model, tokenizer, data: LabelledSet, lock_image: bool,
         feats = data.crops if lock_image else _encode_crops(model, data.crops)
         scores = torch.einsum("qd,qcvd->qcv", texts, feats).amax(-1).tolist()
     ranked = [rank_scores(s, grids, norm) for s, grids in zip(scores, data.grids)]
-    choice = [min(range(len(r)), key=lambda i, r=r: (-r[i], i)) for r in ranked]  # select_crops' tie order
+    choice = [top_indices(r, 1)[0] for r in ranked]
     n = len(data)
     return {"hit_rate": sum(h[c] for h, c in zip(data.hits, choice)) / n,
             "best_agreement": sum(c == b for c, b in zip(choice, data.best)) / n,
