@@ -110,8 +110,8 @@ def rank_scores(scores: Sequence[float], grids: Sequence[int], norm: str = "grid
     """
     if norm not in RELEVANCE_NORMS:
         raise ValueError(f"norm must be one of {RELEVANCE_NORMS}, got {norm!r}")
-    if len(scores) != sum(g * g for g in grids):
-        raise ValueError(f"{len(scores)} scores for grids {list(grids)} ({sum(g * g for g in grids)} candidates)")
+    if len(scores) != num_candidates(grids):
+        raise ValueError(f"{len(scores)} scores for grids {list(grids)} ({num_candidates(grids)} candidates)")
     if norm == "none":
         return [float(x) for x in scores]
     ranked: list[float] = []

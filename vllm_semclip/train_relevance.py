@@ -33,8 +33,8 @@ is its best square window's), so training sees exactly what the processor will s
 Validation (held-out questions, seeded split) runs before training and after every epoch, the
 candidates ranked as served (``norm``, ``SemClipConfig.relevance_norm``): top-1 hit rate (the
 chosen crop contains the target), agreement with the VLM's best crop, and the mean gain of the
-chosen crop; the epoch with the best mean gain is saved, as open_clip ``local-dir`` (safetensors, no pickle) with the
-config it was trained with and its report.
+chosen crop; the epoch with the best mean gain is saved, as open_clip ``local-dir``
+(safetensors, no pickle) with the config it was trained with and its report.
 """
 
 from __future__ import annotations
