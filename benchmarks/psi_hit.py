@@ -29,11 +29,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from vllm_semclip.benchdata import CATEGORIES, load_bench
-from vllm_semclip.crops import candidate_boxes, crop_hit, rank_scores, to_rgb, top_indices
+from vllm_semclip.eval.benchdata import CATEGORIES, load_bench
+from vllm_semclip.crops import candidate_boxes, rank_scores, to_rgb, top_indices
+from vllm_semclip.eval.metrics import crop_hit
 from vllm_semclip.relevance import RelevanceModel, query_features
-from vllm_semclip.tiny_models import DEFAULT_RELEVANCE_DIR
-from vllm_semclip.train_relevance import DEFAULT_TRAINED_RELEVANCE_DIR
+from vllm_semclip.tiny.bundled import DEFAULT_RELEVANCE_DIR
+from vllm_semclip.tiny.bundled import DEFAULT_TRAINED_RELEVANCE_DIR
 
 RESULTS = Path(__file__).resolve().parent / "results" / "psi_hit.json"
 WAYS = {"pad": "padded", "plain": "plain cosine", "raw": "raw scores across grids", "served": "served"}

@@ -31,9 +31,10 @@ def percentile(values: list[float], q: float) -> float:
 
 def main() -> None:
     from vllm_semclip.config import SemClipConfig
-    from vllm_semclip.images import sample_photo
+    from vllm_semclip.tiny.scenes import load_photo as sample_photo
     from vllm_semclip.selection import select_crops
-    from vllm_semclip.tiny_models import DEFAULT_TOWER_DIR, RELEVANCE_MODEL_NAME, ensure_default_models
+    from vllm_semclip.tiny.bundled import DEFAULT_RELEVANCE_DIR, DEFAULT_TOWER_DIR, RELEVANCE_MODEL_NAME
+    from vllm_semclip.tiny.build import ensure_default_models
 
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, default=20)
@@ -47,11 +48,12 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     photo = sample_photo("astronaut")
     questions = ["What is the color of the flag?", "What is the astronaut holding?", "What color is the helmet?"]
-    configs = {"relevance k=1": SemClipConfig(topk=1),
-               "relevance k=1 bf16": SemClipConfig(topk=1, relevance_precision="bf16"),
-               "relevance k=1 224px": SemClipConfig(topk=1, relevance_model=str(DEFAULT_TOWER_DIR)),
-               "relevance k=1 pad": SemClipConfig(topk=1, relevance_fit="pad"),
-               "all": SemClipConfig(method="all"), "overview": SemClipConfig(method="overview")}
+    psi = SemClipConfig(relevance_model=str(DEFAULT_RELEVANCE_DIR))  # the bundled ψ
+    configs = {"relevance k=1": psi.replace({"topk": 1}),
+               "relevance k=1 bf16": psi.replace({"topk": 1, "relevance_precision": "bf16"}),
+               "relevance k=1 224px": psi.replace({"topk": 1, "relevance_model": str(DEFAULT_TOWER_DIR)}),
+               "relevance k=1 pad": psi.replace({"topk": 1, "relevance_fit": "pad"}),
+               "all": psi.replace({"method": "all"}), "overview": psi.replace({"method": "overview"})}
     for config in configs.values():  # load ψ (each precision) once, outside the timings
         select_crops(photo, questions[0], config)
     results: dict[str, dict[str, dict[str, float]]] = {}
@@ -92,8 +94,8 @@ def main() -> None:
 
 def pick_agreement(reference, other, n: int) -> dict:
     """Top-1 agreement and crop hit of two ψ settings on ``n`` held-out benchmark scenes."""
-    from vllm_semclip.benchdata import make_attribute, make_spatial
-    from vllm_semclip.crops import crop_hit
+    from vllm_semclip.eval.benchdata import make_attribute, make_spatial
+    from vllm_semclip.eval.metrics import crop_hit
     from vllm_semclip.selection import select_crops
 
     same = hit_a = hit_b = 0

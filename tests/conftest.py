@@ -17,10 +17,25 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from vllm_semclip.plugin import ARCHITECTURE  # noqa: E402
-from vllm_semclip.tiny_models import ensure_default_models  # noqa: E402
+from vllm_semclip.tiny.build import ensure_default_models  # noqa: E402
+from vllm_semclip.tiny.bundled import DEFAULT_RELEVANCE_DIR, register_model_configs  # noqa: E402
+
+# ψ named explicitly wherever a test selects crops outside a server (the core has no default ψ)
+PSI = str(DEFAULT_RELEVANCE_DIR)
+register_model_configs()  # the tiny models' open_clip names (SemClip-ViT-T-16…), which tests load by name
 
 # The offline engine and the server allow up to 3 crops per image (profiled for it).
 MAX_TOPK = 3
+# Fixtures that start an engine, a server or a Ray job, or train for seconds: a test using one is an
+# engine test (the others carry @pytest.mark.engine themselves).
+ENGINE_FIXTURES = frozenset({"llm", "server", "small_run", "uninterrupted", "interrupted_then_resumed", "ray_cluster",
+                             "tiny_run"})
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.engine)
 
 
 @pytest.fixture(scope="session")
@@ -112,7 +127,7 @@ def server(model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def photo() -> Image.Image:
-    from vllm_semclip.images import sample_photo
+    from vllm_semclip.tiny.scenes import load_photo as sample_photo
 
     return sample_photo("astronaut")
 

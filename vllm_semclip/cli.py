@@ -1,29 +1,9 @@
-"""The ``semclip`` command: serve, select, demo, build-models.
+"""The ``semclip`` command: one argparse subcommand per task, each importing its room lazily.
 
-``semclip serve [MODEL] [--port P] [--topk K] [--grids 2,3] [--relevance-model NAME_OR_PATH] [vllm flags…]``
-    vLLM's OpenAI-compatible server with SemClip on; no MODEL serves the bundled model.
-``semclip select IMAGE "QUESTION" [--topk K] [--json] [--out overlay.png]``
-    runs the processor's own selection code on one image and prints the boxes.
-``semclip demo``
-    serves the bundled model on 127.0.0.1, asks questions about real photos, prints
-    answers, boxes and visual-token counts, writes overlays, stops the server.
-``semclip bench-data --out DIR --n N --seed S``
-    writes a V*-style benchmark (V* Bench's layout) of small shapes on large photos.
-``semclip bench serve [--quick]``
-    serving throughput/latency of overview, semclip, given, all and hf, side by side.
-``semclip eval --data DIR --method M[,M...] [--topk K] [--protocol likelihood|generate] --out results.json``
-    accuracy, crop hit rate and visual tokens of overview/random/all/clip/trained/oracle through vLLM.
-``semclip train clip [--model NAME] [--init DIR] [--out DIR] [--steps N] [--seed S]``
-    trains the tiny CLIP (the LLaVA tower; at 336 px ψ's default) and evaluates it on held-out cards.
-``semclip train vlm [--relevance-dir DIR] [--init DIR] [--out DIR] [--steps N] [--seed S]``
-    builds the tiny LLaVA on the tiny CLIP's tower, trains projector + LM, evaluates held-out questions.
-``semclip label --data DIR [--model DIR] --out LABELS [--address RAY_ADDRESS] [--actors N]``
-    distant supervision: the VLM scores overview + each candidate crop per question, on Ray
-    actors holding one vLLM engine each; resumable JSONL shards.
-``semclip train-relevance --labels LABELS [--init DIR] [--out DIR] [--epochs N]``
-    fine-tunes ψ on the labels (each question's most helpful crop is its positive).
-``semclip build-models [--force]``
-    builds random (seeded) stand-ins where the bundled trained models are missing.
+The plugin needs no command (vLLM loads it by its entry point); this is its friendly front.
+``serve`` turns SemClip's flags into vLLM's (vLLM has no plugin flags); the other subcommands
+reach evaluation, distant supervision, the tiny-model factory and the serving benchmark. It is
+the one module that may import every room of the package.
 """
 
 from __future__ import annotations
@@ -32,7 +12,10 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from typing import Any
+
+from vllm_semclip.crops import RELEVANCE_FITS, RELEVANCE_NORMS  # light: numpy and PIL
 
 SELECTION_FLAGS = ("topk", "grids", "overlap", "method", "relevance_model", "relevance_pretrained",
                    "relevance_precision", "relevance_fit", "relevance_norm", "seed")
@@ -40,23 +23,21 @@ SELECTION_FLAGS = ("topk", "grids", "overlap", "method", "relevance_model", "rel
 
 def _add_selection_flags(p: argparse.ArgumentParser, *, server: bool) -> None:
     p.add_argument("--topk", type=int, help="crops kept next to the overview (0-8; default 1)")
-    p.add_argument("--grids", help="grid sizes of the candidates, e.g. 2,3 (default)")
+    p.add_argument("--grids", help="grid sizes of the candidates, e.g. 2,3 (the default)")
     p.add_argument("--overlap", type=float, help="widen each cell by this fraction on each side (0-0.5)")
     p.add_argument("--method", choices=("relevance", "random", "overview", "all"),
                    help="how crops are chosen (method 'given' takes boxes: set it per request)")
-    p.add_argument("--relevance-model", help="ψ: an open_clip model name or a local-dir checkpoint directory")
+    p.add_argument("--relevance-model", help="psi: an open_clip model name or a local-dir checkpoint directory")
     p.add_argument("--relevance-pretrained", help="open_clip pretrained tag or checkpoint path (e.g. openai)")
     p.add_argument("--relevance-precision",
-                   help="ψ's precision, open_clip's: fp32 (default), bf16, fp16, pure_bf16, pure_fp16")
-    from .crops import RELEVANCE_FITS, RELEVANCE_NORMS
-
+                   help="psi's precision, open_clip's: fp32 (default), bf16, fp16, pure_bf16, pure_fp16")
     p.add_argument("--relevance-fit", choices=RELEVANCE_FITS,
-                   help="how ψ sees a non-square candidate: windows (default: best of the squares covering it), "
-                        "pad (to a square, as the VLM's tiles), center (the centre square)")
+                   help="how psi sees a non-square candidate: windows (default: the best of the squares covering "
+                        "it), pad (to a square, as the VLM's tiles), center (the centre square)")
     p.add_argument("--relevance-norm", choices=RELEVANCE_NORMS,
-                   help="how ψ's scores are compared across grids: grid (default: standardised among each "
+                   help="how psi's scores are compared across grids: grid (default: standardised among each "
                         "grid's cells), none (raw)")
-    p.add_argument("--relevance-device", dest="device", help="where ψ runs (cpu, cuda, ...)")
+    p.add_argument("--relevance-device", dest="device", help="where psi runs (cpu, cuda, ...)")
     p.add_argument("--seed", type=int, help="seed of the random method")
     if server:
         p.add_argument("--max-topk", type=int, help="the most crops a request may ask for (memory is profiled for it)")
@@ -68,57 +49,50 @@ def _selection_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _config(overrides: dict[str, Any]):
-    from .config import SemClipConfig
+    from vllm_semclip.config import SemClipConfig
 
     return SemClipConfig().replace(overrides, source="command line")
 
 
-def cmd_serve(argv: list[str]) -> int:
-    from .server import runtime_env, serve_command
-    from .tiny_models import DEFAULT_MODEL_DIR, ensure_default_models
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag}: whole numbers separated by commas, got {text!r}") from None
 
-    model = None
-    if argv and not argv[0].startswith("-"):
-        model, argv = argv[0], argv[1:]
-    p = argparse.ArgumentParser(prog="semclip serve", description="vLLM's OpenAI server with SemClip")
-    p.add_argument("--model", dest="model_flag")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    _add_selection_flags(p, server=True)
-    args, vllm_args = p.parse_known_args(argv)
-    model = model or args.model_flag
+
+# ---- handlers: each imports its room when it runs ---------------------------------------
+
+def cmd_serve(args: argparse.Namespace, vllm_args: list[str]) -> int:
+    from vllm_semclip.server import runtime_env, serve_command
+
+    model = args.model or args.model_flag
     overrides = _selection_overrides(args)
     _config(overrides)  # fail here, with the field named, rather than inside vLLM
-    if model is None or "relevance_model" not in overrides:
-        ensure_default_models()
-    model = model or str(DEFAULT_MODEL_DIR)
+    if model is None:  # the bundled tiny LLaVA; its config.json names its psi
+        from vllm_semclip.tiny.build import ensure_default_models
+
+        model = str(ensure_default_models()[0])
     cmd = serve_command(model, overrides, host=args.host, port=args.port, vllm_args=vllm_args)
     print("semclip serve:", " ".join(cmd[1:]), file=sys.stderr, flush=True)
     os.execve(sys.executable, cmd, runtime_env())
     return 0  # not reached
 
 
-def cmd_select(argv: list[str]) -> int:
-    from .images import load_image
-    from .selection import select_crops
+def cmd_select(args: argparse.Namespace) -> int:
+    from vllm_semclip.images import load_image
+    from vllm_semclip.selection import select_crops
 
-    p = argparse.ArgumentParser(prog="semclip select", description="show which crops SemClip picks")
-    p.add_argument("image")
-    p.add_argument("question")
-    _add_selection_flags(p, server=False)
-    p.add_argument("--json", action="store_true", help="print the selection as JSON")
-    p.add_argument("--out", help="write the image with the score heatmap and chosen boxes here")
-    args = p.parse_args(argv)
     overrides = _selection_overrides(args)
-    if "relevance_model" not in overrides:
-        from .tiny_models import ensure_default_models
+    if "relevance_model" not in overrides:  # the bundled psi
+        from vllm_semclip.tiny.build import ensure_default_models
 
-        ensure_default_models()
+        overrides["relevance_model"] = str(ensure_default_models()[1])
     config = _config(overrides)
     image = load_image(args.image)
     selection = select_crops(image, args.question, config)
     if args.out:
-        from .overlay import draw_selection
+        from vllm_semclip.eval.overlay import draw_selection
 
         draw_selection(image, selection, args.out)
     if args.json:
@@ -137,20 +111,21 @@ def cmd_select(argv: list[str]) -> int:
     return 0
 
 
-def cmd_demo(argv: list[str]) -> int:
-    from .demo import main as demo_main
+def cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
+    from vllm_semclip.eval.demo import main as demo_main
 
-    return demo_main(argv)
+    return demo_main(rest)
 
 
-def cmd_bench_data(argv: list[str]) -> int:
-    from .benchdata import CATEGORIES, write_bench
+def cmd_bench_serve(args: argparse.Namespace, rest: list[str]) -> int:
+    from vllm_semclip.bench.serve import main as bench_main
 
-    p = argparse.ArgumentParser(prog="semclip bench-data", description="write a V*-style benchmark (V* Bench layout)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int, default=191, help="questions (default 191, V* Bench's count)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    return bench_main(rest)
+
+
+def cmd_bench_data(args: argparse.Namespace) -> int:
+    from vllm_semclip.eval.benchdata import CATEGORIES, write_bench
+
     if args.n < 1:
         raise ValueError("--n must be at least 1")
     records = write_bench(args.out, args.n, args.seed)
@@ -159,163 +134,155 @@ def cmd_bench_data(argv: list[str]) -> int:
     return 0
 
 
-def cmd_bench(argv: list[str]) -> int:
-    if not argv or argv[0] != "serve":
-        print("usage: semclip bench serve [--quick] [...]  (see --help)", file=sys.stderr)
-        return 2
-    from .serve_bench import main as bench_main
+def cmd_eval(args: argparse.Namespace) -> int:
+    from vllm_semclip.eval.harness import EVAL_METHODS, TABLE_HEADER, format_row, run
 
-    return bench_main(argv[1:])
-
-
-def cmd_eval(argv: list[str]) -> int:
-    from .evaluate import EVAL_METHODS, PROTOCOLS, TABLE_HEADER, format_row, run
-
-    p = argparse.ArgumentParser(prog="semclip eval", description="V*-style evaluation through vLLM with SemClip")
-    p.add_argument("--data", required=True, help="V*-layout directory or records.jsonl")
-    p.add_argument("--model", help="LLaVA checkpoint (default: the bundled tiny LLaVA)")
-    p.add_argument("--method", required=True,
-                   help=f"one of {', '.join(EVAL_METHODS)}, or several separated by commas")
-    p.add_argument("--topk", default="1",
-                   help="crops for random, clip and trained (default 1); several separated by commas "
-                        "for a sweep (METHOD-kK.json each, joined in the plot)")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="likelihood")
-    p.add_argument("--grids", default="2,3", help="candidate grids (default 2,3)")
-    p.add_argument("--relevance-model", help="ψ of method trained: local-dir or open_clip name (default: bundled trained ψ)")
-    p.add_argument("--clip-model", help="ψ of method clip: open_clip name or local-dir (default: bundled zero-shot ψ)")
-    p.add_argument("--limit", type=int, help="only the first N questions")
-    p.add_argument("--out", required=True, help="results .json (one method) or a directory (several)")
-    args = p.parse_args(argv)
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
-    grids = [int(g) for g in args.grids.split(",") if g.strip()]
-    try:
-        topk = [int(k) for k in args.topk.split(",") if k.strip()]
-    except ValueError:
-        p.error(f"--topk: whole numbers separated by commas, got {args.topk!r}")
-    docs = run(args.data, methods, args.out, model=args.model, topk=topk, protocol=args.protocol,
-               grids=grids, relevance_model=args.relevance_model, clip_model=args.clip_model, limit=args.limit)
+    unknown = [m for m in methods if m not in EVAL_METHODS]
+    if unknown:
+        raise ValueError(f"--method: {', '.join(unknown)} not one of {', '.join(EVAL_METHODS)}")
+    docs = run(args.data, methods, args.out, model=args.model, topk=_ints(args.topk, "--topk"),
+               protocol=args.protocol, grids=_ints(args.grids, "--grids"), relevance_model=args.relevance_model,
+               clip_model=args.clip_model, limit=args.limit)
     print(TABLE_HEADER)
     for doc in docs:
         print(format_row(doc))
     return 0
 
 
-def cmd_train(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("clip", "vlm"):
-        print("usage: semclip train clip|vlm [--out DIR] [--steps N] [--seed S] ...", file=sys.stderr)
-        return 2
-    what, argv = argv[0], argv[1:]
-    from .tiny_models import DEFAULT_TOWER_DIR
+TRAIN_FIELDS = ("model", "steps", "seed", "threads", "init", "curriculum", "lr", "position_weight",
+                "position_card_weight", "label_weight", "label_tiles", "empty_tiles", "lock_image",
+                "lock_image_unlocked_groups", "question_weight", "side_fraction", "spatial_fraction", "binding_weight",
+                "position_binding_weight", "word_binding_weight", "attribute_word_binding_weight", "tower_lr", "turns",
+                "text_steps", "side_steps", "ground_spatial_fraction", "align_ground_fraction", "align_projector_only")
+SPEC_FIELDS = ("text_hidden_size", "text_layers", "text_heads", "text_intermediate_size", "text_rope_theta")
 
-    p = argparse.ArgumentParser(prog=f"semclip train {what}")
-    # the bundled CLIP is the LLaVA's tower (and, at 336 px, ψ), and the bundled LLaVA is a chain of
-    # runs (README): a new model goes to out/ unless the package's directory is asked for
-    p.add_argument("--out", default="out/psi" if what == "clip" else "out/vlm")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    p.add_argument("--lr", type=float, help="peak learning rate of the warm-up/cosine schedule")
-    if what == "clip":
-        p.add_argument("--model", help="open_clip config to train (default SemClip-ViT-T-16, 224 px; "
-                       "SemClip-ViT-T-16-336 with --init resizes a 224-px ψ's position grid)")
-        p.add_argument("--init", help="continue from this ψ checkpoint directory")
-        p.add_argument("--curriculum", type=float, help="fraction of steps over which cards shrink (default 0.2)")
-        p.add_argument("--position-weight", type=float,
-                       help="weight of the patch-position loss at the LLaVA's feature layer (default 0: off)")
-        p.add_argument("--position-card-weight", type=float,
-                       help="weight of the same loss over the patches under a card only (default 0: off)")
-        p.add_argument("--label-weight", type=float,
-                       help="weight of the patch-label loss: the shape and colour of the card under each patch "
-                            "token at the LLaVA's feature layer (default 0: off)")
-        p.add_argument("--label-tiles", type=int,
-                       help="extra tiles per step with 1-3 cards, for the patch losses only (default 0)")
-        p.add_argument("--empty-tiles", type=int,
-                       help="photo tiles without a card per step, a negative for every caption (default 0)")
-        p.add_argument("--question-weight", type=float,
-                       help="weight of the shape-question loss: each shape's question against every tile of a "
-                            "caption block, every tile of that shape a positive (default 0: off)")
-        p.add_argument("--lock-image", action="store_true", default=None,
-                       help="freeze the image tower (open_clip's LiT lock) but its last --lock-image-unlocked-groups")
-        p.add_argument("--lock-image-unlocked-groups", type=int,
-                       help="image-tower groups left trainable under --lock-image (2: the last block, ln_post and "
-                            "the projection, which the LLaVA's feature layer never sees)")
-    if what == "vlm":
-        p.add_argument("--relevance-dir", default=str(DEFAULT_TOWER_DIR), help="trained tiny CLIP whose ViT is the tower")
-        p.add_argument("--side-fraction", type=float,
-                       help="share of single-tile samples asking a card's side of the image")
-        p.add_argument("--spatial-fraction", type=float,
-                       help="share of left/right questions among multi-card samples (default 0.45)")
-        p.add_argument("--text-hidden-size", type=int, help="language model width (default 160)")
-        p.add_argument("--text-layers", type=int, help="language model depth (default 4)")
-        p.add_argument("--text-heads", type=int, help="attention heads, each at least 32 wide (default 5)")
-        p.add_argument("--text-intermediate-size", type=int, help="MLP width (default 432)")
-        p.add_argument("--text-rope-theta", type=float, help="RoPE base of the language model (default 10000)")
-        p.add_argument("--binding-weight", type=float,
-                       help="weight of the attention-binding loss: one head, at the position predicting the "
-                            "colour, is steered to the asked-for card's tokens (default 0: off)")
-        p.add_argument("--position-binding-weight", type=float,
-                       help="the same loss on left/right questions: heads 0 and 1, at the position predicting "
-                            "left/right, steered to the two cards' tokens (default 0: off)")
-        p.add_argument("--word-binding-weight", type=float,
-                       help="left/right questions: heads 0 and 1 of the first layer, at the same position, steered "
-                            "to the question's words naming the two cards (default 0: off)")
-        p.add_argument("--attribute-word-binding-weight", type=float,
-                       help="colour questions: head 0 of the first layer, at the position predicting the colour, "
-                            "steered to the question's shape word (with --binding-weight: the pair of steerings "
-                            "of the left/right question; default 0: off)")
-        p.add_argument("--tower-lr", type=float,
-                       help="train the tower too after alignment, at this learning rate (default 0: frozen)")
-        p.add_argument("--turns", type=int,
-                       help="questions per multi-card tile, as one multi-turn conversation: every card's colour "
-                            "and left/right of card pairs (default 1)")
-        p.add_argument("--text-steps", type=int,
-                       help="text-only steps first: questions over cards written as words, the language "
-                            "model's pretraining (default 0)")
-        p.add_argument("--side-steps", type=int,
-                       help="a grounding stage first: this many steps of side-of-the-image questions alone "
-                            "(default 0)")
-        p.add_argument("--ground-spatial-fraction", type=float,
-                       help="share of grounding-stage samples asking the two-card left/right question instead "
-                            "of a card's side of the image (default 0)")
-        p.add_argument("--align-ground-fraction", type=float,
-                       help="share of alignment samples drawn as grounding-stage samples, so the skill is kept "
-                            "(default 0)")
-        p.add_argument("--init", help="continue from this saved LLaVA's projector and language model (the tower is "
-                                       "--relevance-dir's)")
-        p.add_argument("--align-projector-only", action="store_true", default=None,
-                       help="alignment trains the projector alone, the language model frozen (LLaVA-1.5's stage 1)")
-    args = p.parse_args(argv)
-    overrides = {k: getattr(args, k, None) for k in ("model", "steps", "seed", "threads", "init", "curriculum", "lr",
-                                                  "position_weight", "position_card_weight", "label_weight", "label_tiles",
-                                                  "empty_tiles", "lock_image", "lock_image_unlocked_groups", "question_weight",
-                                                  "side_fraction", "spatial_fraction", "binding_weight",
-                                                  "position_binding_weight", "word_binding_weight",
-                                                  "attribute_word_binding_weight", "tower_lr", "turns",
-                                                  "text_steps", "side_steps", "ground_spatial_fraction",
-                                                  "align_ground_fraction", "align_projector_only")}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if what == "clip":
-        from .train_clip import ClipTrainConfig, train_clip
+
+def cmd_train(args: argparse.Namespace) -> int:
+    overrides = {k: getattr(args, k) for k in TRAIN_FIELDS if getattr(args, k, None) is not None}
+    if args.what == "clip":
+        from vllm_semclip.tiny.train_clip import ClipTrainConfig, train_clip
 
         report = train_clip(ClipTrainConfig(**overrides), args.out)
     else:
-        from .train_vlm import VlmTrainConfig, train_vlm
+        from vllm_semclip.tiny.build import TinyLlavaSpec
+        from vllm_semclip.tiny.bundled import DEFAULT_TOWER_DIR
+        from vllm_semclip.tiny.train_vlm import VlmTrainConfig, train_vlm
 
-        from .tiny_models import TinyLlavaSpec
-
-        sizes = {k: getattr(args, k) for k in ("text_hidden_size", "text_layers", "text_heads",
-                                               "text_intermediate_size", "text_rope_theta") if getattr(args, k) is not None}
-        report = train_vlm(VlmTrainConfig(**overrides), args.relevance_dir, args.out, spec=TinyLlavaSpec(**sizes))
+        sizes = {k: getattr(args, k) for k in SPEC_FIELDS if getattr(args, k) is not None}
+        report = train_vlm(VlmTrainConfig(**overrides), args.relevance_dir or str(DEFAULT_TOWER_DIR), args.out,
+                           spec=TinyLlavaSpec(**sizes))
     print(json.dumps({k: v for k, v in report.items() if k not in ("config", "spec")}, indent=2))
     print(f"written to {args.out} (report: {args.out}/train_report.json)")
     return 0
 
 
-def cmd_label(argv: list[str]) -> int:
-    from .label import LabelConfig, run_labelling
-    from .tiny_models import DEFAULT_MODEL_DIR, ensure_default_models
+def cmd_label(args: argparse.Namespace) -> int:
+    from vllm_semclip.supervision.label import LabelConfig, run_labelling
 
-    p = argparse.ArgumentParser(prog="semclip label", description="label candidate crops with the VLM (Ray + vLLM)")
+    model = args.model
+    if model is None:
+        from vllm_semclip.tiny.build import ensure_default_models
+
+        model = str(ensure_default_models()[0])
+    config = LabelConfig(data=args.data, model=model, out=args.out, grids=tuple(_ints(args.grids, "--grids")),
+                         shard_size=args.shard_size, actors=args.actors, address=args.address,
+                         cpus_per_actor=args.cpus_per_actor, limit=args.limit)
+    print(json.dumps(run_labelling(config), indent=1))
+    return 0
+
+
+def cmd_train_relevance(args: argparse.Namespace) -> int:
+    from vllm_semclip.supervision.train_relevance import RelevanceTrainConfig, train_relevance
+    from vllm_semclip.tiny.bundled import DEFAULT_TRAINED_RELEVANCE_DIR
+
+    fields = {"init": args.init, "init_pretrained": args.init_pretrained, "epochs": args.epochs,
+              "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "threads": args.threads,
+              "fit": args.fit, "norm": args.norm}
+    config = RelevanceTrainConfig(labels=args.labels, lock_image=not args.unlock_image, keep_best=not args.keep_last,
+                                  **{k: v for k, v in fields.items() if v is not None})
+    out = args.out or str(DEFAULT_TRAINED_RELEVANCE_DIR)
+    report = train_relevance(config, out)
+    print(json.dumps({k: report[k] for k in ("train_questions", "val_questions", "train_seconds", "zero_shot",
+                                             "best_epoch", "kept_start")}, indent=1))
+    print(f"written to {out} (report: {out}/train_report.json)")
+    return 0
+
+
+def cmd_build_models(args: argparse.Namespace) -> int:
+    from vllm_semclip.tiny.build import ensure_default_models
+
+    llava, psi = ensure_default_models(force=args.force)
+    print(f"tiny LLaVA: {llava}\npsi (open_clip local-dir): {psi}")
+    return 0
+
+
+# ---- the parser ------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="semclip", description="SemClip for vLLM: question-aware crop selection for LLaVA-family models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print the traceback when a command fails")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("serve", help="vLLM's OpenAI-compatible server with SemClip on",
+                       description="Start vLLM's OpenAI-compatible server with SemClip on. Without MODEL it serves the "
+                                   "bundled tiny LLaVA. Flags it does not know are passed on to vLLM.")
+    p.add_argument("model", nargs="?", help="LLaVA checkpoint directory or name (default: the bundled tiny LLaVA)")
+    p.add_argument("--model", dest="model_flag", help="the same as MODEL")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    _add_selection_flags(p, server=True)
+    p.set_defaults(handler=cmd_serve, passes_rest=True)
+
+    p = sub.add_parser("select", help="show which crops SemClip picks for one image and question",
+                       description="Run the processor's own selection on one image and print the chosen boxes.")
+    p.add_argument("image")
+    p.add_argument("question")
+    _add_selection_flags(p, server=False)
+    p.add_argument("--json", action="store_true", help="print the selection as JSON")
+    p.add_argument("--out", help="write the image with the score heatmap and chosen boxes here (needs matplotlib)")
+    p.set_defaults(handler=cmd_select)
+
+    p = sub.add_parser("demo", add_help=False, help="serve the bundled model and show SemClip answering",
+                       description="Serve the bundled model on 127.0.0.1, ask about benchmark scenes, print answers.")
+    p.set_defaults(handler=cmd_demo, passes_rest=True)
+
+    p = sub.add_parser("bench-data", help="write a V*-style benchmark (V* Bench's layout)",
+                       description="Write a V*-style benchmark: small shapes on large photos, V* Bench's layout.")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=191, help="questions (default 191, V* Bench's count)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=cmd_bench_data)
+
+    p = sub.add_parser("bench", help="serving benchmarks (bench serve)")
+    bench = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+    b = bench.add_parser("serve", add_help=False, help="serving throughput and latency of each configuration",
+                         description="Throughput and latency of overview, semclip, given, all and hf side by side.")
+    b.set_defaults(handler=cmd_bench_serve, passes_rest=True)
+
+    p = sub.add_parser("eval", help="accuracy on V*-layout data through vLLM",
+                       description="Accuracy, crop hit rate and visual tokens per method through vLLM with SemClip.")
+    p.add_argument("--data", required=True, help="V*-layout directory or records.jsonl")
+    p.add_argument("--model", help="LLaVA checkpoint (default: the bundled tiny LLaVA)")
+    p.add_argument("--method", required=True,
+                   help="one of overview, random, all, clip, trained, oracle, or several separated by commas")
+    p.add_argument("--topk", default="1",
+                   help="crops for random, clip and trained (default 1); several separated by commas for a sweep "
+                        "(METHOD-kK.json each, joined in the plot)")
+    p.add_argument("--protocol", choices=("likelihood", "generate"), default="likelihood")
+    p.add_argument("--grids", default="2,3", help="candidate grids (default 2,3)")
+    p.add_argument("--relevance-model", help="psi of method trained: local-dir or open_clip name "
+                                             "(default: the bundled trained psi)")
+    p.add_argument("--clip-model", help="psi of method clip: open_clip name or local-dir "
+                                        "(default: the psi the model's config names)")
+    p.add_argument("--limit", type=int, help="only the first N questions")
+    p.add_argument("--out", required=True, help="results .json (one method) or a directory (several)")
+    p.set_defaults(handler=cmd_eval)
+
+    p = sub.add_parser("label", help="label candidate crops with the VLM (distant supervision, on Ray)",
+                       description="The VLM scores overview + each candidate crop per question, on Ray actors that "
+                                   "each hold one vLLM engine; resumable JSONL shards.")
     p.add_argument("--data", required=True, help="V*-layout directory or records.jsonl (a training split)")
     p.add_argument("--model", help="LLaVA checkpoint (default: the bundled tiny LLaVA)")
     p.add_argument("--out", required=True, help="directory of label shards (a rerun resumes it)")
@@ -325,80 +292,134 @@ def cmd_label(argv: list[str]) -> int:
     p.add_argument("--shard-size", type=int, default=16, help="questions per shard (default 16)")
     p.add_argument("--grids", default="2,3", help="candidate grids (default 2,3)")
     p.add_argument("--limit", type=int, help="only the first N questions")
-    args = p.parse_args(argv)
-    if args.model is None:
-        ensure_default_models()
-    config = LabelConfig(data=args.data, model=args.model or str(DEFAULT_MODEL_DIR), out=args.out,
-                         grids=tuple(int(g) for g in args.grids.split(",") if g.strip()),
-                         shard_size=args.shard_size, actors=args.actors, address=args.address,
-                         cpus_per_actor=args.cpus_per_actor, limit=args.limit)
-    print(json.dumps(run_labelling(config), indent=1))
-    return 0
+    p.set_defaults(handler=cmd_label)
 
-
-def cmd_train_relevance(argv: list[str]) -> int:
-    from .train_relevance import DEFAULT_TRAINED_RELEVANCE_DIR, RelevanceTrainConfig, train_relevance
-
-    p = argparse.ArgumentParser(prog="semclip train-relevance", description="fine-tune ψ on the VLM's crop labels")
+    p = sub.add_parser("train-relevance", help="fine-tune psi on the VLM's crop labels",
+                       description="Fine-tune psi on the labels of `semclip label` (each question's most helpful "
+                                   "crop is its positive).")
     p.add_argument("--labels", required=True, help="directory of label shards from `semclip label`")
-    p.add_argument("--init", help="ψ to start from: local-dir or open_clip name (default: bundled zero-shot ψ)")
+    p.add_argument("--init", help="psi to start from: local-dir or open_clip name (default: the bundled zero-shot psi)")
     p.add_argument("--init-pretrained", help="open_clip pretrained tag or file for a named --init (e.g. openai)")
-    p.add_argument("--out", default=str(DEFAULT_TRAINED_RELEVANCE_DIR))
+    p.add_argument("--out", help="where the trained psi goes (default: the bundled trained psi's directory)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--unlock-image", action="store_true", help="also train the image tower (default: locked)")
-    from .crops import RELEVANCE_FITS, RELEVANCE_NORMS
-
     p.add_argument("--fit", choices=RELEVANCE_FITS,
-                   help="how ψ sees a non-square crop, as it will be served (default windows)")
+                   help="how psi sees a non-square crop, as it will be served (default windows)")
     p.add_argument("--norm", choices=RELEVANCE_NORMS,
                    help="how validation ranks the candidates, as they will be served (default grid)")
     p.add_argument("--keep-last", action="store_true",
                    help="save the last epoch (default: the epoch with the best validation gain, maybe the start)")
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int)
-    args = p.parse_args(argv)
-    fields = {"init": args.init, "init_pretrained": args.init_pretrained, "epochs": args.epochs,
-              "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "threads": args.threads,
-              "fit": args.fit, "norm": args.norm}
-    config = RelevanceTrainConfig(labels=args.labels, lock_image=not args.unlock_image, keep_best=not args.keep_last,
-                                  **{k: v for k, v in fields.items() if v is not None})
-    report = train_relevance(config, args.out)
-    print(json.dumps({k: report[k] for k in ("train_questions", "val_questions", "train_seconds", "zero_shot",
-                                             "best_epoch", "kept_start")}, indent=1))
-    print(f"written to {args.out} (report: {args.out}/train_report.json)")
-    return 0
+    p.set_defaults(handler=cmd_train_relevance)
 
+    p = sub.add_parser("train", help="train the tiny demo models (train clip, train vlm)")
+    train = p.add_subparsers(dest="what", metavar="MODEL", required=True)
+    for what, text in (("clip", "train the tiny CLIP: the LLaVA's tower and, at 336 px, psi"),
+                       ("vlm", "build the tiny LLaVA on the tiny CLIP's tower and train projector + language model")):
+        t = train.add_parser(what, help=text, description=text)
+        # a new model goes to out/ unless the package's directory is asked for
+        t.add_argument("--out", default="out/psi" if what == "clip" else "out/vlm")
+        t.add_argument("--steps", type=int)
+        t.add_argument("--seed", type=int)
+        t.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+        t.add_argument("--lr", type=float, help="peak learning rate of the warm-up/cosine schedule")
+        t.set_defaults(handler=cmd_train)
+        if what == "clip":
+            c = t
+            c.add_argument("--model", help="open_clip config to train (default SemClip-ViT-T-16, 224 px; "
+                           "SemClip-ViT-T-16-336 with --init resizes a 224-px psi's position grid)")
+            c.add_argument("--init", help="continue from this psi checkpoint directory")
+            c.add_argument("--curriculum", type=float, help="fraction of steps over which cards shrink (default 0.2)")
+            c.add_argument("--position-weight", type=float,
+                           help="weight of the patch-position loss at the LLaVA's feature layer (default 0: off)")
+            c.add_argument("--position-card-weight", type=float,
+                           help="weight of the same loss over the patches under a card only (default 0: off)")
+            c.add_argument("--label-weight", type=float,
+                           help="weight of the patch-label loss: the shape and colour of the card under each patch "
+                                "token at the LLaVA's feature layer (default 0: off)")
+            c.add_argument("--label-tiles", type=int,
+                           help="extra tiles per step with 1-3 cards, for the patch losses only (default 0)")
+            c.add_argument("--empty-tiles", type=int,
+                           help="photo tiles without a card per step, a negative for every caption (default 0)")
+            c.add_argument("--question-weight", type=float,
+                           help="weight of the shape-question loss: each shape's question against every tile of a "
+                                "caption block, every tile of that shape a positive (default 0: off)")
+            c.add_argument("--lock-image", action="store_true", default=None,
+                           help="freeze the image tower (open_clip's LiT lock) but its last --lock-image-unlocked-groups")
+            c.add_argument("--lock-image-unlocked-groups", type=int,
+                           help="image-tower groups left trainable under --lock-image (2: the last block, ln_post and "
+                                "the projection, which the LLaVA's feature layer never sees)")
+        else:
+            v = t
+            v.add_argument("--relevance-dir", help="trained tiny CLIP whose ViT is the tower (default: the bundled one)")
+            v.add_argument("--side-fraction", type=float,
+                           help="share of single-tile samples asking a card's side of the image")
+            v.add_argument("--spatial-fraction", type=float,
+                           help="share of left/right questions among multi-card samples (default 0.45)")
+            v.add_argument("--text-hidden-size", type=int, help="language model width (default 160)")
+            v.add_argument("--text-layers", type=int, help="language model depth (default 4)")
+            v.add_argument("--text-heads", type=int, help="attention heads, each at least 32 wide (default 5)")
+            v.add_argument("--text-intermediate-size", type=int, help="MLP width (default 432)")
+            v.add_argument("--text-rope-theta", type=float, help="RoPE base of the language model (default 10000)")
+            v.add_argument("--binding-weight", type=float,
+                           help="weight of the attention-binding loss: one head, at the position predicting the "
+                                "colour, is steered to the asked-for card's tokens (default 0: off)")
+            v.add_argument("--position-binding-weight", type=float,
+                           help="the same loss on left/right questions: heads 0 and 1, at the position predicting "
+                                "left/right, steered to the two cards' tokens (default 0: off)")
+            v.add_argument("--word-binding-weight", type=float,
+                           help="left/right questions: heads 0 and 1 of the first layer, at the same position, steered "
+                                "to the question's words naming the two cards (default 0: off)")
+            v.add_argument("--attribute-word-binding-weight", type=float,
+                           help="colour questions: head 0 of the first layer, at the position predicting the colour, "
+                                "steered to the question's shape word (with --binding-weight: the pair of steerings "
+                                "of the left/right question; default 0: off)")
+            v.add_argument("--tower-lr", type=float,
+                           help="train the tower too after alignment, at this learning rate (default 0: frozen)")
+            v.add_argument("--turns", type=int,
+                           help="questions per multi-card tile, as one multi-turn conversation: every card's colour "
+                                "and left/right of card pairs (default 1)")
+            v.add_argument("--text-steps", type=int,
+                           help="text-only steps first: questions over cards written as words, the language "
+                                "model's pretraining (default 0)")
+            v.add_argument("--side-steps", type=int,
+                           help="a grounding stage first: this many steps of side-of-the-image questions alone "
+                                "(default 0)")
+            v.add_argument("--ground-spatial-fraction", type=float,
+                           help="share of grounding-stage samples asking the two-card left/right question instead "
+                                "of a card's side of the image (default 0)")
+            v.add_argument("--align-ground-fraction", type=float,
+                           help="share of alignment samples drawn as grounding-stage samples, so the skill is kept "
+                                "(default 0)")
+            v.add_argument("--init", help="continue from this saved LLaVA's projector and language model (the tower is "
+                                           "--relevance-dir's)")
+            v.add_argument("--align-projector-only", action="store_true", default=None,
+                           help="alignment trains the projector alone, the language model frozen (LLaVA-1.5's stage 1)")
 
-def cmd_build_models(argv: list[str]) -> int:
-    from .tiny_models import ensure_default_models
-
-    p = argparse.ArgumentParser(prog="semclip build-models")
+    p = sub.add_parser("build-models", help="build random stand-ins where the bundled models are missing")
     p.add_argument("--force", action="store_true", help="rebuild even if present")
-    args = p.parse_args(argv)
-    llava, psi = ensure_default_models(force=args.force)
-    print(f"tiny LLaVA: {llava}\nψ (open_clip local-dir): {psi}")
-    return 0
-
-
-COMMANDS = {"serve": cmd_serve, "select": cmd_select, "demo": cmd_demo, "bench-data": cmd_bench_data,
-            "bench": cmd_bench, "eval": cmd_eval, "train": cmd_train, "label": cmd_label, "train-relevance": cmd_train_relevance,
-            "build-models": cmd_build_models}
+    p.set_defaults(handler=cmd_build_models)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(__doc__.strip())
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    from .config import SemClipConfigError  # noqa: F401  (a ValueError)
-
+    parser = build_parser()
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if rest and not getattr(args, "passes_rest", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    name = args.command if args.command != "bench" else "bench serve"
     try:
-        return COMMANDS[argv[0]](argv[1:])
-    except (SemClipConfigError, ValueError, FileNotFoundError) as exc:
-        print(f"semclip {argv[0]}: error: {exc}", file=sys.stderr)
-        return 2
+        return args.handler(args, rest) if getattr(args, "passes_rest", False) else args.handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # one clear line; the traceback with -v
+        if args.verbose:
+            traceback.print_exc()
+        print(f"semclip {name}: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, (ValueError, FileNotFoundError)) else 1
 
 
 if __name__ == "__main__":

@@ -18,14 +18,15 @@ Every bad value raises :class:`SemClipConfigError`, a ``VLLMValidationError``
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Literal
 
 from vllm.exceptions import VLLMValidationError
 
 from .crops import RELEVANCE_FITS, RELEVANCE_NORMS, num_candidates
-from .tiny_models import DEFAULT_RELEVANCE_DIR
 
 Method = Literal["relevance", "random", "overview", "all", "given"]
 METHODS: tuple[str, ...] = ("relevance", "random", "overview", "all", "given")
@@ -60,14 +61,15 @@ class SemClipConfig:
             ``overview`` (no crops), ``all`` (every candidate, AnyRes-like) or
             ``given`` (the ``boxes`` the caller chose: an oracle, another method's crops).
         relevance_model: ψ — an open_clip model name, or a directory in open_clip's
-            local-dir format. Default: the bundled tiny model.
+            local-dir format. No default: the served model's ``config.json`` may name it
+            (``semclip_config.relevance_model``, a path relative to the model directory),
+            otherwise the server or caller must (method ``relevance`` refuses to run without).
         relevance_pretrained: open_clip ``pretrained`` tag or checkpoint path for a
             named ``relevance_model`` (e.g. ``openai`` for ``ViT-L-14-336``).
         relevance_precision: ψ's numeric precision, open_clip's ``precision``
             argument (``fp32``, ``bf16``, ``fp16``, ``pure_bf16``, ``pure_fp16``).
-            ``bf16`` cuts ψ's time where matmuls have bf16 units (×0.7–0.8 on a
-            2-core AMX CPU, benchmarks/selection_latency.py) and picks fp32's crop
-            98% of the time on the benchmark; fp32 stays the default for exact results.
+            ``bf16`` cuts ψ's time where matmuls have bf16 units and may pick another crop
+            on near ties; fp32 stays the default for exact results.
         device: where ψ runs (``cpu``, ``cuda``, ``cuda:1``…).
         seed: seed of the ``random`` method (mixed with the image and question).
         max_topk: the most crops per image a request may ask for; memory is
@@ -79,19 +81,15 @@ class SemClipConfig:
             region is ``relevance_fit``.
         relevance_fit: how ψ fits a non-square candidate to its square input.
             ``windows`` (default): the region's score is the best of the fewest squares
-            of its short side that cover it (``crops.square_windows``; ≤ 2 per candidate
-            on the default grids of images up to 2:1) — every pixel, at its own aspect,
-            no padding. ``pad``: padded to a square with the CLIP mean colour, as the
-            VLM's tiles are — a CLIP trained on square images reads the grey band as
-            content (the bundled ψ found a black shape in 29% of crops padded, 67% in
-            windows, README "What ψ's crop holds"). ``center``: the centre square only.
+            of its short side that cover it (``crops.square_windows``) — every pixel, at its
+            own aspect, no padding. ``pad``: padded to a square with the CLIP mean colour, as
+            the VLM's tiles are — a CLIP trained on square images reads the grey band as
+            content (docs/design.md). ``center``: the centre square only.
         relevance_norm: how ψ's scores are compared across grids before the top-k.
             ``grid`` (default): each candidate's score standardised among its own grid's
-            cells (``crops.rank_scores``) — a coarse cell's raw score is on another scale
-            and won where the VLM reads a finer cell better; on the training split's labels
-            it raised the zero-shot ψ's pick from 88.8 to 92.9% right on colour questions
-            and 62.3 to 76.1% on left/right ones (README "Comparing grids"). ``none``: ψ's
-            raw scores, as before.
+            cells (``crops.rank_scores``) — a coarse cell's raw score is on another scale and
+            won where the VLM reads a finer cell better (docs/design.md). ``none``: ψ's raw
+            scores.
         boxes: with method ``given``, the crops as ``[x0, y0, x1, y1]`` pixel boxes
             (at most 8, clipped to each image); the same boxes apply to every image
             of the request.
@@ -101,7 +99,7 @@ class SemClipConfig:
     grids: tuple[int, ...] = (2, 3)
     overlap: float = 0.0
     method: Method = "relevance"
-    relevance_model: str = str(DEFAULT_RELEVANCE_DIR)
+    relevance_model: str | None = None
     relevance_pretrained: str | None = None
     relevance_precision: str = "fp32"
     device: str = "cpu"
@@ -124,7 +122,8 @@ class SemClipConfig:
             raise SemClipConfigError(f"grids must not repeat a size, got {list(self.grids)}", parameter="grids")
         _check_float("overlap", self.overlap, 0.0, MAX_OVERLAP)
         _check_choice("method", self.method, METHODS)
-        _check_str("relevance_model", self.relevance_model)
+        if self.relevance_model is not None:
+            _check_str("relevance_model", self.relevance_model)
         if self.relevance_pretrained is not None:
             _check_str("relevance_pretrained", self.relevance_pretrained)
         _check_choice("relevance_precision", self.relevance_precision, PRECISIONS)
@@ -245,11 +244,42 @@ class SemClipConfig:
             parameter="topk",
         )
 
+    def require_relevance_model(self) -> str:
+        """ψ's name or path, refusing a configuration that needs ψ and names none."""
+        if self.relevance_model is None:
+            raise SemClipConfigError(
+                "relevance_model is not set: name ψ with --relevance-model (an open_clip model such as "
+                "ViT-B-16 with --relevance-pretrained openai, or a local-dir directory), or in the model's "
+                f"config.json as {HF_CONFIG_KEY}.relevance_model", parameter="relevance_model")
+        return self.relevance_model
+
     @classmethod
-    def from_hf_config(cls, hf_config: Any) -> SemClipConfig:
-        """Server defaults from the HF config's ``semclip_config`` (set with ``--hf-overrides``)."""
-        raw = getattr(hf_config, HF_CONFIG_KEY, None)
-        return cls().replace(raw, source=f"hf_overrides {HF_CONFIG_KEY}")
+    def from_hf_config(cls, hf_config: Any, model_path: str | Path | None = None) -> SemClipConfig:
+        """Server defaults: the model directory's own ``config.json`` ``semclip_config``, then the
+        HF config's (``--hf-overrides`` replaces that mapping whole, so the file's is read too).
+
+        A relative ``relevance_model`` that is not a path from the working directory but is one
+        inside ``model_path`` names ψ shipped beside the model.
+        """
+        config = cls().replace(model_file_config(model_path), source=f"{model_path}/config.json {HF_CONFIG_KEY}")
+        config = config.replace(getattr(hf_config, HF_CONFIG_KEY, None), source=f"hf_overrides {HF_CONFIG_KEY}")
+        return dataclasses.replace(config, relevance_model=resolve_relevance_model(config.relevance_model, model_path))
+
+
+def model_file_config(model_path: str | Path | None) -> dict[str, Any]:
+    """The ``semclip_config`` mapping of a local model directory's ``config.json`` (empty if none)."""
+    if model_path is None or not (Path(model_path) / "config.json").is_file():
+        return {}
+    raw = json.loads((Path(model_path) / "config.json").read_text()).get(HF_CONFIG_KEY)
+    return raw if isinstance(raw, dict) else {}
+
+
+def resolve_relevance_model(name: str | None, model_path: str | Path | None) -> str | None:
+    """A relative path found only inside the model directory becomes absolute; anything else is kept."""
+    if name is None or model_path is None or Path(name).is_absolute() or Path(name).exists():
+        return name
+    beside = Path(model_path) / name
+    return str(beside.resolve()) if beside.exists() else name
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int) -> None:

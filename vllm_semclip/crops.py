@@ -103,8 +103,8 @@ def rank_scores(scores: Sequence[float], grids: Sequence[int], norm: str = "grid
     deviation (a grid of one cell, or of equal scores, gives 0). Why: a coarse cell and a fine cell
     holding the same detail are scored on windows of different sizes, and ψ's cosines are not on
     one scale across sizes — a coarse cell holds more of everything and its raw score wins ties the
-    VLM would rather lose: the tiny LLaVA answered 82% of colour questions from a 2×2 cell holding
-    the target and 94% from a 3×3 cell (README, "Comparing grids"). Standardised, a cell is ranked
+    VLM would rather lose, since it reads a detail better in the finer cell that shows it larger
+    (docs/design.md, "Comparing grids"). Standardised, a cell is ranked
     by how far it stands out among its own grid's cells. ``scores`` are in ``candidate_boxes``
     order (coarse grids first, ``g * g`` cells each).
     """
@@ -155,42 +155,3 @@ def square_windows(box: Box, max_windows: int = MAX_WINDOWS) -> list[Box]:
 
 def crop_boxes(image: Image.Image, boxes: Sequence[Box]) -> list[Image.Image]:
     return [image.crop(box) for box in boxes]
-
-
-def intersection_area(a: Box, b: Box) -> int:
-    return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
-
-
-def box_iou(a: Box, b: Box) -> float:
-    inter = intersection_area(a, b)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union else 0.0
-
-
-def box_contains(outer: Box, inner: Box) -> bool:
-    return outer[0] <= inner[0] and outer[1] <= inner[1] and outer[2] >= inner[2] and outer[3] >= inner[3]
-
-
-def crop_hit(boxes: Sequence[Sequence[int]], targets: Sequence[Box]) -> bool:
-    """Some crop contains every target box (the benchmark's "crop hit")."""
-    return any(all(box_contains(tuple(b), t) for t in targets) for b in boxes)
-
-
-def box_area(box: Box) -> int:
-    return max(0, box[2] - box[0]) * max(0, box[3] - box[1])
-
-
-def oracle_index(candidates: Sequence[Box], targets: Sequence[Box]) -> int:
-    """The candidate that best covers the target boxes (the paper's oracle crop).
-
-    Best = covers the largest share of the targets' area; among equals, the smallest
-    candidate (the one that shows the targets at the highest resolution); then the first.
-    """
-    if not candidates:
-        raise ValueError("no candidates")
-    total = sum(box_area(t) for t in targets) or 1
-
-    def covered(c: Box) -> float:
-        return sum(intersection_area(c, t) for t in targets) / total
-
-    return min(range(len(candidates)), key=lambda i: (-round(covered(candidates[i]), 9), box_area(candidates[i]), i))

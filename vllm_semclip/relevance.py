@@ -13,16 +13,13 @@ similarity with their mean embedding. Why: a question's embedding shares a large
 with every text ψ was trained on ("there is a card here"), and crops whose texture
 looks like a card in general score high on that shared part whatever shape was asked
 for; subtracting the mean of ψ's own caption vocabulary leaves the part of the question
-that says *which* object. On the benchmark's held-out split it lifted the sixth CLIP run's
-top-1 crop hit from 47 to 71% on spatial questions with crops padded (68 → 70% attribute);
-with the bundled ψ seen through windows (below) 77 → 80% spatial, attribute level (README).
-A named open_clip model has no reference and scores by plain cosine.
+that says *which* object (docs/design.md has the measurements). A named open_clip model has
+no reference and scores by plain cosine.
 
 A non-square region is seen through square windows by default (:meth:`region_views`,
 ``SemClipConfig.relevance_fit``): the best of the fewest squares of its short side that
 cover it. Padded to a square instead — as the VLM's tiles are — the grey band is content to
-a CLIP trained on square photos, and the bundled ψ found a black shape in 29% of crops
-padded against 67% in windows.
+a CLIP trained on square photos, and dark targets are lost to it.
 Text embeddings are cached per question, since a server sees the same question
 text again (retries, several images, benchmark sweeps).
 """
@@ -41,25 +38,11 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
-
-_registered = False
 _models: dict[tuple[str, str | None, str, str], "RelevanceModel"] = {}
 _models_lock = threading.Lock()
 
 
-def register_model_configs() -> None:
-    """Make the package's named open_clip configs (e.g. ``SemClip-ViT-T-16``) known to open_clip."""
-    global _registered
-    if _registered:
-        return
-    import open_clip
-
-    open_clip.add_model_config(MODEL_CONFIG_DIR)
-    _registered = True
-
-
-def _open_clip_identifier(model_name: str) -> str:
+def open_clip_identifier(model_name: str) -> str:
     """A directory path becomes open_clip's ``local-dir:`` schema; names pass through."""
     if model_name.startswith(("local-dir:", "hf-hub:")):
         return model_name
@@ -164,8 +147,7 @@ class RelevanceModel:
         ``precision`` is open_clip's (``fp32``, ``bf16``, ``pure_bf16``…)."""
         import open_clip
 
-        register_model_configs()
-        identifier = _open_clip_identifier(model_name)
+        identifier = open_clip_identifier(model_name)
         reference = None
         if identifier.startswith("local-dir:"):
             pretrained = None  # the directory carries its own weights (and maybe its reference texts)

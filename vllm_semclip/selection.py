@@ -99,7 +99,7 @@ def select_crops(image: Image.Image, question: str, config: SemClipConfig | None
     if not question:
         return result([], None)
 
-    psi = get_relevance_model(config.relevance_model, config.relevance_pretrained, config.device,
+    psi = get_relevance_model(config.require_relevance_model(), config.relevance_pretrained, config.device,
                               config.relevance_precision)
     scores = [float(s) for s in psi.score_regions(question, rgb, candidates, config.relevance_fit)]
     ranking = rank_scores(scores, config.grids, config.relevance_norm)

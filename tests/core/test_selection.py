@@ -1,0 +1,194 @@
+"""ψ on open_clip and select_crops(): models by name or path, methods, degradation."""
+
+import pytest
+import torch
+from PIL import Image
+
+from vllm_semclip import SemClipConfig, select_crops
+from vllm_semclip.tiny.cards import CAPTIONS
+from vllm_semclip.relevance import RelevanceModel, get_relevance_model
+from vllm_semclip.tiny.bundled import DEFAULT_RELEVANCE_DIR, RELEVANCE_MODEL_NAME
+from conftest import PSI
+
+
+@pytest.fixture(scope="module")
+def crops(photo):
+    return [photo.crop((0, 0, 256, 256)), photo.crop((256, 256, 512, 512)), photo.resize((64, 48))]
+
+
+@pytest.mark.engine
+def test_local_dir_and_named_config_with_checkpoint_agree_up_to_the_reference(model_dir, crops):
+    """The same weights by directory or by name + checkpoint file; the directory also carries ψ's
+    reference texts (its training captions), whose mean similarity it subtracts — a named model has none."""
+    by_dir = RelevanceModel.from_pretrained(str(DEFAULT_RELEVANCE_DIR))
+    by_name = RelevanceModel.from_pretrained(RELEVANCE_MODEL_NAME, str(DEFAULT_RELEVANCE_DIR / "open_clip_model.safetensors"))
+    assert by_name.reference is None and by_dir.reference.texts == CAPTIONS and by_dir.reference.weight == 1.0
+    question = "What is the color of the triangle?"
+    plain = by_name.score(question, crops)
+    reference_mean = torch.stack([by_name.score(t, crops) for t in CAPTIONS]).mean(dim=0)  # v·mean(r) = mean(v·r)
+    assert plain.shape == (3,) and (plain.abs() <= 1.0001).all()
+    assert torch.allclose(by_dir.score(question, crops), plain - reference_mean, atol=1e-5)
+    assert by_dir.image_size == 336  # SemClip-ViT-T-16-336, as ViT-L-14-336 for real LLaVA-1.5
+
+
+def test_reference_texts_round_trip_and_are_validated(tmp_path):
+    import open_clip
+
+    from vllm_semclip.relevance import TextReference, save_local_dir
+    from vllm_semclip.tiny.bundled import register_model_configs
+
+    register_model_configs()
+    model = open_clip.create_model(RELEVANCE_MODEL_NAME, pretrained=None)
+    cfg = open_clip.get_model_config(RELEVANCE_MODEL_NAME)
+    reference = TextReference(("a red circle", "a blue square"), weight=0.5)
+    save_local_dir(model, cfg, tmp_path, reference=reference)
+    assert TextReference.load(tmp_path) == reference
+    assert RelevanceModel.from_pretrained(str(tmp_path)).reference == reference
+    save_local_dir(model, cfg, tmp_path)  # saved again without one: no stale reference left behind
+    assert TextReference.load(tmp_path) is None and RelevanceModel.from_pretrained(str(tmp_path)).reference is None
+    with pytest.raises(ValueError, match="non-empty strings"):
+        TextReference(())
+    with pytest.raises(ValueError, match="non-empty strings"):
+        TextReference(("a red circle", " "))
+    with pytest.raises(ValueError, match="weight"):
+        TextReference(("a red circle",), weight=-1.0)
+    (tmp_path / TextReference.FILE).write_text('{"texts": ["a red circle"]}')
+    with pytest.raises(ValueError, match="reference_texts"):
+        RelevanceModel.from_pretrained(str(tmp_path))
+
+
+def test_weight_zero_scores_by_plain_cosine(tmp_path, crops):
+    import shutil
+
+    from vllm_semclip.relevance import TextReference
+
+    shutil.copytree(DEFAULT_RELEVANCE_DIR, tmp_path / "psi")
+    TextReference(CAPTIONS, weight=0.0).save(tmp_path / "psi")
+    plain = RelevanceModel.from_pretrained(RELEVANCE_MODEL_NAME, str(DEFAULT_RELEVANCE_DIR / "open_clip_model.safetensors"))
+    off = RelevanceModel.from_pretrained(str(tmp_path / "psi"))
+    assert torch.allclose(off.score("a red triangle", crops), plain.score("a red triangle", crops), atol=1e-6)
+
+
+def test_builtin_open_clip_name_loads(crops):
+    """A stock open_clip config by name (random weights here: no hub), same code as ViT-L-14-336/openai."""
+    psi = RelevanceModel.from_pretrained("ViT-B-32", None)
+    scores = psi.score("a photo of an astronaut", crops)
+    assert scores.shape == (3,) and torch.isfinite(scores).all() and (scores.abs() <= 1.0001).all()
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(ValueError, match="neither an open_clip model name"):
+        RelevanceModel.from_pretrained("No-Such-Model-42")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "pure_bf16"])
+def test_low_precision_psi_ranks_crops_as_fp32(model_dir, photo, precision):
+    """open_clip's precision argument: bf16 weights (×0.7–0.8 of ψ's CPU time here), the same ranking
+    (of ψ's raw scores, whose scale the tolerance is in)."""
+    fp32 = select_crops(photo, "What is the color of the flag?", SemClipConfig(relevance_model=PSI, topk=3, relevance_norm="none"))
+    low = select_crops(photo, "What is the color of the flag?",
+                       SemClipConfig(relevance_model=PSI, topk=3, relevance_precision=precision, relevance_norm="none"))
+    psi = get_relevance_model(str(DEFAULT_RELEVANCE_DIR), None, "cpu", precision)
+    assert psi.input_dtype == torch.bfloat16 and psi is not get_relevance_model(str(DEFAULT_RELEVANCE_DIR))
+    assert torch.allclose(torch.tensor(low.candidate_scores), torch.tensor(fp32.candidate_scores), atol=2e-2)
+    assert low.candidate_scores != fp32.candidate_scores  # really computed in bf16
+    # where the pick differs it is a near-tie in fp32 (agreement on the benchmark: selection_latency.py)
+    pick = low.candidates.index(low.boxes[0])
+    assert fp32.candidate_scores[pick] >= max(fp32.candidate_scores) - 2e-2
+
+
+def test_text_embeddings_are_cached(model_dir, crops):
+    psi = get_relevance_model(str(DEFAULT_RELEVANCE_DIR))
+    assert get_relevance_model(str(DEFAULT_RELEVANCE_DIR)) is psi
+    psi.score("what is in the corner?", crops)
+    cached = psi._text_cache["what is in the corner?"]
+    psi.score("what is in the corner?", crops[:1])
+    assert psi._text_cache["what is in the corner?"] is cached
+
+
+def test_relevance_picks_the_top_scores(model_dir, photo):
+    """Ranked by ψ's scores standardised within each grid (the default), or by the raw scores;
+    ``scores`` are ψ's own either way. A question where the two disagree, so each is seen."""
+    question = "What is the color of the flag?"
+    sel = select_crops(photo, question, SemClipConfig(relevance_model=PSI, topk=3))
+    raw = select_crops(photo, question, SemClipConfig(relevance_model=PSI, topk=3, relevance_norm="none"))
+    assert len(sel.candidates) == 13 and len(sel.candidate_scores) == 13
+    assert raw.candidate_scores == sel.candidate_scores and raw.ranking_scores == raw.candidate_scores
+    s = torch.tensor(sel.candidate_scores, dtype=torch.float64)
+    z = torch.cat([(g - g.mean()) / g.std(unbiased=False) for g in (s[:4], s[4:])])  # per grid: 4 cells, 9 cells
+    assert torch.allclose(torch.tensor(sel.ranking_scores, dtype=torch.float64), z, atol=1e-6)
+    for chosen, by in ((sel, z.tolist()), (raw, sel.candidate_scores)):
+        best = sorted(range(13), key=lambda i: -by[i])[:3]
+        assert chosen.boxes == [chosen.candidates[i] for i in best]
+        assert chosen.scores == [chosen.candidate_scores[i] for i in best]
+    assert sel.boxes != raw.boxes
+
+
+def test_rank_scores_standardises_within_each_grid():
+    """A fine cell that stands out among its grid outranks a coarse cell of higher raw score."""
+    from vllm_semclip.crops import rank_scores
+
+    scores = [0.5, 0.6, 0.7, 0.8, *[0.0] * 8, 0.65]  # grid 2: four cells, all high; grid 3: one stands out
+    ranked = rank_scores(scores, (2, 3))
+    assert ranked[:4] == pytest.approx([-1.3416, -0.4472, 0.4472, 1.3416], abs=1e-4)
+    assert ranked[12] == pytest.approx(8 ** 0.5) and max(range(13), key=ranked.__getitem__) == 12
+    assert rank_scores(scores, (2, 3), "none") == scores  # raw: the coarse cell 3 would win
+    assert rank_scores([0.5, 0.1, 0.2, 0.3, 0.4], (1, 2))[0] == 0.0  # a one-cell grid has no spread
+    assert rank_scores([0.7] * 4, (2,)) == [0.0] * 4
+    with pytest.raises(ValueError, match="13 scores for grids"):
+        rank_scores(scores, (3,))
+    with pytest.raises(ValueError, match="norm must be one of"):
+        rank_scores(scores, (2, 3), "softmax")
+
+
+def test_windows_score_a_region_by_its_best_square_and_pad_sees_it_padded(model_dir, photo):
+    """``relevance_fit="windows"`` (the default): a non-square region scores as the best of the
+    squares covering it (each scored alone); a square region is its own one view, the same as
+    padded. ``pad`` scores the padded region — another view, another score — and select_crops
+    follows the config."""
+    from vllm_semclip.crops import square_windows
+
+    psi = get_relevance_model(str(DEFAULT_RELEVANCE_DIR))
+    question = "What is the color of the circle?"
+    boxes = [(0, 0, 300, 150), (100, 100, 300, 300), (50, 0, 150, 400)]
+    pixels, index = psi.region_views(photo, boxes, "windows")
+    assert pixels.shape[0] == 2 + 1 + 4 and index.shape == (3, 4)
+    windows = psi.score_regions(question, photo, boxes)
+    for box, score in zip(boxes, windows):
+        alone = psi.score_regions(question, photo, square_windows(box), fit="pad")  # squares: padding adds nothing
+        assert float(score) == pytest.approx(float(alone.max()), abs=1e-4)
+    padded = psi.score_regions(question, photo, boxes, fit="pad")
+    assert float(padded[1]) == pytest.approx(float(windows[1]), abs=1e-4)
+    assert abs(float(padded[0]) - float(windows[0])) > 1e-3 and abs(float(padded[2]) - float(windows[2])) > 1e-3
+    wide = photo.crop((0, 0, 512, 300))
+    a = select_crops(wide, question, SemClipConfig(relevance_model=PSI))
+    b = select_crops(wide, question, SemClipConfig(relevance_model=PSI, relevance_fit="pad"))
+    assert a.candidates == b.candidates and a.candidate_scores != pytest.approx(b.candidate_scores, abs=1e-4)
+    assert a.candidate_scores == pytest.approx(psi.score_regions(question, wide, a.candidates).tolist(), abs=1e-5)
+    with pytest.raises(ValueError, match="fit"):
+        psi.region_views(photo, boxes, "stretch")
+
+
+def test_random_is_seeded_and_reproducible(photo):
+    cfg = SemClipConfig(relevance_model=PSI, method="random", topk=2)
+    a = select_crops(photo, "q", cfg)
+    assert select_crops(photo, "q", cfg).boxes == a.boxes and len(a.boxes) == 2 and a.scores == [None, None]
+    picks = {tuple(select_crops(photo, "q", SemClipConfig(relevance_model=PSI, method="random", topk=2, seed=s)).boxes) for s in range(8)}
+    assert len(picks) > 1  # the seed matters
+
+
+def test_all_and_overview(photo):
+    assert select_crops(photo, "q", SemClipConfig(relevance_model=PSI, method="all")).boxes == select_crops(photo, "q", SemClipConfig(relevance_model=PSI)).candidates
+    assert select_crops(photo, "q", SemClipConfig(relevance_model=PSI, method="overview", topk=3)).boxes == []
+    assert select_crops(photo, "q", SemClipConfig(relevance_model=PSI, topk=0)).boxes == []
+
+
+def test_no_question_means_no_crops_for_relevance(model_dir, photo):
+    assert select_crops(photo, "   ", SemClipConfig(relevance_model=PSI, topk=2)).boxes == []
+
+
+@pytest.mark.parametrize("size", [(1, 1), (10, 3000), (3, 2)])
+def test_degenerate_images(model_dir, size):
+    sel = select_crops(Image.new("RGB", size, (9, 9, 9)), "What is the color of the square?", SemClipConfig(relevance_model=PSI, topk=2))
+    assert len(sel.boxes) == 2
+    assert all(0 <= x0 < x1 <= size[0] and 0 <= y0 < y1 <= size[1] for x0, y0, x1, y1 in sel.boxes)

@@ -1,0 +1,348 @@
+"""What SemClip costs when serving: throughput and latency beside the alternatives, in one run.
+
+Configurations, each a real server on 127.0.0.1 with the bundled model, driven by vLLM's own
+client (``vllm bench serve``, openai-chat backend, the custom_image dataset):
+
+1. ``overview`` — stock LLaVA architecture (plain vLLM), one image, no selection;
+2. ``semclip``  — SemClip, k=1 on the default grids;
+   ``semclip_bf16`` — the same with ψ in bf16 (``relevance_precision``), ψ's cheaper setting;
+   ``semclip_224`` — the same with ψ at 224 px (the LLaVA tower's CLIP), the bundled ψ's 336 px
+                  weighed against its cost;
+3. ``given``    — stock LLaVA, the client sends the overview and the very crop SemClip picks as
+                  two images: SemClip's tokens without its selection work (its ceiling);
+4. ``all``      — SemClip with every candidate crop (AnyRes-like);
+5. ``hf``       — the overview+crop inputs answered by Hugging Face transformers ``generate``,
+                  one request at a time, as research code does.
+
+The workload is a fixed set of high-resolution benchmark images and their questions (from
+:mod:`vllm_semclip.eval.benchdata`). Every server runs with the multimodal processor cache and
+prefix caching off: the workload cycles through its images, and a cache hit would skip the
+very work being measured. Each (config, concurrency) point is measured ``repeats`` times and
+the median of each metric is reported. Selection time is measured inside the plugin
+(``SEMCLIP_TIMINGS_FILE``). Results: ``benchmarks/results/serve_throughput.json`` shaped
+``{config: {concurrency: {metric: value}}}`` plus a plot of throughput against visual tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CONFIGS = ("overview", "semclip", "semclip_bf16", "semclip_224", "given", "all", "hf")
+METRICS = ("request_throughput", "output_throughput", "p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms",
+           "p99_tpot_ms", "p50_e2el_ms", "p99_e2el_ms")
+NO_CACHE_ARGS = ["--mm-processor-cache-gb", "0", "--no-enable-prefix-caching"]
+DEFAULT_RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+
+def _data_url(path: str | Path) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def build_workload(out: Path, n: int, seed: int) -> dict[str, Path]:
+    """Benchmark images + questions; the ``given`` rows carry SemClip's own crop as a second image."""
+    from vllm_semclip.eval.benchdata import write_bench
+    from vllm_semclip.config import SemClipConfig
+    from vllm_semclip.selection import select_crops
+    from vllm_semclip.tiny.bundled import DEFAULT_RELEVANCE_DIR
+
+    records = write_bench(out / "data", n, seed)
+    config = SemClipConfig(topk=1, relevance_model=str(DEFAULT_RELEVANCE_DIR))  # the bundled LLaVA's ψ
+    (out / "crops").mkdir(parents=True, exist_ok=True)
+    one, two = [], []
+    for r in records:
+        image = r.load_image()
+        box = select_crops(image, r.question, config).boxes[0]
+        crop_path = out / "crops" / f"{r.name}.jpg"
+        image.crop(box).save(crop_path, quality=90)
+        # the files' own JPEG bytes as data URLs: vLLM's client sends them as they are
+        one.append({"prompt": r.question, "image_files": [_data_url(r.image)]})
+        two.append({"prompt": r.question, "image_files": [_data_url(r.image), _data_url(crop_path)]})
+    paths = {"one": out / "one_image.jsonl", "two": out / "overview_and_crop.jsonl"}
+    for key, rows in (("one", one), ("two", two)):
+        paths[key].write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return paths
+
+
+def client_argv(base_url: str, model: str, dataset: Path, concurrency: int, num_prompts: int, output_len: int,
+                result_dir: Path, tag: str) -> list[str]:
+    """Arguments of one ``vllm bench serve`` run (openai-chat backend, custom_image dataset)."""
+    argv = ["--backend", "openai-chat", "--base-url", base_url, "--endpoint", "/v1/chat/completions",
+            "--model", model, "--tokenizer", model,
+            "--dataset-name", "custom_image", "--dataset-path", str(dataset),
+            "--custom-output-len", str(output_len), "--ignore-eos", "--disable-shuffle",
+            "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency), "--request-rate", "inf",
+            "--percentile-metrics", "ttft,tpot,e2el", "--metric-percentiles", "50,99",
+            "--save-result", "--result-dir", str(result_dir), "--result-filename", f"{tag}.json", "--seed", "0"]
+    return argv
+
+
+def run_vllm_client(plan: list[dict], plan_path: Path, result_dir: Path) -> dict[str, tuple[dict, dict]]:
+    """Run a plan of ``vllm bench serve`` runs in one client process; return {tag: (result, times)}."""
+    plan_path.write_text(json.dumps(plan))
+    out = subprocess.run([sys.executable, "-m", "vllm_semclip.bench.vllm_bench", "--plan", str(plan_path)],
+                         capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        raise RuntimeError(f"vllm bench serve failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    times = {t["tag"]: t for t in json.loads(Path(str(plan_path) + ".times").read_text())}
+    results = {}
+    for run in plan:
+        result = json.loads((result_dir / f"{run['tag']}.json").read_text())
+        if result.get("completed") != run["num_prompts"]:
+            raise RuntimeError(f"{run['tag']}: only {result.get('completed')} of {run['num_prompts']} requests completed")
+        results[run["tag"]] = (result, times[run["tag"]])
+    return results
+
+
+def visual_tokens(base_url: str, model: str, row: dict) -> int:
+    """Visual tokens of one request: the server's prompt tokens minus the text's."""
+    from openai import OpenAI
+    from transformers import AutoTokenizer
+
+    from vllm_semclip.eval.demo import text_token_count
+
+    client = OpenAI(base_url=base_url + "/v1", api_key="EMPTY", max_retries=0, timeout=300)
+    content = [{"type": "image_url", "image_url": {"url": url}} for url in row["image_files"]]
+    content.append({"type": "text", "text": row["prompt"]})
+    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
+                                           max_tokens=1)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    n = len(row["image_files"])
+    return reply.usage.prompt_tokens - (text_token_count(tokenizer, row["prompt"], n) - n)
+
+
+def run_hf(model: str, rows: list[dict], num_prompts: int, output_len: int) -> dict[str, Any]:
+    """transformers ``generate`` on the overview+crop inputs, one request at a time."""
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoProcessor, LlavaForConditionalGeneration, StoppingCriteria
+
+    from PIL import Image
+
+    processor = AutoProcessor.from_pretrained(model)
+    hf = LlavaForConditionalGeneration.from_pretrained(model, dtype=torch.bfloat16).eval()
+
+    class Clock(StoppingCriteria):
+        def __init__(self) -> None:
+            self.stamps: list[float] = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.stamps.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    ttft, tpot, e2el = [], [], []
+    begin = time.perf_counter()
+    for i in tqdm(range(num_prompts), desc="hf generate", leave=False):
+        row = rows[i % len(rows)]
+        start = time.perf_counter()
+        images = [Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
+                  for url in row["image_files"]]
+        content = [{"type": "image"}] * len(images) + [{"type": "text", "text": row["prompt"]}]
+        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        inputs = processor(text=prompt, images=images, return_tensors="pt")
+        visual = int((inputs["input_ids"] == hf.config.image_token_index).sum())
+        inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+        clock = Clock()
+        with torch.inference_mode():
+            hf.generate(**inputs, max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
+                        stopping_criteria=[clock], pad_token_id=processor.tokenizer.pad_token_id)
+        end = time.perf_counter()
+        ttft.append((clock.stamps[0] - start) * 1000)
+        tpot.append((end - clock.stamps[0]) * 1000 / max(1, output_len - 1))
+        e2el.append((end - start) * 1000)
+    duration = time.perf_counter() - begin
+    return {
+        "request_throughput": num_prompts / duration, "output_throughput": num_prompts * output_len / duration,
+        **{f"p{q}_{name}_ms": float(np.percentile(v, q)) for name, v in (("ttft", ttft), ("tpot", tpot), ("e2el", e2el))
+           for q in (50, 99)},
+        "completed": num_prompts, "duration": duration, "visual_tokens_per_request": visual,
+    }
+
+
+def _tokens_per_tile(model_dir: str | Path) -> int:
+    vision = json.loads((Path(model_dir) / "config.json").read_text())["vision_config"]
+    return (vision["image_size"] // vision["patch_size"]) ** 2
+
+
+def _median_of(runs: list[dict[str, Any]]) -> dict[str, float]:
+    return {m: statistics.median(r[m] for r in runs) for m in METRICS}
+
+
+def _selection_stats(records: list[dict], window: dict) -> dict[str, float]:
+    inside = [t for t in records if window["start"] <= t.get("time", 0) <= window["end"]]
+    if not inside:
+        return {}
+    values = [t["selection_ms"] for t in inside]
+    return {"p50_selection_ms": float(np.percentile(values, 50)), "p99_selection_ms": float(np.percentile(values, 99)),
+            "selection_samples": len(values), "candidates": statistics.median(t["candidates"] for t in inside)}
+
+
+def plot(results: dict, path: Path, concurrency: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, by_c in results.items():
+        point = by_c.get(concurrency)
+        if not point:
+            continue
+        ax.scatter(point["visual_tokens_per_request"], point["request_throughput"], s=60)
+        ax.annotate(name, (point["visual_tokens_per_request"], point["request_throughput"]),
+                    textcoords="offset points", xytext=(6, 4))
+    ax.set_xlabel("visual tokens per request")
+    ax.set_ylabel(f"requests / s (concurrency {concurrency})")
+    ax.set_title("Serving cost of SemClip vs alternatives")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tqdm import tqdm
+
+    from vllm_semclip import timings
+    from vllm_semclip.server import ServerProcess
+    from vllm_semclip.tiny.bundled import DEFAULT_TOWER_DIR
+    from vllm_semclip.tiny.build import ensure_default_models
+
+    p = argparse.ArgumentParser(prog="semclip bench serve", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="concurrency 8 only, fewer requests (< 5 minutes)")
+    p.add_argument("--concurrency", default=None, help="comma list (default 1,8,32; --quick: 8)")
+    p.add_argument("--num-prompts", type=int, default=None, help="requests per run (default max(32, 4 x concurrency))")
+    p.add_argument("--repeats", type=int, default=None, help="runs per point; the median is reported (default 3; --quick: 2)")
+    p.add_argument("--output-len", type=int, default=16)
+    p.add_argument("--workload-size", type=int, default=32, help="distinct images and questions")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--out", default=str(DEFAULT_RESULTS))
+    args = p.parse_args(argv)
+
+    concurrencies = [int(c) for c in (args.concurrency or ("8" if args.quick else "1,8,32")).split(",")]
+    repeats = args.repeats or (2 if args.quick else 3)
+    configs = [c for c in args.configs.split(",") if c]
+    unknown = set(configs) - set(CONFIGS)
+    if unknown:
+        raise ValueError(f"unknown configs {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
+    out = Path(args.out)
+    runs_dir = out / "serve_runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    model_dir, _ = ensure_default_models()
+    model = str(model_dir)
+
+    def prompts_for(c: int) -> int:
+        return args.num_prompts or max(32, 4 * c)
+
+    t_begin = time.monotonic()
+    print(f"workload: {args.workload_size} benchmark images (seed {args.seed}) ...")
+    workload = build_workload(out / "serve_workload", args.workload_size, args.seed)
+    rows = {k: [json.loads(line) for line in v.read_text().splitlines()] for k, v in workload.items()}
+
+    servers = {  # config: (server it runs on, that server's SemClip settings, workload)
+        "overview": ("stock", {}, "one"),
+        "given": ("stock", {}, "two"),
+        "semclip": ("semclip", {"topk": 1}, "one"),
+        "semclip_bf16": ("semclip-bf16", {"topk": 1, "relevance_precision": "bf16"}, "one"),  # ψ in bf16
+        "semclip_224": ("semclip-224", {"topk": 1, "relevance_model": str(DEFAULT_TOWER_DIR)}, "one"),  # ψ at 224 px
+        "all": ("semclip-all", {"method": "all"}, "one"),
+    }
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    groups: dict[str, list[str]] = {}
+    for name in configs:
+        if name != "hf":
+            groups.setdefault(servers[name][0], []).append(name)
+    total_runs = sum(len(v) for v in groups.values()) * len(concurrencies) * repeats
+    bar = tqdm(total=total_runs, desc="serve benchmark")
+    for server_kind, names in groups.items():
+        semclip_config = servers[names[0]][1]
+        timings_file = runs_dir / f"timings_{server_kind}.jsonl"
+        timings_file.unlink(missing_ok=True)
+        env = {timings.ENV: str(timings_file)}
+        with ServerProcess(model, semclip_config, stock=server_kind == "stock", vllm_args=NO_CACHE_ARGS,
+                           env={**os.environ, **env}, log_path=runs_dir / f"server_{server_kind}.log") as server:
+            tokens = {}
+            plan = []
+            for name in names:
+                dataset_key = servers[name][2]
+                tokens[name] = visual_tokens(server.base_url, model, rows[dataset_key][0])  # warms up ψ too
+                for c in concurrencies:
+                    for r in range(repeats):
+                        tag = f"{name}_c{c}_r{r}"
+                        plan.append({"tag": tag, "name": name, "concurrency": c, "num_prompts": prompts_for(c),
+                                     "argv": client_argv(server.base_url, model, workload[dataset_key], c,
+                                                         prompts_for(c), args.output_len, runs_dir, tag)})
+            done = run_vllm_client(plan, runs_dir / f"plan_{server_kind}.json", runs_dir)
+            bar.update(len(plan))
+        selection_log = timings.read(timings_file)
+        for name in names:
+            for c in concurrencies:
+                picked = [done[run["tag"]] for run in plan if run["name"] == name and run["concurrency"] == c]
+                point = _median_of([res for res, _ in picked])
+                sel: dict[str, list[float]] = {}
+                for _, window in picked:
+                    for k, v in _selection_stats(selection_log, window).items():
+                        sel.setdefault(k, []).append(v)
+                point.update({"visual_tokens_per_request": tokens[name], "num_prompts": prompts_for(c),
+                              "repeats": repeats, **{k: statistics.median(v) for k, v in sel.items()}})
+                results.setdefault(name, {})[str(c)] = point
+    bar.close()
+
+    if "hf" in configs:
+        n = 16 if args.quick else 32
+        hf_runs = [run_hf(model, rows["two"], n, args.output_len) for _ in range(repeats)]
+        point = _median_of(hf_runs)
+        point.update({"visual_tokens_per_request": hf_runs[0]["visual_tokens_per_request"], "num_prompts": n,
+            "repeats": repeats,
+            "note": "transformers generate, one request at a time whatever the offered concurrency"})
+        results["hf"] = {str(c): dict(point) for c in concurrencies}
+
+    ratios = {}
+    for c in map(str, concurrencies):
+        def thr(name: str) -> float | None:
+            return results.get(name, {}).get(c, {}).get("request_throughput")
+        for a, b in (("semclip", "given"), ("semclip", "all"), ("semclip", "hf"), ("semclip", "overview"),
+                     ("semclip_bf16", "given"), ("semclip_bf16", "semclip"), ("semclip_224", "semclip"),
+                     ("semclip_224", "all")):
+            if thr(a) and thr(b):
+                ratios[f"{a}/{b}@{c}"] = round(thr(a) / thr(b), 3)
+    doc = {**results, "_meta": {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
+        "model": f"bundled tiny LLaVA ({_tokens_per_tile(model_dir)} tokens per tile)", "output_len": args.output_len,
+        "workload": f"{args.workload_size} V*-style images 1500-2700 px (seed {args.seed})",
+        "client": "vllm bench serve (openai-chat, custom_image) via python -m vllm_semclip.bench.vllm_bench",
+        "caches": "processor cache and prefix caching off", "repeats": repeats, "quick": args.quick,
+        "wall_s": round(time.monotonic() - t_begin, 1)}, "_ratios": ratios}
+    result_path = out / ("serve_throughput_quick.json" if args.quick else "serve_throughput.json")
+    result_path.write_text(json.dumps(doc, indent=2))
+    plot_c = str(max(concurrencies))
+    plot(results, result_path.with_suffix(".png"), plot_c)
+
+    print(f"\n{'config':<13}{'conc':>5}{'req/s':>8}{'out tok/s':>10}{'ttft p50':>10}{'ttft p99':>10}"
+          f"{'e2el p50':>10}{'e2el p99':>10}{'vis tok':>8}{'sel p50':>9}{'sel p99':>9}")
+    for name, by_c in results.items():
+        for c, m in by_c.items():
+            print(f"{name:<13}{c:>5}{m['request_throughput']:>8.2f}{m['output_throughput']:>10.1f}"
+                  f"{m['p50_ttft_ms']:>10.0f}{m['p99_ttft_ms']:>10.0f}{m['p50_e2el_ms']:>10.0f}{m['p99_e2el_ms']:>10.0f}"
+                  f"{m.get('visual_tokens_per_request') or 0:>8}{m.get('p50_selection_ms', float('nan')):>9.1f}"
+                  f"{m.get('p99_selection_ms', float('nan')):>9.1f}")
+    print("\nratios of request throughput:", json.dumps(ratios))
+    print(f"written: {result_path} and {result_path.with_suffix('.png')} ({doc['_meta']['wall_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

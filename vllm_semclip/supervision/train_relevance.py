@@ -1,0 +1,322 @@
+"""Fine-tune ψ on the VLM's own labels (distant supervision): ``semclip train-relevance``.
+
+Input: label shards from :mod:`vllm_semclip.supervision.label` — for each question, every candidate
+crop's *gain* (how much overview + that crop raises the correct option's log-probability
+over the overview alone). The question's positive is its crop of largest gain; questions
+whose best gain is below ``min_gain`` carry no signal (no crop helps the VLM) and are left
+out of training (they stay in validation).
+
+The objective (:class:`CropContrastiveLoss`): with ``B`` questions in a batch and the
+``C`` candidate crops of each one's image, question ``i``'s query ``t_i`` is compared
+with every crop embedding ``v_{j,c}`` of the batch::
+
+    logits[i, (j, c)] = s · <t_i, v_{j,c}>          (s = exp(logit_scale), v normalised)
+
+``t_i`` is what serving scores with (:func:`relevance.query_features`): the normalised
+text embedding, less the mean of ψ's reference texts when the starting ψ has them — encoded
+by the text tower being trained, every step, and saved with the trained ψ.
+    loss = mean_i  −log softmax_{(j,c) ∈ N(i)}(logits[i])[(i, best_i)]
+
+``N(i)`` is every crop of the batch — the other crops of the same image and the crops of
+the other images are the negatives — *except* crops of other questions with the same
+text: the benchmark asks the same few questions about many images ("What is the color of
+the triangle?"), and another image's triangle crop is not a wrong answer to it. This is
+CLIP's text→image InfoNCE (open_clip's ``ClipLoss`` with one positive per row) with the
+negatives made explicit; the batch gathering of ``open_clip.loss.gather_features`` is not
+needed on one process and is left out.
+
+``lock_image`` (open_clip's name, on by default) freezes the image tower — its crop
+embeddings are computed once — and tunes the text tower and logit scale: a few hundred
+labelled questions teach ψ what a question asks for, not to see anew. The crops are cut
+by ψ's serving path (:meth:`RelevanceModel.region_views`, ``fit`` as served: a crop's score
+is its best square window's), so training sees exactly what the processor will score.
+Validation (held-out questions, seeded split) runs before training and after every epoch, the
+candidates ranked as served (``norm``, ``SemClipConfig.relevance_norm``): top-1 hit rate (the
+chosen crop contains the target), agreement with the VLM's best crop, and the mean gain of the
+chosen crop; the epoch with the best mean gain is saved, as open_clip ``local-dir``
+(safetensors, no pickle) with the config it was trained with and its report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from vllm_semclip.supervision.label import helped, label_statistics, load_labels
+from vllm_semclip.relevance import TextReference, query_features
+from vllm_semclip.tiny.bundled import DEFAULT_RELEVANCE_DIR, DEFAULT_TRAINED_RELEVANCE_DIR
+
+
+
+@dataclass(frozen=True)
+class RelevanceTrainConfig:
+    """Hyper-parameters of ``semclip train-relevance`` (defaults reproduce the bundled trained ψ)."""
+
+    labels: str
+    init: str = str(DEFAULT_RELEVANCE_DIR)  # ψ to start from: local-dir, or an open_clip name + init_pretrained
+    init_pretrained: str | None = None
+    epochs: int = 30
+    batch_size: int = 32  # questions per step
+    lr: float = 2e-4
+    weight_decay: float = 0.05
+    warmup: int = 20
+    lock_image: bool = True
+    fit: str = "windows"  # how ψ fits a candidate to its input, as served (SemClipConfig.relevance_fit)
+    norm: str = "grid"  # how validation ranks the candidates, as served (SemClipConfig.relevance_norm)
+    keep_best: bool = True  # save the epoch with the best validation gain (else the last epoch)
+    min_gain: float = 0.05
+    val_fraction: float = 0.2
+    seed: int = 0
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ValueError("epochs must be at least 1 and batch_size at least 2")
+        if not 0 < self.lr < 1 or self.weight_decay < 0 or self.warmup < 0:
+            raise ValueError("lr must be in (0, 1), weight_decay and warmup non-negative")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError("val_fraction must be in (0, 1)")
+        from vllm_semclip.crops import RELEVANCE_FITS, RELEVANCE_NORMS
+
+        if self.fit not in RELEVANCE_FITS:
+            raise ValueError(f"fit must be one of {RELEVANCE_FITS}, got {self.fit!r}")
+        if self.norm not in RELEVANCE_NORMS:
+            raise ValueError(f"norm must be one of {RELEVANCE_NORMS}, got {self.norm!r}")
+
+
+class CropContrastiveLoss:
+    """Text→crop InfoNCE over every crop of the batch, same-text crops of other images masked (see module doc)."""
+
+    def __call__(self, text_features, crop_features, positives, logit_scale, question_ids):
+        """``text_features`` [B, D] (ψ's queries), ``crop_features`` [B, C, D] or [B, C, V, D] (normalised; a
+        crop's logit is its best view's, as served), ``positives`` [B] crop index, ``question_ids`` [B] ints
+        equal for equal question texts."""
+        import torch
+
+        if crop_features.dim() == 3:
+            crop_features = crop_features[:, :, None]
+        b, c, v, d = crop_features.shape
+        logits = (logit_scale * text_features @ crop_features.reshape(b * c * v, d).T).reshape(b, b * c, v).amax(-1)
+        owner = torch.arange(b, device=logits.device).repeat_interleave(c)  # which question each crop belongs to
+        same_text = question_ids[:, None] == question_ids[owner][None, :]
+        other_image = owner[None, :] != torch.arange(b, device=logits.device)[:, None]
+        logits = logits.masked_fill(same_text & other_image, float("-inf"))
+        target = torch.arange(b, device=logits.device) * c + positives
+        return torch.nn.functional.cross_entropy(logits, target)
+
+
+@dataclass
+class LabelledSet:
+    """Questions with their crops' pixels (or frozen features) and gains."""
+
+    questions: list[str]
+    gains: list[list[float]]
+    best: list[int]  # the labeller's positive crop per question (``best`` of its label row)
+    hits: list[list[bool]]
+    crops: Any  # [Q, C, V, 3, H, W] fp16 pixels of each crop's V views, or [Q, C, V, D] frozen features
+    grids: list[tuple[int, ...]]  # each question's candidate grids (its crops in ``candidate_boxes`` order)
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+
+def _crop_views(psi, rows: Sequence[dict], fit: str, progress: bool, encode=None):
+    """Every labelled question's candidate crops, cut by ψ's serving path (``fit`` as served):
+    [Q, C, V, 3, H, W] fp16 pixels, or with ``encode`` (the locked image tower) [Q, C, V, D]
+    features, encoded question by question. V is the most views a crop has; a crop with fewer
+    repeats its first (the max over views ignores it)."""
+    import torch
+    from PIL import Image
+    from tqdm import tqdm
+
+    out = []
+    for row in tqdm(rows, desc="cutting crops", disable=not progress):
+        with Image.open(row["image"]) as im:
+            image = im.convert("RGB")
+        pixels, index = psi.region_views(image, [tuple(c["box"]) for c in row["crops"]], fit)
+        if encode is not None:
+            with torch.inference_mode():
+                pixels = encode(pixels)
+        out.append((pixels.half() if encode is None else pixels)[index])
+    width = max(x.shape[1] for x in out)
+    return torch.stack([torch.cat([x, x[:, :1].expand(-1, width - x.shape[1], *x.shape[2:])], dim=1) for x in out])
+
+
+def _encode_crops(model, pixels, batch: int = 256):
+    import torch
+
+    flat = pixels.reshape(-1, *pixels.shape[-3:])
+    feats = torch.cat([model.encode_image(flat[i:i + batch].float(), normalize=True)
+                       for i in range(0, flat.shape[0], batch)])
+    return feats.reshape(*pixels.shape[:-3], -1)
+
+
+def validate(model, tokenizer, data: LabelledSet, lock_image: bool,
+             reference: TextReference | None = None, norm: str = "grid") -> dict[str, float]:
+    """Top-1 crop per held-out question, ranked as served (``norm``: ``SemClipConfig.relevance_norm``):
+    hit rate, agreement with the VLM's best crop, mean gain."""
+    import torch
+
+    from vllm_semclip.crops import rank_scores, top_indices
+
+    model.eval()
+    with torch.inference_mode():
+        texts = query_features(model, tokenizer, data.questions, reference)
+        feats = data.crops if lock_image else _encode_crops(model, data.crops)
+        scores = torch.einsum("qd,qcvd->qcv", texts, feats).amax(-1).tolist()
+    ranked = [rank_scores(s, grids, norm) for s, grids in zip(scores, data.grids)]
+    choice = [top_indices(r, 1)[0] for r in ranked]
+    n = len(data)
+    return {"hit_rate": sum(h[c] for h, c in zip(data.hits, choice)) / n,
+            "best_agreement": sum(c == b for c, b in zip(choice, data.best)) / n,
+            "mean_gain": sum(g[c] for g, c in zip(data.gains, choice)) / n}
+
+
+def _split(rows: list[dict], config: RelevanceTrainConfig) -> tuple[list[dict], list[dict]]:
+    order = list(range(len(rows)))
+    random.Random(config.seed).shuffle(order)
+    n_val = max(1, round(len(rows) * config.val_fraction))
+    val = [rows[i] for i in sorted(order[:n_val])]
+    train = [rows[i] for i in sorted(order[n_val:]) if helped(rows[i], config.min_gain)]
+    return train, val
+
+
+def _init_model(config: RelevanceTrainConfig):
+    """ψ to fine-tune, its tokenizer and the open_clip config to save it with (same path for tiny and real ψ)."""
+    import open_clip
+
+    from vllm_semclip.relevance import RelevanceModel, open_clip_identifier
+
+    psi = RelevanceModel.from_pretrained(config.init, config.init_pretrained)
+    identifier = open_clip_identifier(config.init)
+    if identifier.startswith("local-dir:"):
+        model_cfg = json.loads((Path(identifier.split(":", 1)[1]) / "open_clip_config.json").read_text())["model_cfg"]
+    else:
+        model_cfg = open_clip.get_model_config(config.init)
+    return psi, model_cfg
+
+
+def train_relevance(config: RelevanceTrainConfig, out_dir: Path | str = DEFAULT_TRAINED_RELEVANCE_DIR,
+                    progress: bool = True) -> dict:
+    """Fine-tune ψ on the labels, keep the best validation epoch, save it; return the report."""
+    import torch
+    from tqdm import tqdm
+
+    from vllm_semclip.relevance import save_local_dir
+    from vllm_semclip.tiny.train_clip import warmup_cosine
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    rows = load_labels(config.labels)
+    train_rows, val_rows = _split(rows, config)
+    if len(train_rows) < 2:
+        raise ValueError(f"only {len(train_rows)} labelled questions have a crop with gain >= {config.min_gain}; "
+                         "label more questions or lower min_gain")
+    psi, model_cfg = _init_model(config)
+    model, tokenizer = psi.model.float(), psi.tokenizer
+
+    def prepare(subset: list[dict]) -> LabelledSet:
+        model.eval()
+        encode = (lambda px: _encode_crops(model, px)) if config.lock_image else None
+        pixels = _crop_views(psi, subset, config.fit, progress, encode)
+        return LabelledSet([r["question"] for r in subset], [[c["gain"] for c in r["crops"]] for r in subset],
+                           [r["best"] for r in subset], [[c["hit"] for c in r["crops"]] for r in subset], pixels,
+                           [tuple(r["grids"]) for r in subset])
+
+    train_set, val_set = prepare(train_rows), prepare(val_rows)
+    if config.lock_image:
+        model.lock_image_tower()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    sched = warmup_cosine(opt, config.warmup, config.epochs * steps_per_epoch)
+    loss_fn = CropContrastiveLoss()
+    text_ids = {q: i for i, q in enumerate(sorted(set(train_set.questions)))}
+    positives = torch.tensor(train_set.best)
+    history = [{"epoch": 0, "loss": None,
+                **validate(model, tokenizer, val_set, config.lock_image, psi.reference, config.norm)}]
+    best_state, best = {k: v.detach().clone() for k, v in model.state_dict().items()}, history[0]
+    rng = torch.Generator().manual_seed(config.seed)
+    start = time.time()
+    bar = tqdm(range(1, config.epochs + 1), desc="train relevance", disable=not progress)
+    for epoch in bar:
+        model.train()
+        if config.lock_image:
+            model.visual.eval()
+        order = torch.randperm(len(train_set), generator=rng)
+        losses = []
+        for s in range(0, len(order), config.batch_size):
+            idx = order[s:s + config.batch_size]
+            if len(idx) < 2:
+                continue
+            texts = query_features(model, tokenizer, [train_set.questions[i] for i in idx], psi.reference)
+            crops = train_set.crops[idx] if config.lock_image else _encode_crops(model, train_set.crops[idx])
+            qids = torch.tensor([text_ids[train_set.questions[i]] for i in idx])
+            loss = loss_fn(texts, crops, positives[idx], model.logit_scale.exp(), qids)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            losses.append(loss.item())
+        entry = {"epoch": epoch, "loss": round(sum(losses) / max(1, len(losses)), 4),
+                 **validate(model, tokenizer, val_set, config.lock_image, psi.reference, config.norm)}
+        history.append(entry)
+        bar.set_postfix(loss=entry["loss"], val_hit=f"{entry['hit_rate']:.3f}", val_gain=f"{entry['mean_gain']:.3f}")
+        if entry["mean_gain"] > best["mean_gain"] or not config.keep_best:
+            best, best_state = entry, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # keep-best can keep the start itself: a ψ that is already as good on the validation
+    # questions as any epoch (say so, or the "trained" ψ silently equals the zero-shot one)
+    kept_start = config.keep_best and best["epoch"] == 0
+    if kept_start:
+        warnings.warn("no epoch beat the starting ψ's mean gain on the validation questions: the saved ψ is "
+                      "the start's weights (keep_best=False / --keep-last saves the last epoch)", stacklevel=2)
+    model.load_state_dict(best_state)
+    model.eval()
+    out = save_local_dir(model, model_cfg, out_dir, reference=psi.reference)  # scored as it was trained
+    report = {"config": asdict(config), "train_questions": len(train_set), "val_questions": len(val_set),
+              "labelled_questions": len(rows), "train_seconds": round(time.time() - start, 1),
+              "label_statistics": label_statistics(rows, config.min_gain),
+              "zero_shot": history[0], "best_epoch": best, "kept_start": kept_start, "history": history}
+    (out / "train_config.json").write_text(json.dumps(asdict(config), indent=1))
+    (out / "train_report.json").write_text(json.dumps(report, indent=1))
+    plot_history(history, out / "validation.png")
+    return report
+
+
+def plot_history(history: Sequence[dict], path: Path | str) -> Path:
+    """Held-out hit rate, agreement with the VLM's best crop and mean gain, per epoch (0 = zero-shot ψ)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8.4, 3.4), dpi=110)
+    left.plot(epochs, [100 * h["hit_rate"] for h in history], "o-", ms=3, label="top-1 crop contains the target")
+    left.plot(epochs, [100 * h["best_agreement"] for h in history], "s-", ms=3, label="top-1 = VLM's best crop")
+    left.set_xlabel("epoch (0 = zero-shot ψ)")
+    left.set_ylabel("held-out questions (%)")
+    left.set_ylim(0, 100)
+    left.legend(fontsize=8)
+    left.grid(alpha=0.3)
+    right.plot(epochs, [h["mean_gain"] for h in history], "o-", ms=3, c="C2")
+    right.set_xlabel("epoch")
+    right.set_ylabel("mean gain of the chosen crop (nats)")
+    right.grid(alpha=0.3)
+    fig.suptitle("ψ trained by distant supervision: held-out validation")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
