@@ -31,11 +31,11 @@ endif
 models: install  # random stand-ins only where the committed models are missing
 	$(BIN)/semclip build-models
 
-demo: models
-	$(BIN)/semclip demo
+demo: models  # the bundled models are local: no hub lookups
+	HF_HUB_OFFLINE=1 $(BIN)/semclip demo
 
 test: models
-	$(BIN)/python -m pytest tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
 
 clean:
 	rm -rf $(VENV) out

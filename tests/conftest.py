@@ -12,6 +12,7 @@ import os
 from vllm_semclip.server import runtime_env
 
 os.environ.update(runtime_env())  # CPU settings before vLLM is imported
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests use local models only: never wait on a hub
 
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402

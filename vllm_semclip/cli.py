@@ -41,10 +41,13 @@ def _add_selection_flags(p: argparse.ArgumentParser, *, server: bool) -> None:
     p.add_argument("--seed", type=int, help="seed of the random method")
     if server:
         p.add_argument("--max-topk", type=int, help="the most crops a request may ask for (memory is profiled for it)")
+        p.add_argument("--max-candidates", type=int,
+                       help="the most candidates per image a request's grids may make for psi to score "
+                            "(default: as many as the server's grids make)")
 
 
 def _selection_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    names = (*SELECTION_FLAGS, "device", "max_topk")
+    names = (*SELECTION_FLAGS, "device", "max_topk", "max_candidates")
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
@@ -66,13 +69,22 @@ def _ints(text: str, flag: str) -> list[int]:
 def cmd_serve(args: argparse.Namespace, vllm_args: list[str]) -> int:
     from vllm_semclip.server import runtime_env, serve_command
 
+    from vllm_semclip.config import SemClipConfig
+    from vllm_semclip.relevance import check_relevance_source
+
     model = args.model or args.model_flag
     overrides = _selection_overrides(args)
-    _config(overrides)  # fail here, with the field named, rather than inside vLLM
+    _config(overrides)  # the flags alone first: a bad value is named before anything is built
     if model is None:  # the bundled tiny LLaVA; its config.json names its psi
         from vllm_semclip.tiny.build import ensure_default_models
 
         model = str(ensure_default_models()[0])
+    # then the server's config as the processor will build it (the model directory's own
+    # semclip_config, these flags over it) and its psi, so start-up fails here in one line
+    config = SemClipConfig.from_hf_config(None, model if os.path.isdir(model) else None)
+    config = config.replace(overrides, source="command line")
+    if config.method == "relevance":
+        check_relevance_source(config.require_relevance_model(), config.relevance_pretrained, config.device)
     cmd = serve_command(model, overrides, host=args.host, port=args.port, vllm_args=vllm_args)
     print("semclip serve:", " ".join(cmd[1:]), file=sys.stderr, flush=True)
     os.execve(sys.executable, cmd, runtime_env())

@@ -37,7 +37,10 @@ MAX_OVERLAP = 0.5
 HF_CONFIG_KEY = "semclip_config"
 
 # Fields that fix what the server loaded or profiled; a request may not change them.
-SERVER_ONLY_FIELDS = frozenset({"relevance_model", "relevance_pretrained", "relevance_precision", "device", "max_topk"})
+SERVER_ONLY_FIELDS = frozenset({"relevance_model", "relevance_pretrained", "relevance_precision", "device", "max_topk",
+                                "max_candidates"})
+# The most candidates grids can make (MAX_GRIDS sizes of at most MAX_GRID): the cap's own bound.
+MAX_CANDIDATES = sum(g * g for g in range(MAX_GRID, MAX_GRID - MAX_GRIDS, -1))
 # open_clip's ``precision`` values: fp32, or low-precision weights with fp32 layer norms
 # ("bf16"/"fp16", OpenAI CLIP's own mixed precision), or every tensor low ("pure_*").
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "pure_bf16", "pure_fp16")
@@ -90,6 +93,10 @@ class SemClipConfig:
             cells (``crops.rank_scores``) — a coarse cell's raw score is on another scale and
             won where the VLM reads a finer cell better (docs/design.md). ``none``: ψ's raw
             scores.
+        max_candidates: the most candidates per image a request may make (ψ scores each one, in
+            the preprocessing worker every request waits on); default: as many as the server's
+            own ``grids`` make (13 for ``[2, 3]``). A request may reshape its grids within it.
+            Server-only.
         boxes: with method ``given``, the crops as ``[x0, y0, x1, y1]`` pixel boxes
             (at most 8, clipped to each image); the same boxes apply to every image
             of the request.
@@ -105,6 +112,7 @@ class SemClipConfig:
     device: str = "cpu"
     seed: int = 0
     max_topk: int | None = None
+    max_candidates: int | None = None
     pad_to_square: bool = True
     relevance_fit: RelevanceFit = "windows"
     relevance_norm: RelevanceNorm = "grid"
@@ -131,6 +139,8 @@ class SemClipConfig:
         _check_int("seed", self.seed, 0, 2**63 - 1)
         if self.max_topk is not None:
             _check_int("max_topk", self.max_topk, 0, MAX_TOPK)
+        if self.max_candidates is not None:
+            _check_int("max_candidates", self.max_candidates, 1, MAX_CANDIDATES)
         if not isinstance(self.pad_to_square, bool):
             raise SemClipConfigError(
                 f"pad_to_square must be true or false, got {self.pad_to_square!r}", parameter="pad_to_square"
@@ -184,6 +194,11 @@ class SemClipConfig:
             limit = max(limit, len(self.boxes or ()))
         return limit
 
+    @property
+    def candidate_cap(self) -> int:
+        """The most candidates per image this (server) configuration lets a request make."""
+        return self.max_candidates if self.max_candidates is not None else self.num_candidates
+
     def selection_key(self) -> tuple:
         """What the selection depends on, for the multimodal cache key."""
         return (self.topk, self.grids, self.overlap, self.method, self.relevance_model,
@@ -223,7 +238,14 @@ class SemClipConfig:
         return new
 
     def check_fits(self, requested: SemClipConfig) -> None:
-        """Refuse a request that would encode more crops than the server profiled memory for."""
+        """Refuse a request that would make more candidates than the server allows, or encode more
+        crops than it profiled memory for."""
+        cap = self.candidate_cap
+        if requested.method not in ("overview", "given") and requested.num_candidates > cap:
+            raise SemClipConfigError(
+                f"grids {list(requested.grids)} make {requested.num_candidates} candidates per image, but this "
+                f"server allows at most {cap} (max_candidates); start it with a larger --max-candidates",
+                parameter="grids")
         limit = self.max_crops
         if requested.num_crops <= limit:
             return

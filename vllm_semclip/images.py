@@ -21,18 +21,35 @@ def max_image_pixels() -> int:
     return int(os.environ.get("VLLM_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS))
 
 
-def defer_pixel_limit_to_vllm() -> None:
-    """Make vLLM's pixel limit the one that applies, so an over-limit image is a 400.
+_patched = False
 
-    vLLM 0.32's image loader opens the header, checks ``VLLM_MAX_IMAGE_PIXELS`` and
-    raises a ValueError (HTTP 400) before decoding. But PIL's own decompression-bomb
-    check runs first, inside ``Image.open``, and its ``DecompressionBombError`` is
-    not caught there, so the client got a 500 for an image just over the limit.
-    While vLLM's limit is active we switch PIL's check off; vLLM's check still
-    rejects the image from its header, before any pixel is decoded.
+
+def answer_oversized_images_with_400() -> None:
+    """Make vLLM answer an image over Pillow's decompression-bomb limit with a 400, not a 500.
+
+    vLLM's image loader (``ImageMediaIO.load_bytes``) checks ``VLLM_MAX_IMAGE_PIXELS`` from the
+    header, but Pillow's own check runs first, inside ``Image.open``, and its
+    ``DecompressionBombError`` is not among the errors vLLM turns into a ValueError (HTTP 400).
+    This wraps that one method to translate it, naming the size; Pillow's guard itself stays on.
+    Called where SemClip's processor is imported, so only processes that serve SemClip change.
+    Idempotent.
     """
-    if max_image_pixels() > 0:
-        Image.MAX_IMAGE_PIXELS = None
+    global _patched
+    if _patched:
+        return
+    from vllm.multimodal.media.image import ImageMediaIO
+
+    load_bytes = ImageMediaIO.load_bytes
+
+    def load_bytes_refusing_bombs(self, data: bytes):
+        try:
+            return load_bytes(self, data)
+        except Image.DecompressionBombError as exc:
+            raise ValueError(f"Failed to load image: {exc} Set VLLM_MAX_IMAGE_PIXELS and "
+                             f"PIL.Image.MAX_IMAGE_PIXELS to allow larger images.") from exc
+
+    ImageMediaIO.load_bytes = load_bytes_refusing_bombs
+    _patched = True
 
 
 def load_image(path: str | Path) -> Image.Image:

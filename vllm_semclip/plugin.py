@@ -39,9 +39,5 @@ def register() -> None:
     check_vllm_version()
     from vllm import ModelRegistry
 
-    from .images import defer_pixel_limit_to_vllm
-
-    defer_pixel_limit_to_vllm()
-
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS_PATH)

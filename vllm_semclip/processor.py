@@ -46,7 +46,9 @@ from vllm.multimodal.processing.inputs import ProcessorInputs
 from . import timings
 from .config import SemClipConfig
 from .crops import mean_fill
+from .images import answer_oversized_images_with_400
 from .question import QuestionExtractor
+from .relevance import check_relevance_source
 from .selection import select_crops, selected_tiles
 
 # Internal key: the processor attaches each image's question to the processor
@@ -58,14 +60,18 @@ QUESTIONS_KEY = "semclip_questions"
 class SemClipProcessingInfo(LlavaProcessingInfo):
     """LLaVA's processing info plus SemClip's server configuration and token arithmetic."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        answer_oversized_images_with_400()  # this process serves SemClip: a bomb is a 400 here
+
     @cached_property
     def server_config(self) -> SemClipConfig:
         """Defaults from ``--hf-overrides`` (``semclip_config``), then ``--mm-processor-kwargs``."""
         config = SemClipConfig.from_hf_config(self.get_hf_config(), self.ctx.model_config.model)
         server_kwargs = self.ctx.get_mm_config().mm_processor_kwargs or {}
         config = config.replace(server_kwargs, source="--mm-processor-kwargs")
-        if config.method == "relevance":
-            config.require_relevance_model()  # at start-up (profiling), not on the first request
+        if config.method == "relevance":  # at start-up (profiling), not on the first request
+            check_relevance_source(config.require_relevance_model(), config.relevance_pretrained, config.device)
         return config
 
     def request_config(self, request_kwargs: Mapping[str, object]) -> SemClipConfig:

@@ -52,6 +52,39 @@ def open_clip_identifier(model_name: str) -> str:
     return model_name
 
 
+def check_relevance_source(model_name: str, pretrained: str | None = None, device: str = "cpu") -> None:
+    """Refuse, before any weight is loaded, a ψ that cannot load: a directory that is not open_clip's
+    local-dir format, a name open_clip does not know, a ``pretrained`` that is neither a file nor one
+    of that model's tags, a device torch cannot place tensors on. Raises ``SemClipConfigError``
+    naming the field and the value, so a server stops at start-up instead of failing every request.
+    """
+    import open_clip
+    import torch
+
+    from .config import SemClipConfigError
+
+    identifier = open_clip_identifier(model_name)
+    if identifier.startswith("local-dir:"):
+        directory = Path(identifier.split(":", 1)[1])
+        if not (directory / "open_clip_config.json").is_file():
+            raise SemClipConfigError(f"relevance_model={model_name!r} is a directory without open_clip_config.json "
+                                     "(not open_clip's local-dir format)", parameter="relevance_model")
+    elif not identifier.startswith("hf-hub:"):
+        if model_name not in open_clip.list_models():
+            raise SemClipConfigError(f"relevance_model={model_name!r} is neither an open_clip model name (see "
+                                     "open_clip.list_models()) nor an existing directory", parameter="relevance_model")
+        if pretrained is not None and not Path(pretrained).expanduser().is_file() \
+                and pretrained not in open_clip.list_pretrained_tags_by_model(model_name):
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none"
+            raise SemClipConfigError(f"relevance_pretrained={pretrained!r} is neither a file nor a pretrained tag of "
+                                     f"{model_name} ({tags})", parameter="relevance_pretrained")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        raise SemClipConfigError(f"device={device!r} cannot hold ψ here: {str(exc).splitlines()[0]}",
+                                 parameter="device") from None
+
+
 @dataclass(frozen=True)
 class TextReference:
     """Texts whose mean embedding is subtracted from every query's (see the module doc).

@@ -25,13 +25,12 @@ from typing import Any
 
 from .plugin import ARCHITECTURE
 
-# Settings that make vLLM work on a machine without a GPU (see DESIGN.md); a value
-# already in the environment wins.
+# Settings that make vLLM work on a machine without a GPU; a value already in the environment
+# wins. Nothing here decides whether the hub is reachable: HF_HUB_OFFLINE is the caller's.
 CPU_ENV_DEFAULTS = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
     "VLLM_HOST_IP": "127.0.0.1",
     "VLLM_LOOPBACK_IP": "127.0.0.1",
-    "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
 
@@ -126,6 +125,7 @@ _SERVE_FLAGS = {
     "relevance_model": "--relevance-model", "relevance_pretrained": "--relevance-pretrained",
     "relevance_precision": "--relevance-precision", "relevance_fit": "--relevance-fit",
     "relevance_norm": "--relevance-norm", "device": "--relevance-device", "seed": "--seed", "max_topk": "--max-topk",
+    "max_candidates": "--max-candidates",
 }
 
 

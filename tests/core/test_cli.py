@@ -97,6 +97,27 @@ def test_serve_refuses_bad_flags_before_starting():
 
 
 @pytest.mark.engine
+@pytest.mark.parametrize("args, words", [
+    (["--relevance-model", "/no/such/psi"], "relevance_model='/no/such/psi'"),
+    (["--relevance-model", "ViT-B-16", "--relevance-pretrained", "no-such-tag"], "relevance_pretrained='no-such-tag'"),
+    (["--relevance-device", "gpu0"], "device='gpu0'"),
+    (["--max-candidates", "0"], "max_candidates"),
+])
+def test_serve_refuses_a_psi_that_cannot_load_in_one_line(model_dir, args, words):
+    out = semclip("serve", model_dir, *args, timeout=120)
+    assert out.returncode == 2 and words in out.stderr, out.stderr[-2000:]
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+@pytest.mark.engine
+def test_serving_another_model_without_a_psi_names_the_flag_and_the_recommended_psi(tmp_path):
+    """A model whose config names no ψ (a hub name here; nothing is fetched: the check comes first)."""
+    out = semclip("serve", "llava-hf/llava-1.5-7b-hf", timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "--relevance-model" in out.stderr and "ViT-B-16" in out.stderr and "openai" in out.stderr
+
+
+@pytest.mark.engine
 def test_demo_refuses_a_negative_tally_before_starting(tmp_path):
     out = semclip("demo", "--tally", "-1", "--out", str(tmp_path / "o"), timeout=120)
     assert out.returncode == 2 and "--tally" in out.stderr and "Traceback" not in out.stderr

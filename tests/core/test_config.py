@@ -7,6 +7,8 @@ from vllm.exceptions import VLLMValidationError
 
 from vllm_semclip.config import SemClipConfig, SemClipConfigError, resolve_relevance_model
 
+PSI_NAME = "ViT-B-16"  # any name: these checks load no ψ
+
 
 def test_defaults():
     c = SemClipConfig()
@@ -178,3 +180,23 @@ def test_relevance_precision_takes_open_clip_values():
         SemClipConfig().replace({"relevance_precision": "int4"}, source="command line")
     assert info.value.parameter == "relevance_precision"
     assert "fp32, bf16, fp16, pure_bf16, pure_fp16" in str(info.value)
+
+
+def test_a_request_may_reshape_its_grids_within_the_servers_candidate_cap():
+    server = SemClipConfig(relevance_model=PSI_NAME)  # grids [2, 3]: 13 candidates
+    assert server.candidate_cap == 13
+    assert server.replace({"grids": [3, 2]}, request=True).num_candidates == 13
+    assert server.replace({"grids": [3]}, request=True).num_candidates == 9
+    with pytest.raises(SemClipConfigError, match=r"grids \[5, 6, 7, 8\] make 174 candidates.*at most 13 \(max_candidates\)") as err:
+        server.replace({"grids": [5, 6, 7, 8]}, request=True)
+    assert err.value.parameter == "grids"
+    with pytest.raises(SemClipConfigError, match="at most 13"):
+        server.replace({"grids": [4]}, request=True)  # 16 > 13
+    assert server.replace({"grids": [8], "method": "overview"}, request=True).num_crops == 0  # nothing to score
+    wider = SemClipConfig(max_candidates=30)
+    assert wider.replace({"grids": [4, 3]}, request=True).num_candidates == 25
+    with pytest.raises(SemClipConfigError, match="fixed when the server starts"):
+        server.replace({"max_candidates": 200}, request=True)
+    for bad in (0, 175, 2.5, "13", True):
+        with pytest.raises(SemClipConfigError, match="max_candidates"):
+            SemClipConfig(max_candidates=bad)

@@ -79,3 +79,41 @@ def test_unsupported_vllm_version_fails_clearly(version):
 @pytest.mark.parametrize("version", ["0.32.0", "0.32.3", "0.32.1.dev5+gabc"])
 def test_supported_versions(version):
     assert check_vllm_version(version) == version
+
+
+@pytest.mark.engine
+def test_installing_the_plugin_leaves_pillows_guard_on_and_serving_semclip_answers_a_bomb_with_a_400():
+    """register() runs in every vLLM process, whatever it serves: Pillow's decompression-bomb limit
+    stays as Pillow set it there. Where SemClip's processor is built, vLLM's image loader turns the
+    bomb error into a ValueError (a 400) naming the size; Pillow's limit is still on there too."""
+    result = _run(
+        "import io, json\n"
+        "from PIL import Image\n"
+        "default = Image.MAX_IMAGE_PIXELS\n"
+        "from vllm.plugins import load_general_plugins\n"
+        "load_general_plugins()\n"
+        "import vllm_semclip; vllm_semclip.register()\n"
+        "after_register = Image.MAX_IMAGE_PIXELS\n"
+        "buf = io.BytesIO(); Image.new('1', (16000, 12000)).save(buf, 'PNG'); bomb = buf.getvalue()\n"
+        "from vllm.multimodal.media.image import ImageMediaIO\n"
+        "def load():\n"
+        "    try:\n"
+        "        ImageMediaIO().load_bytes(bomb); return 'loaded'\n"
+        "    except Exception as exc:\n"
+        "        return type(exc).__name__ + ': ' + str(exc)\n"
+        "stock = load()\n"
+        "from vllm_semclip.images import answer_oversized_images_with_400\n"
+        "answer_oversized_images_with_400(); answer_oversized_images_with_400()\n"
+        "semclip = load()\n"
+        "try:\n"
+        "    Image.open(io.BytesIO(bomb)); guard = False\n"
+        "except Image.DecompressionBombError:\n"
+        "    guard = True\n"
+        "print(json.dumps({'default': default, 'after_register': after_register, 'stock': stock,\n"
+        "                  'semclip': semclip, 'guard': guard, 'now': Image.MAX_IMAGE_PIXELS}))",
+        VLLM_PLUGINS="semclip",
+    )
+    assert result["default"] is not None and result["after_register"] == result["default"] == result["now"]
+    assert result["stock"].startswith("DecompressionBombError")  # vLLM's own loader, untouched by register()
+    assert result["semclip"].startswith("ValueError") and "192000000 pixels" in result["semclip"]
+    assert result["guard"], "Pillow's guard must stay on in a process that serves SemClip"

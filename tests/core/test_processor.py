@@ -223,3 +223,17 @@ def test_a_model_that_names_no_psi_is_refused_when_the_server_starts(model_dir, 
     assert err.value.parameter == "relevance_model"
     assert make_processor(bare, {"method": "random"})[0].info.server_config.relevance_model is None
     assert make_processor(bare, {"relevance_model": PSI})[0].info.server_config.relevance_model == PSI
+
+
+def test_a_psi_that_cannot_load_stops_the_server_at_start(model_dir):
+    """Plain vLLM with --hf-overrides: a misspelt ψ is refused when the processor is built (start-up),
+    naming the field and the value, not on every request."""
+    from vllm_semclip.config import SemClipConfigError
+
+    proc, _ = make_processor(model_dir, {"relevance_model": "ViT-B-17"})
+    with pytest.raises(SemClipConfigError, match="relevance_model='ViT-B-17'") as err:
+        proc.info.server_config
+    assert err.value.parameter == "relevance_model"
+    proc, _ = make_processor(model_dir, {"device": "gpu0"})
+    with pytest.raises(SemClipConfigError, match="device='gpu0'"):
+        proc.info.server_config

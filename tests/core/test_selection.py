@@ -192,3 +192,26 @@ def test_degenerate_images(model_dir, size):
     sel = select_crops(Image.new("RGB", size, (9, 9, 9)), "What is the color of the square?", SemClipConfig(relevance_model=PSI, topk=2))
     assert len(sel.boxes) == 2
     assert all(0 <= x0 < x1 <= size[0] and 0 <= y0 < y1 <= size[1] for x0, y0, x1, y1 in sel.boxes)
+
+
+@pytest.mark.parametrize("model, pretrained, device, field", [
+    ("ViT-B-17", None, "cpu", "relevance_model"),            # no such open_clip model
+    ("/", None, "cpu", "relevance_model"),                   # a directory, not a local-dir checkpoint
+    ("ViT-B-16", "no-such-tag", "cpu", "relevance_pretrained"),
+    (PSI, None, "gpu0", "device"),
+    (PSI, None, "cuda:7", "device"),
+])
+def test_a_psi_that_cannot_load_is_refused_before_loading(model, pretrained, device, field):
+    from vllm_semclip.config import SemClipConfigError
+    from vllm_semclip.relevance import check_relevance_source
+
+    with pytest.raises(SemClipConfigError, match=field) as err:
+        check_relevance_source(model, pretrained, device)
+    assert err.value.parameter == field
+
+
+def test_a_loadable_psi_passes_the_check():
+    from vllm_semclip.relevance import check_relevance_source
+
+    check_relevance_source(PSI)
+    check_relevance_source("ViT-B-16", "openai")  # a tag open_clip knows; nothing is downloaded

@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir = out / "serve_runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     model_dir, _ = ensure_default_models()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # bundled local models: no hub lookups
     model = str(model_dir)
 
     def prompts_for(c: int) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--tally must be 0 or more")
 
     model_dir, _ = ensure_default_models()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # bundled local models: no hub lookups
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = SemClipConfig.from_hf_config(None, model_dir).replace({"topk": args.topk})  # as the server selects
