@@ -303,3 +303,21 @@ def test_psi_hit_runs_and_its_served_hits_are_select_crops_picks(tmp_path, model
     colours = {k for k in r["served"] if k.startswith("color:")}
     assert colours == {f"color:{rec.extra['color']}" for rec in records if rec.category == "direct_attributes"}
     assert doc["questions"] == 8 and (tmp_path / "hit.png").stat().st_size > 1000 and "raw scores across grids" in stdout
+
+
+SOAK = PSI_HIT.with_name("soak.py")
+
+
+@pytest.mark.engine
+def test_soak_runs_both_phases_and_writes_memory_over_time(tmp_path):
+    """The soak benchmark at its smallest: both phases answered without error, heavy requests at the
+    candidate cap among the second phase's, a ratio per percentile, memory sampled, a plot."""
+    doc, stdout = _run_benchmark(SOAK, tmp_path / "soak.json", "--requests", "16", "--concurrency", "4",
+                                 "--heavy-every", "4")
+    alone, beside = doc["phases"]["light alone"], doc["phases"]["light beside heavy"]
+    assert alone["errors"] == {} and beside["errors"] == {} and doc["server_alive_at_the_end"]
+    assert alone["heavy_requests"] == 0 and beside["heavy_requests"] == 2
+    assert doc["light_slowdown_p50"] > 0 and doc["light_slowdown_p99"] > 0
+    assert len(doc["memory_over_time"]) >= 2 and doc["memory_mib"]["max"] > 100
+    assert (tmp_path / "soak.png").stat().st_size > 1000
+    assert "light requests beside heavy ones" in stdout

@@ -114,3 +114,16 @@ def test_bad_kwargs_raise_typed_errors_and_engine_keeps_working(llm, photo):
         assert info.value.parameter == field
     out = llm.generate(_semclip_request("What is the color of the flag?", photo), PARAMS)[0]
     assert len(out.outputs[0].token_ids) == 2
+
+
+def test_the_prompt_as_text_and_as_token_ids_is_processed_alike(llm, photo, tokenizer):
+    """vLLM's processing-correctness check, its text-against-ids half: the same crops either way."""
+    text = chat_prompt("What is the color of the flag?")
+    ids = tokenizer(text)["input_ids"]
+    as_text, as_ids = llm.generate([
+        {"prompt": text, "multi_modal_data": {"image": photo}, "mm_processor_kwargs": {"topk": 2}},
+        {"prompt_token_ids": ids, "multi_modal_data": {"image": photo}, "mm_processor_kwargs": {"topk": 2}},
+    ], PARAMS)
+    assert as_text.prompt_token_ids == as_ids.prompt_token_ids
+    assert as_text.outputs[0].token_ids == as_ids.outputs[0].token_ids
+    assert _close(_first_logprobs(as_text), _first_logprobs(as_ids), tol=1e-4)

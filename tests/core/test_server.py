@@ -9,6 +9,10 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import signal
+import subprocess
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -209,3 +213,52 @@ def test_plain_vllm_server_with_hf_overrides(model_dir, photo, tokenizer, tokens
         reply = _ask(c, model_dir, [photo])
         assert reply.usage.prompt_tokens == _text_tokens(tokenizer, 1) + 3 * tokens_per_tile  # server-wide topk=2
     assert plain.process.poll() is not None
+
+
+def test_semclip_serve_leaves_the_hub_setting_to_the_caller():
+    """HF_HUB_OFFLINE is the caller's choice: semclip serve adds only the CPU settings."""
+    from vllm_semclip.server import runtime_env
+
+    assert "HF_HUB_OFFLINE" not in runtime_env({"PATH": "/usr/bin"})
+    assert runtime_env({"HF_HUB_OFFLINE": "0"})["HF_HUB_OFFLINE"] == "0"
+
+
+def _session_pids(sid: int) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,sid=,stat="], capture_output=True, text=True, check=True).stdout
+    return [int(pid) for pid, s, stat in (line.split()[:3] for line in out.splitlines() if line.strip())
+            if int(s) == sid and not stat.startswith("Z")]
+
+
+@pytest.mark.engine
+def test_sigterm_with_requests_in_flight_leaves_no_process_behind(model_dir, photo, tmp_path):
+    """SIGTERM to `semclip serve` itself (as a service manager sends it) while requests run: each
+    finishes or fails cleanly (no hang), the server exits, and no engine or worker outlives it."""
+    from vllm_semclip.server import ServerProcess
+
+    server = ServerProcess(model_dir, {"max_topk": MAX_TOPK}, log_path=tmp_path / "server.log").start()
+    try:
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="EMPTY", max_retries=0, timeout=60)
+        model = client.models.list().data[0].id
+        assert len(_session_pids(server.pid)) >= 2  # the API server and its engine core
+
+        def ask(i):
+            try:
+                reply = client.chat.completions.create(model=model, messages=_messages([photo], f"Question {i}?"),
+                                                       max_tokens=64, temperature=0.0)
+                return "answered" if reply.choices[0].message.content is not None else "empty"
+            except (openai.APIConnectionError, openai.APIStatusError):  # refused or cut off: clean, no hang
+                return "clean error"
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            futures = [pool.submit(ask, i) for i in range(16)]
+            time.sleep(1.0)
+            os.kill(server.pid, signal.SIGTERM)
+            outcomes = [f.result(timeout=120) for f in futures]  # none hangs
+        assert server.process.wait(timeout=60) is not None
+        assert set(outcomes) <= {"answered", "clean error"}
+        deadline = time.monotonic() + 30
+        while _session_pids(server.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _session_pids(server.pid) == [], "processes of the server outlived it"
+    finally:
+        server.stop()
