@@ -67,10 +67,9 @@ def _ints(text: str, flag: str) -> list[int]:
 # ---- handlers: each imports its room when it runs ---------------------------------------
 
 def cmd_serve(args: argparse.Namespace, vllm_args: list[str]) -> int:
-    from vllm_semclip.server import runtime_env, serve_command
-
     from vllm_semclip.config import SemClipConfig
-    from vllm_semclip.relevance import check_relevance_source
+    from vllm_semclip.relevance import check_server_psi
+    from vllm_semclip.server import runtime_env, serve_command
 
     model = args.model or args.model_flag
     overrides = _selection_overrides(args)
@@ -82,9 +81,7 @@ def cmd_serve(args: argparse.Namespace, vllm_args: list[str]) -> int:
     # then the server's config as the processor will build it (the model directory's own
     # semclip_config, these flags over it) and its psi, so start-up fails here in one line
     config = SemClipConfig.from_hf_config(None, model if os.path.isdir(model) else None)
-    config = config.replace(overrides, source="command line")
-    if config.method == "relevance":
-        check_relevance_source(config.require_relevance_model(), config.relevance_pretrained, config.device)
+    check_server_psi(config.replace(overrides, source="command line"))
     cmd = serve_command(model, overrides, host=args.host, port=args.port, vllm_args=vllm_args)
     print("semclip serve:", " ".join(cmd[1:]), file=sys.stderr, flush=True)
     os.execve(sys.executable, cmd, runtime_env())

@@ -31,7 +31,7 @@ def answer_oversized_images_with_400() -> None:
     header, but Pillow's own check runs first, inside ``Image.open``, and its
     ``DecompressionBombError`` is not among the errors vLLM turns into a ValueError (HTTP 400).
     This wraps that one method to translate it, naming the size; Pillow's guard itself stays on.
-    Called where SemClip's processor is imported, so only processes that serve SemClip change.
+    Called where SemClip's processing info is built, so only processes that serve SemClip change.
     Idempotent.
     """
     global _patched

@@ -48,7 +48,7 @@ from .config import SemClipConfig
 from .crops import mean_fill
 from .images import answer_oversized_images_with_400
 from .question import QuestionExtractor
-from .relevance import check_relevance_source
+from .relevance import check_server_psi
 from .selection import select_crops, selected_tiles
 
 # Internal key: the processor attaches each image's question to the processor
@@ -70,8 +70,7 @@ class SemClipProcessingInfo(LlavaProcessingInfo):
         config = SemClipConfig.from_hf_config(self.get_hf_config(), self.ctx.model_config.model)
         server_kwargs = self.ctx.get_mm_config().mm_processor_kwargs or {}
         config = config.replace(server_kwargs, source="--mm-processor-kwargs")
-        if config.method == "relevance":  # at start-up (profiling), not on the first request
-            check_relevance_source(config.require_relevance_model(), config.relevance_pretrained, config.device)
+        check_server_psi(config)  # at start-up (profiling), not on the first request
         return config
 
     def request_config(self, request_kwargs: Mapping[str, object]) -> SemClipConfig:

@@ -85,6 +85,13 @@ def check_relevance_source(model_name: str, pretrained: str | None = None, devic
                                  parameter="device") from None
 
 
+def check_server_psi(config) -> None:
+    """At start-up: a server configuration whose method needs ψ must name one that can load
+    (:func:`check_relevance_source`). ``semclip serve`` and the processor both call this."""
+    if config.method == "relevance":
+        check_relevance_source(config.require_relevance_model(), config.relevance_pretrained, config.device)
+
+
 @dataclass(frozen=True)
 class TextReference:
     """Texts whose mean embedding is subtracted from every query's (see the module doc).
