@@ -10,7 +10,9 @@ PIP_ARGS ?=
 STAMP    := $(VENV)/.semclip-installed
 HAS_GPU  := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: install models demo test clean
+OPENCV_DOC := /usr/share/doc/opencv-doc/examples/data
+
+.PHONY: install models eval-photos demo test clean
 
 install: $(STAMP)
 
@@ -31,10 +33,14 @@ endif
 models: install  # random stand-ins only where the committed models are missing
 	$(BIN)/semclip build-models
 
+# Debian's opencv-doc sample photos: held-out backgrounds of the shifted split (evaluation only, never training)
+eval-photos:
+	test -d $(OPENCV_DOC) || apt-get install -y -q opencv-doc || (apt-get update -q && apt-get install -y -q opencv-doc)
+
 demo: models  # the bundled models are local: no hub lookups
 	HF_HUB_OFFLINE=1 $(BIN)/semclip demo
 
-test: models
+test: models eval-photos
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
 
 clean:

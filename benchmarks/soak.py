@@ -80,7 +80,7 @@ def main() -> None:
                 "messages": [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]}
 
     light = [body([urls[i % 8]], {"grids": [2], "topk": 1}) for i in range(8)]  # 4 candidates, one image
-    heavy = body(urls, {"grids": [2, 3], "topk": 1})  # 8 images × 13 candidates: the default cap
+    heavy = body(urls, {"grids": [2, 3], "topk": 1})  # 8 images × 17 candidates (13 cells + 4 bridges): the default cap
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +131,7 @@ def main() -> None:
            "memory_mib": {"first": round(memory[0][1], 1), "max": round(max(m for _, m in memory), 1),
                           "last": round(memory[-1][1], 1)},
            "memory_over_time": [(round(t, 1), round(m, 1)) for t, m in memory],
-           "concurrency": args.concurrency, "caches": "processor cache and prefix caching off", "heavy": "8 images x 13 candidates (the default cap)",
+           "concurrency": args.concurrency, "caches": "processor cache and prefix caching off", "heavy": "8 images x 17 candidates (the default cap)",
            "light": "1 image, grids [2]"}
     out.write_text(json.dumps(doc, indent=1))
     _plot(memory, phases, out.with_suffix(".png"))

@@ -30,7 +30,7 @@ MAX_TOPK = 3
 # Fixtures that start an engine, a server or a Ray job, or train for seconds: a test using one is an
 # engine test (the others carry @pytest.mark.engine themselves).
 ENGINE_FIXTURES = frozenset({"llm", "server", "small_run", "uninterrupted", "interrupted_then_resumed", "ray_cluster",
-                             "tiny_run"})
+                             "tiny_run", "shifted_run"})
 
 
 def pytest_collection_modifyitems(items) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from vllm_semclip.crops import RELEVANCE_FITS, RELEVANCE_NORMS  # light: numpy and PIL
 
-SELECTION_FLAGS = ("topk", "grids", "overlap", "method", "relevance_model", "relevance_pretrained",
+SELECTION_FLAGS = ("topk", "grids", "overlap", "bridges", "method", "relevance_model", "relevance_pretrained",
                    "relevance_precision", "relevance_fit", "relevance_norm", "seed")
 
 
@@ -25,6 +25,9 @@ def _add_selection_flags(p: argparse.ArgumentParser, *, server: bool) -> None:
     p.add_argument("--topk", type=int, help="crops kept next to the overview (0-8; default 1)")
     p.add_argument("--grids", help="grid sizes of the candidates, e.g. 2,3 (the default)")
     p.add_argument("--overlap", type=float, help="widen each cell by this fraction on each side (0-0.5)")
+    p.add_argument("--bridges", action=argparse.BooleanOptionalAction, default=None,
+                   help="add a candidate on each crossing of two grids' lines that no cell covers (default: on; "
+                        "4 for grids 2,3)")
     p.add_argument("--method", choices=("relevance", "random", "overview", "all"),
                    help="how crops are chosen (method 'given' takes boxes: set it per request)")
     p.add_argument("--relevance-model", help="psi: an open_clip model name or a local-dir checkpoint directory")
@@ -137,9 +140,9 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise ValueError("--n must be at least 1")
-    records = write_bench(args.out, args.n, args.seed)
+    records = write_bench(args.out, args.n, args.seed, split=args.split)
     counts = {c: sum(r.category == c for r in records) for c in CATEGORIES}
-    print(f"wrote {len(records)} questions to {args.out}: {counts}; JSONL: {args.out}/records.jsonl")
+    print(f"wrote {len(records)} {args.split} questions to {args.out}: {counts}; JSONL: {args.out}/records.jsonl")
     return 0
 
 
@@ -151,7 +154,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"--method: {', '.join(unknown)} not one of {', '.join(EVAL_METHODS)}")
     docs = run(args.data, methods, args.out, model=args.model, topk=_ints(args.topk, "--topk"),
-               protocol=args.protocol, grids=_ints(args.grids, "--grids"), relevance_model=args.relevance_model,
+               protocol=args.protocol, grids=_ints(args.grids, "--grids"), bridges=args.bridges,
+               relevance_model=args.relevance_model,
                clip_model=args.clip_model, limit=args.limit)
     print(TABLE_HEADER)
     for doc in docs:
@@ -163,7 +167,8 @@ TRAIN_FIELDS = ("model", "steps", "seed", "threads", "init", "curriculum", "lr",
                 "position_card_weight", "label_weight", "label_tiles", "empty_tiles", "lock_image",
                 "lock_image_unlocked_groups", "question_weight", "side_fraction", "spatial_fraction", "binding_weight",
                 "position_binding_weight", "word_binding_weight", "attribute_word_binding_weight", "tower_lr", "turns",
-                "text_steps", "side_steps", "ground_spatial_fraction", "align_ground_fraction", "align_projector_only")
+                "text_steps", "side_steps", "ground_spatial_fraction", "align_ground_fraction", "align_projector_only",
+                "render", "checkpoint_every")
 SPEC_FIELDS = ("text_hidden_size", "text_layers", "text_heads", "text_intermediate_size", "text_rope_theta")
 
 
@@ -261,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write a V*-style benchmark: small shapes on large photos, V* Bench's layout.")
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=int, default=191, help="questions (default 191, V* Bench's count)")
+    p.add_argument("--split", choices=("legacy", "train", "val", "shifted"), default="legacy",
+                   help="legacy (default: the first generator, as the bundled models were trained on), train / "
+                        "val (the randomised distribution), shifted (only its held-out parts: measure, never tune)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_bench_data)
 
@@ -281,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(METHOD-kK.json each, joined in the plot)")
     p.add_argument("--protocol", choices=("likelihood", "generate"), default="likelihood")
     p.add_argument("--grids", default="2,3", help="candidate grids (default 2,3)")
+    p.add_argument("--bridges", action=argparse.BooleanOptionalAction, default=True,
+                   help="bridge candidates on the grids' line crossings (default on; --no-bridges: the cells only)")
     p.add_argument("--relevance-model", help="psi of method trained: local-dir or open_clip name "
                                              "(default: the bundled trained psi)")
     p.add_argument("--clip-model", help="psi of method clip: open_clip name or local-dir "
@@ -341,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--model", help="open_clip config to train (default SemClip-ViT-T-16, 224 px; "
                            "SemClip-ViT-T-16-336 with --init resizes a 224-px psi's position grid)")
             c.add_argument("--init", help="continue from this psi checkpoint directory")
+            c.add_argument("--render", choices=("legacy", "train"),
+                           help="training material: legacy (default: the first generator) or train (the randomised "
+                                "distribution's training split; held-out cards from its val split)")
+            c.add_argument("--checkpoint-every", type=int,
+                           help="steps between resumable checkpoints in --out (default 100; 0: none). Run the same "
+                                "command again to go on from the last one")
             c.add_argument("--curriculum", type=float, help="fraction of steps over which cards shrink (default 0.2)")
             c.add_argument("--position-weight", type=float,
                            help="weight of the patch-position loss at the LLaVA's feature layer (default 0: off)")

@@ -58,8 +58,11 @@ class SemClipConfig:
 
     Attributes:
         topk: crops kept next to the overview (0–8). 0 is stock LLaVA.
-        grids: grid sizes whose cells are the candidates; (2, 3) gives 4 + 9 = 13.
+        grids: grid sizes whose cells are the candidates; (2, 3) gives 4 + 9 = 13 cells.
         overlap: widen each cell by this fraction of its size on every side (0–0.5).
+        bridges: add a candidate on each crossing of two grids' lines that no cell covers
+            (``crops.bridge_boxes``; 4 for ``[2, 3]``, so 17 candidates), so that every object up
+            to 1/6 of the image's short side lies wholly inside some candidate.
         method: ``relevance`` (ψ scores, the default), ``random`` (seeded),
             ``overview`` (no crops), ``all`` (every candidate, AnyRes-like) or
             ``given`` (the ``boxes`` the caller chose: an oracle, another method's crops).
@@ -95,7 +98,7 @@ class SemClipConfig:
             scores.
         max_candidates: the most candidates per image a request may make (ψ scores each one, in
             the preprocessing worker every request waits on); default: as many as the server's
-            own ``grids`` make (13 for ``[2, 3]``). A request may reshape its grids within it.
+            own ``grids`` make (17 for ``[2, 3]`` with bridges). A request may reshape its grids within it.
             Server-only.
         boxes: with method ``given``, the crops as ``[x0, y0, x1, y1]`` pixel boxes
             (at most 8, clipped to each image); the same boxes apply to every image
@@ -105,6 +108,7 @@ class SemClipConfig:
     topk: int = 1
     grids: tuple[int, ...] = (2, 3)
     overlap: float = 0.0
+    bridges: bool = True
     method: Method = "relevance"
     relevance_model: str | None = None
     relevance_pretrained: str | None = None
@@ -141,6 +145,8 @@ class SemClipConfig:
             _check_int("max_topk", self.max_topk, 0, MAX_TOPK)
         if self.max_candidates is not None:
             _check_int("max_candidates", self.max_candidates, 1, MAX_CANDIDATES)
+        if not isinstance(self.bridges, bool):
+            raise SemClipConfigError(f"bridges must be true or false, got {self.bridges!r}", parameter="bridges")
         if not isinstance(self.pad_to_square, bool):
             raise SemClipConfigError(
                 f"pad_to_square must be true or false, got {self.pad_to_square!r}", parameter="pad_to_square"
@@ -171,7 +177,7 @@ class SemClipConfig:
     # ---- derived values -------------------------------------------------
     @property
     def num_candidates(self) -> int:
-        return num_candidates(self.grids)
+        return num_candidates(self.grids, self.bridges, self.overlap)
 
     @property
     def num_crops(self) -> int:
@@ -201,7 +207,7 @@ class SemClipConfig:
 
     def selection_key(self) -> tuple:
         """What the selection depends on, for the multimodal cache key."""
-        return (self.topk, self.grids, self.overlap, self.method, self.relevance_model,
+        return (self.topk, self.grids, self.overlap, self.bridges, self.method, self.relevance_model,
                 self.relevance_pretrained, self.relevance_precision, self.seed, self.pad_to_square, self.relevance_fit,
                 self.relevance_norm, self.boxes)
 

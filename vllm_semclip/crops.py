@@ -3,13 +3,21 @@
 Boxes are ``(x0, y0, x1, y1)`` in pixels of the original image, half-open, as PIL's
 ``Image.crop`` takes them. A ``g``-grid splits the image into ``g × g`` cells that
 follow the image's aspect ratio; ``overlap`` widens every cell by that fraction of
-its size on each side (clipped to the image), so an object on a cell border is
-wholly inside some candidate. The number of candidates is always ``sum(g * g)``,
-whatever the image — it is what the server profiles memory for.
+its size on each side (clipped to the image).
+
+*Bridges* cover what the grids leave open. With grids 2 and 3, an object lying across a
+2×2 line is inside some 3×3 cell and one across a 3×3 line inside some 2×2 cell — except
+where a line of one grid crosses a line of the other: there it is in no cell. A bridge is a
+window centred on such a crossing, reaching ``BRIDGE_REACH`` of each side around it, so
+every object of at most ``BRIDGE_REACH`` of the image's short side lies wholly inside some
+candidate (``tests/core/test_crops.py`` checks it over random boxes and aspect ratios). Grids
+2 and 3 need four bridges. Where bridges go depends on the grids only, never on the image, so
+the number of candidates is fixed by the configuration — it is what the server profiles for.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -19,25 +27,77 @@ from PIL import Image
 Box = tuple[int, int, int, int]
 
 
-def num_candidates(grids: Sequence[int]) -> int:
-    return sum(g * g for g in grids)
+# The largest object (as a fraction of the image's short side) that bridges guarantee a candidate for.
+BRIDGE_REACH = 1 / 6
+FracBox = tuple[float, float, float, float]
 
 
-def candidate_boxes(width: int, height: int, grids: Sequence[int] = (2, 3), overlap: float = 0.0) -> list[Box]:
-    """All grid cells, coarse grids first, row-major within a grid. Never empty boxes, even for 1×1 images."""
-    if width < 1 or height < 1:
-        raise ValueError(f"image size must be positive, got {width}x{height}")
-    boxes: list[Box] = []
+def _grid_cells(grids: Sequence[int], overlap: float) -> list[FracBox]:
+    """Every grid cell in fractions of the image's width and height (unclipped), in candidate order."""
+    cells: list[FracBox] = []
     for g in grids:
-        cw, ch = width / g, height / g
         for row in range(g):
             for col in range(g):
-                x0 = col * cw - overlap * cw
-                x1 = (col + 1) * cw + overlap * cw
-                y0 = row * ch - overlap * ch
-                y1 = (row + 1) * ch + overlap * ch
-                boxes.append(clip_box(x0, y0, x1, y1, width, height))
-    return boxes
+                cells.append(((col - overlap) / g, (row - overlap) / g, (col + 1 + overlap) / g, (row + 1 + overlap) / g))
+    return cells
+
+
+@functools.lru_cache(maxsize=256)
+def bridge_boxes(grids: tuple[int, ...], overlap: float = 0.0) -> tuple[FracBox, ...]:
+    """The bridges of ``grids`` in fractions of the image (row-major by centre).
+
+    A crossing of a line of one grid with a line of another gets a bridge unless some cell
+    already holds the square reaching ``BRIDGE_REACH`` around it (in fractions of each side that
+    square is the worst case of every aspect ratio: an object of ``BRIDGE_REACH`` of the short side
+    spans at most that fraction of either side). A single grid gets none (its lines cut objects
+    everywhere along them, not only at crossings), nor do grids whose cells are all smaller than
+    the square (no window of theirs could hold such an object either).
+    """
+    if len(grids) < 2 or 1 / min(grids) < 2 * BRIDGE_REACH:
+        return ()
+    cells = _grid_cells(grids, overlap)
+    own = {g: {i / g for i in range(1, g)} for g in grids}
+    r = BRIDGE_REACH
+    bridges: list[FracBox] = []
+    points = sorted({(x, y) for a in grids for b in grids if a != b for x in own[a] for y in own[b]},
+                    key=lambda p: (p[1], p[0]))
+    for x, y in points:
+        need = (max(0.0, x - r), max(0.0, y - r), min(1.0, x + r), min(1.0, y + r))
+        if not any(_holds(c, need) for c in cells):
+            bridges.append(need)
+    return tuple(bridges)
+
+
+def _holds(outer: FracBox, inner: FracBox, eps: float = 1e-9) -> bool:
+    return (outer[0] <= inner[0] + eps and outer[1] <= inner[1] + eps
+            and outer[2] >= inner[2] - eps and outer[3] >= inner[3] - eps)
+
+
+def num_candidates(grids: Sequence[int], bridges: bool = True, overlap: float = 0.0) -> int:
+    return sum(g * g for g in grids) + (len(bridge_boxes(tuple(grids), float(overlap))) if bridges else 0)
+
+
+def candidate_groups(grids: Sequence[int], bridges: bool = True, overlap: float = 0.0) -> list[int]:
+    """Which group each candidate is ranked in (``rank_scores``): its grid's index; a bridge, the grid
+    whose cells are nearest its size (a bridge is ``2 * BRIDGE_REACH`` of a side, a 3×3 cell's)."""
+    groups = [i for i, g in enumerate(grids) for _ in range(g * g)]
+    if bridges:
+        nearest = min(range(len(grids)), key=lambda i: (abs(1 / grids[i] - 2 * BRIDGE_REACH), i))
+        groups += [nearest] * len(bridge_boxes(tuple(grids), float(overlap)))
+    return groups
+
+
+def candidate_boxes(width: int, height: int, grids: Sequence[int] = (2, 3), overlap: float = 0.0,
+                    bridges: bool = True) -> list[Box]:
+    """All grid cells, coarse grids first, row-major within a grid, then the bridges (if asked).
+    Never empty boxes, even for 1×1 images."""
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    fractions = _grid_cells(grids, overlap)
+    if bridges:
+        fractions += bridge_boxes(tuple(grids), float(overlap))
+    return [clip_box(x0 * width, y0 * height, x1 * width, y1 * height, width, height)
+            for x0, y0, x1, y1 in fractions]
 
 
 def clip_box(x0: float, y0: float, x1: float, y1: float, width: int, height: int) -> Box:
@@ -96,7 +156,8 @@ RELEVANCE_FITS: tuple[str, ...] = ("windows", "pad", "center")
 RELEVANCE_NORMS: tuple[str, ...] = ("grid", "none")
 
 
-def rank_scores(scores: Sequence[float], grids: Sequence[int], norm: str = "grid") -> list[float]:
+def rank_scores(scores: Sequence[float], grids: Sequence[int], norm: str = "grid", bridges: bool = True,
+                overlap: float = 0.0) -> list[float]:
     """The scores candidates are ranked by: ψ's own (``none``) or standardised within each grid.
 
     ``grid``: each candidate's score less the mean of its grid's cells, over their standard
@@ -105,23 +166,25 @@ def rank_scores(scores: Sequence[float], grids: Sequence[int], norm: str = "grid
     one scale across sizes — a coarse cell holds more of everything and its raw score wins ties the
     VLM would rather lose, since it reads a detail better in the finer cell that shows it larger
     (docs/design.md, "Comparing grids"). Standardised, a cell is ranked
-    by how far it stands out among its own grid's cells. ``scores`` are in ``candidate_boxes``
-    order (coarse grids first, ``g * g`` cells each).
+    by how far it stands out among its own grid's cells; bridges are ranked among the cells of
+    their size (``candidate_groups``). ``scores`` are in ``candidate_boxes`` order.
     """
     if norm not in RELEVANCE_NORMS:
         raise ValueError(f"norm must be one of {RELEVANCE_NORMS}, got {norm!r}")
-    if len(scores) != num_candidates(grids):
-        raise ValueError(f"{len(scores)} scores for grids {list(grids)} ({num_candidates(grids)} candidates)")
+    groups = candidate_groups(grids, bridges, overlap)
+    if len(scores) != len(groups):
+        raise ValueError(f"{len(scores)} scores for grids {list(grids)} ({len(groups)} candidates)")
+    values = [float(x) for x in scores]
     if norm == "none":
-        return [float(x) for x in scores]
-    ranked: list[float] = []
-    start = 0
-    for g in grids:
-        cell = [float(x) for x in scores[start:start + g * g]]
-        start += g * g
+        return values
+    ranked = [0.0] * len(values)
+    for group in set(groups):
+        members = [i for i, gi in enumerate(groups) if gi == group]
+        cell = [values[i] for i in members]
         mean = sum(cell) / len(cell)
         std = math.sqrt(sum((x - mean) ** 2 for x in cell) / len(cell))
-        ranked.extend((x - mean) / std if std > 1e-12 else 0.0 for x in cell)
+        for i in members:
+            ranked[i] = (values[i] - mean) / std if std > 1e-12 else 0.0
     return ranked
 
 

@@ -70,7 +70,7 @@ def select_crops(image: Image.Image, question: str, config: SemClipConfig | None
     rgb = to_rgb(image)
     size = rgb.size
     question = question.strip()
-    candidates = candidate_boxes(size[0], size[1], config.grids, config.overlap)
+    candidates = candidate_boxes(size[0], size[1], config.grids, config.overlap, config.bridges)
     k = min(config.num_crops, len(candidates))
 
     def result(indices: list[int], scores: list[float] | None, ranking: list[float] | None = None) -> Selection:
@@ -102,7 +102,7 @@ def select_crops(image: Image.Image, question: str, config: SemClipConfig | None
     psi = get_relevance_model(config.require_relevance_model(), config.relevance_pretrained, config.device,
                               config.relevance_precision)
     scores = [float(s) for s in psi.score_regions(question, rgb, candidates, config.relevance_fit)]
-    ranking = rank_scores(scores, config.grids, config.relevance_norm)
+    ranking = rank_scores(scores, config.grids, config.relevance_norm, config.bridges, config.overlap)
     return result(top_indices(ranking, k), scores, ranking)
 
 

@@ -33,7 +33,7 @@ def test_select_json_matches_the_python_api(model_dir, photo_path, photo):
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(doc) == {"boxes", "scores", "candidates"}
-    assert doc["candidates"] == 13 and len(doc["boxes"]) == 2 == len(doc["scores"])
+    assert doc["candidates"] == 17 and len(doc["boxes"]) == 2 == len(doc["scores"])
     expected = select_crops(photo, question, SemClipConfig(relevance_model=PSI, topk=2))
     assert doc["boxes"] == [list(b) for b in expected.boxes]
     assert doc["scores"] == pytest.approx(expected.scores, abs=1e-6)

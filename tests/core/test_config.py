@@ -12,8 +12,12 @@ PSI_NAME = "ViT-B-16"  # any name: these checks load no ψ
 
 def test_defaults():
     c = SemClipConfig()
-    assert (c.topk, c.grids, c.method, c.overlap) == (1, (2, 3), "relevance", 0.0)
-    assert c.num_candidates == 13 and c.num_crops == 1 and c.max_crops == 1
+    assert (c.topk, c.grids, c.method, c.overlap, c.bridges) == (1, (2, 3), "relevance", 0.0, True)
+    assert c.num_candidates == 17 and c.num_crops == 1 and c.max_crops == 1  # 4 + 9 cells + 4 bridges
+    assert SemClipConfig(bridges=False).num_candidates == 13
+    with pytest.raises(SemClipConfigError, match="bridges must be true or false") as info:
+        SemClipConfig(bridges="yes")
+    assert info.value.parameter == "bridges"
 
 
 def test_error_is_typed_for_vllm_and_python():
@@ -70,13 +74,13 @@ def test_request_cannot_exceed_profiled_crops():
         server.replace({"topk": 4}, request=True)
     assert info.value.parameter == "topk"
     with pytest.raises(SemClipConfigError, match="method 'all'"):
-        server.replace({"method": "all"}, request=True)  # 13 crops
+        server.replace({"method": "all"}, request=True)  # 17 crops
     assert server.replace({"method": "all", "grids": [1]}, request=True).num_crops == 1
 
 
 def test_server_method_all_profiles_every_candidate():
     server = SemClipConfig(method="all")
-    assert server.max_crops == 13
+    assert server.max_crops == 17
     assert server.replace({"method": "relevance", "topk": 8}, request=True).num_crops == 8
 
 
@@ -183,18 +187,19 @@ def test_relevance_precision_takes_open_clip_values():
 
 
 def test_a_request_may_reshape_its_grids_within_the_servers_candidate_cap():
-    server = SemClipConfig(relevance_model=PSI_NAME)  # grids [2, 3]: 13 candidates
-    assert server.candidate_cap == 13
-    assert server.replace({"grids": [3, 2]}, request=True).num_candidates == 13
+    server = SemClipConfig(relevance_model=PSI_NAME)  # grids [2, 3]: 13 cells + 4 bridges
+    assert server.candidate_cap == 17
+    assert server.replace({"grids": [3, 2]}, request=True).num_candidates == 17
     assert server.replace({"grids": [3]}, request=True).num_candidates == 9
-    with pytest.raises(SemClipConfigError, match=r"grids \[5, 6, 7, 8\] make 174 candidates.*at most 13 \(max_candidates\)") as err:
+    assert server.replace({"grids": [4], "bridges": False}, request=True).num_candidates == 16
+    with pytest.raises(SemClipConfigError, match=r"grids \[5, 6, 7, 8\] make 174 candidates.*at most 17 \(max_candidates\)") as err:
         server.replace({"grids": [5, 6, 7, 8]}, request=True)
     assert err.value.parameter == "grids"
-    with pytest.raises(SemClipConfigError, match="at most 13"):
-        server.replace({"grids": [4]}, request=True)  # 16 > 13
+    with pytest.raises(SemClipConfigError, match="at most 17"):
+        server.replace({"grids": [4, 2]}, request=True)  # 16 + 4 cells + bridges > 17
     assert server.replace({"grids": [8], "method": "overview"}, request=True).num_crops == 0  # nothing to score
     wider = SemClipConfig(max_candidates=30)
-    assert wider.replace({"grids": [4, 3]}, request=True).num_candidates == 25
+    assert wider.replace({"grids": [4, 3], "bridges": False}, request=True).num_candidates == 25
     with pytest.raises(SemClipConfigError, match="fixed when the server starts"):
         server.replace({"max_candidates": 200}, request=True)
     for bad in (0, 175, 2.5, "13", True):

@@ -6,12 +6,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vllm_semclip.crops import candidate_boxes, num_candidates, pad_to_square, square_windows, to_rgb
+import random
+
+from vllm_semclip.crops import (
+    BRIDGE_REACH,
+    bridge_boxes,
+    candidate_boxes,
+    candidate_groups,
+    num_candidates,
+    pad_to_square,
+    square_windows,
+    to_rgb,
+)
 
 
 def test_grid_cells_follow_aspect_ratio():
-    boxes = candidate_boxes(300, 100, grids=(2, 3))
-    assert len(boxes) == num_candidates((2, 3)) == 13
+    boxes = candidate_boxes(300, 100, grids=(2, 3), bridges=False)
+    assert len(boxes) == num_candidates((2, 3), bridges=False) == 13
     assert boxes[0] == (0, 0, 150, 50)
     assert boxes[3] == (150, 50, 300, 100)
     assert boxes[4] == (0, 0, 100, 34)  # 3x3 cells of a 300x100 image: 100 x 33.3
@@ -33,9 +44,61 @@ def test_overlap_widens_cells_and_clips():
 def test_tiny_and_extreme_images_give_valid_boxes(size):
     w, h = size
     boxes = candidate_boxes(w, h, grids=(2, 3), overlap=0.1)
-    assert len(boxes) == 13
+    assert len(boxes) == num_candidates((2, 3), overlap=0.1) == 17
     for x0, y0, x1, y1 in boxes:
         assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+
+
+def _inside_some(box, candidates) -> bool:
+    x0, y0, x1, y1 = box
+    return any(c[0] <= x0 and c[1] <= y0 and x1 <= c[2] and y1 <= c[3] for c in candidates)
+
+
+def _random_box(rng: random.Random, w: int, h: int, near=None) -> tuple[int, int, int, int]:
+    """A box of at most BRIDGE_REACH of the short side, of random aspect, anywhere (or straddling ``near``)."""
+    most = int(min(w, h) * BRIDGE_REACH)
+    bw, bh = rng.randint(1, most), rng.randint(1, most)
+    if near is None:
+        x0, y0 = rng.randint(0, w - bw), rng.randint(0, h - bh)
+    else:
+        x0 = min(max(0, round(near[0] * w) - rng.randint(0, bw)), w - bw)
+        y0 = min(max(0, round(near[1] * h) - rng.randint(0, bh)), h - bh)
+    return x0, y0, x0 + bw, y0 + bh
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_every_small_object_lies_inside_some_candidate(seed):
+    """The covering property of the default candidates, over random boxes and aspect ratios (5:2
+    panoramas and their tall twins among them), with extra boxes straddling every line crossing."""
+    rng = random.Random(seed)
+    crossings = [(x, y) for x in (1 / 3, 1 / 2, 2 / 3) for y in (1 / 3, 1 / 2, 2 / 3)]
+    for _ in range(150):
+        long_side = rng.randint(200, 3000)
+        aspect = rng.uniform(1.0, 2.5)
+        w, h = long_side, max(12, round(long_side / aspect))
+        if rng.random() < 0.5:
+            w, h = h, w
+        candidates = candidate_boxes(w, h)
+        for near in [None, *crossings]:
+            box = _random_box(rng, w, h, near)
+            assert _inside_some(box, candidates), (w, h, box)
+
+
+def test_without_bridges_a_box_on_a_crossing_is_in_no_candidate():
+    """The case bridges exist for: a 2×2 line crossing a 3×3 line (so the property test can fail)."""
+    w, h = 1800, 1200
+    box = (900 - 40, 400 - 40, 900 + 40, 400 + 40)  # across x = w/2 and y = h/3
+    assert not _inside_some(box, candidate_boxes(w, h, bridges=False))
+    assert _inside_some(box, candidate_boxes(w, h))
+
+
+def test_bridges_sit_on_crossings_of_different_grids_only():
+    assert len(bridge_boxes((2, 3))) == 4
+    assert bridge_boxes((2,)) == bridge_boxes((3,)) == ()  # one grid: bridges would not cover its lines
+    assert bridge_boxes((1, 2, 3)) == ()  # the whole image holds everything
+    assert num_candidates((3, 2)) == num_candidates((2, 3)) == 17
+    groups = candidate_groups((2, 3))
+    assert groups == [0] * 4 + [1] * 13  # bridges are ranked among the 3×3 cells (their size)
 
 
 def _roundtrip(image: Image.Image, fmt: str) -> Image.Image:

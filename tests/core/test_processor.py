@@ -71,7 +71,7 @@ def test_placeholders_init_time_vs_per_request(model_dir, photo, tokens_per_tile
     assert torch.equal(_pixel_values(outs[0]), _pixel_values(outs[2]))
 
 
-@pytest.mark.parametrize("method, grids, expected", [("all", [2, 3], 13), ("all", [2], 4), ("overview", [2, 3], 0), ("random", [2], 1)])
+@pytest.mark.parametrize("method, grids, expected", [("all", [2, 3], 17), ("all", [2], 4), ("overview", [2, 3], 0), ("random", [2], 1)])
 def test_methods_token_counts(model_dir, photo, tokens_per_tile, method, grids, expected):
     processor, _ = make_processor(model_dir, {"method": "all"})  # profiled for every candidate
     out = _apply(processor, chat_prompt("What is the color of the flag?"), [photo],
@@ -183,7 +183,7 @@ def test_bad_kwargs_raise_typed_error(processor, photo, kwargs, field):
 
 
 def test_dummy_inputs_are_the_worst_case(model_dir, tokens_per_tile):
-    for server, crops in (({"max_topk": 3}, 3), ({"topk": 2}, 2), ({"method": "all"}, 13), ({"topk": 0}, 0)):
+    for server, crops in (({"max_topk": 3}, 3), ({"topk": 2}, 2), ({"method": "all"}, 17), ({"topk": 0}, 0)):
         processor, _ = make_processor(model_dir, server)
         assert processor.info.get_max_image_tokens() == (1 + crops) * tokens_per_tile
         mm = processor.get_dummy_mm_inputs({"image": 2})

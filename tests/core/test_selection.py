@@ -112,13 +112,14 @@ def test_relevance_picks_the_top_scores(model_dir, photo):
     question = "What is the color of the flag?"
     sel = select_crops(photo, question, SemClipConfig(relevance_model=PSI, topk=3))
     raw = select_crops(photo, question, SemClipConfig(relevance_model=PSI, topk=3, relevance_norm="none"))
-    assert len(sel.candidates) == 13 and len(sel.candidate_scores) == 13
+    assert len(sel.candidates) == 17 and len(sel.candidate_scores) == 17
     assert raw.candidate_scores == sel.candidate_scores and raw.ranking_scores == raw.candidate_scores
     s = torch.tensor(sel.candidate_scores, dtype=torch.float64)
-    z = torch.cat([(g - g.mean()) / g.std(unbiased=False) for g in (s[:4], s[4:])])  # per grid: 4 cells, 9 cells
+    # per grid: 4 cells; 9 cells with the 4 bridges (3×3-cell-sized) ranked among them
+    z = torch.cat([(g - g.mean()) / g.std(unbiased=False) for g in (s[:4], s[4:])])
     assert torch.allclose(torch.tensor(sel.ranking_scores, dtype=torch.float64), z, atol=1e-6)
     for chosen, by in ((sel, z.tolist()), (raw, sel.candidate_scores)):
-        best = sorted(range(13), key=lambda i: -by[i])[:3]
+        best = sorted(range(17), key=lambda i: -by[i])[:3]
         assert chosen.boxes == [chosen.candidates[i] for i in best]
         assert chosen.scores == [chosen.candidate_scores[i] for i in best]
     assert sel.boxes != raw.boxes
@@ -129,10 +130,12 @@ def test_rank_scores_standardises_within_each_grid():
     from vllm_semclip.crops import rank_scores
 
     scores = [0.5, 0.6, 0.7, 0.8, *[0.0] * 8, 0.65]  # grid 2: four cells, all high; grid 3: one stands out
-    ranked = rank_scores(scores, (2, 3))
+    ranked = rank_scores(scores, (2, 3), bridges=False)
     assert ranked[:4] == pytest.approx([-1.3416, -0.4472, 0.4472, 1.3416], abs=1e-4)
     assert ranked[12] == pytest.approx(8 ** 0.5) and max(range(13), key=ranked.__getitem__) == 12
-    assert rank_scores(scores, (2, 3), "none") == scores  # raw: the coarse cell 3 would win
+    assert rank_scores(scores, (2, 3), "none", bridges=False) == scores  # raw: the coarse cell 3 would win
+    with_bridges = rank_scores([*scores, 0.0, 0.0, 0.0, 0.0], (2, 3))  # bridges join the 3×3 cells' group
+    assert with_bridges[:4] == pytest.approx(ranked[:4]) and with_bridges[12] == pytest.approx(12 ** 0.5)
     assert rank_scores([0.5, 0.1, 0.2, 0.3, 0.4], (1, 2))[0] == 0.0  # a one-cell grid has no spread
     assert rank_scores([0.7] * 4, (2,)) == [0.0] * 4
     with pytest.raises(ValueError, match="13 scores for grids"):

@@ -88,4 +88,89 @@ def test_cli_bench_data(tmp_path):
     out = subprocess.run([sys.executable, "-m", "vllm_semclip.cli", "bench-data", "--out", str(tmp_path), "--n", "3",
                           "--seed", "5"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert len(load_bench(tmp_path)) == 3 and "wrote 3 questions" in out.stdout
+    assert len(load_bench(tmp_path)) == 3 and "wrote 3 legacy questions" in out.stdout
+
+
+# ---- the randomised splits -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shifted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shifted")
+    return write_bench(out, 60, seed=3, split="shifted", progress=False)
+
+
+def _cells(w, h, g):
+    return [(c * w / g, r * h / g, (c + 1) * w / g, (r + 1) * h / g) for r in range(g) for c in range(g)]
+
+
+def test_shifted_split_draws_only_held_out_parts(shifted):
+    from vllm_semclip.tiny.render import RenderDistribution
+
+    held_out = set(RenderDistribution("shifted").backgrounds)
+    assert {r.extra["background"] for r in shifted} <= held_out
+    assert any(r.extra["background"].startswith("opencv:") for r in shifted)
+    assert {r.extra["split"] for r in shifted} == {"shifted"}
+
+
+def test_shifted_layout_borders_far_pairs_and_panoramas(shifted):
+    from vllm_semclip.eval.benchdata import crosses_cell_line
+
+    attrs = [r for r in shifted if r.category == "direct_attributes"]
+    pairs = [r for r in shifted if r.category == "relative_position"]
+    sizes = {r.name: r.load_image().size for r in shifted}
+    assert sum(r.extra["border"] for r in attrs) >= 0.3 * len(attrs)
+    assert all(r.extra["border"] == crosses_cell_line(r.bbox[0], sizes[r.name]) for r in attrs)
+    assert sum(r.extra["pair"] == "far" for r in pairs) >= 0.3 * len(pairs)
+    for r in pairs:
+        w, h = sizes[r.name]
+        (ax, ay, aw, ah), (bx, by, bw, bh) = r.bbox
+        both = (min(ax, bx), min(ay, by), max(ax + aw, bx + bw), max(ay + ah, by + bh))
+        in_one_cell = any(c[0] <= both[0] and c[1] <= both[1] and both[2] <= c[2] and both[3] <= c[3]
+                          for c in _cells(w, h, 3))
+        if r.extra["pair"] == "far":
+            assert abs((ax + aw / 2) - (bx + bw / 2)) > w / 3 and not in_one_cell
+        else:
+            assert in_one_cell
+    aspects = [max(w, h) / min(w, h) for w, h in sizes.values()]
+    assert max(aspects) <= 2.5 + 1e-2 and any(a > 2.0 for a in aspects)
+
+
+def test_shifted_answers_match_the_pixels(shifted):
+    """The drawn shade at the target's centre is nearest the answer's colour name (through blur,
+    noise and JPEG), and left/right follows the boxes."""
+    from vllm_semclip.tiny.render import nearest_color_name
+
+    for r in shifted:
+        image = r.load_image()
+        if r.category == "direct_attributes":
+            x, y, w, h = r.bbox[0]
+            cy = y + (2 * h) // 3 if r.target_object[0] == "triangle" else y + h // 2
+            patch = np.asarray(image.crop((x + w // 2 - 2, cy - 2, x + w // 2 + 3, cy + 3)))
+            seen = tuple(int(v) for v in np.median(patch.reshape(-1, 3), axis=0))
+            assert nearest_color_name(seen) == r.extra["color"], (r.name, seen)
+        else:
+            a, b = r.target_object
+            (ax, _, aw, _), (bx, _, bw, _) = r.bbox
+            assert r.answer == f"The {a} is on the {'left' if ax + aw / 2 < bx + bw / 2 else 'right'} side of the {b}."
+
+
+def test_training_splits_never_draw_a_reserved_source(tmp_path):
+    from vllm_semclip.tiny.render import check_training_source
+
+    for split in ("train", "val"):
+        records = write_bench(tmp_path / split, 30, seed=4, split=split, progress=False)
+        for r in records:
+            check_training_source(r.extra["background"])  # raises for opencv-doc's and held-out sources
+            assert not r.extra["background"].startswith("opencv:")
+
+
+def test_splits_draw_different_scenes_from_one_seed():
+    from vllm_semclip.eval.benchdata import make_record
+
+    a = make_record("direct_attributes", 0, 1, "train")[1]
+    b = make_record("direct_attributes", 0, 1, "val")[1]
+    c = make_record("direct_attributes", 0, 1, "train")[1]
+    assert a.bbox == c.bbox and a.extra == c.extra
+    assert (a.bbox, a.extra["background"]) != (b.bbox, b.extra["background"])
+    with pytest.raises(ValueError, match="split must be one of"):
+        make_record("direct_attributes", 0, 1, "test")

@@ -105,7 +105,7 @@ def test_small_evaluation_writes_results_and_plot(small_run, tokens_per_tile):
     assert docs["oracle"]["mean_visual_tokens"] == docs["clip-k1"]["mean_visual_tokens"] == 2 * tokens_per_tile
     assert docs["trained-k1"]["mean_visual_tokens"] == 2 * tokens_per_tile
     assert docs["clip-k2"]["mean_visual_tokens"] == docs["trained-k2"]["mean_visual_tokens"] == 3 * tokens_per_tile
-    assert docs["all"]["mean_visual_tokens"] == 14 * tokens_per_tile
+    assert docs["all"]["mean_visual_tokens"] == 18 * tokens_per_tile  # overview + 13 cells + 4 bridges
     assert docs["oracle"]["crop_hit_rate"] == docs["all"]["crop_hit_rate"] == 1.0
     assert docs["overview"]["crop_hit_rate"] == 0.0
 
@@ -137,3 +137,33 @@ def test_recorded_boxes_are_what_the_method_chose(small_run):
             rec = records[r["name"]]
             assert r["boxes"] == [list(b) for b in select_crops(rec.load_image(), rec.question, trained).boxes]
     assert all(r["boxes"] == [] for r in docs["overview"]["records"])
+
+
+@pytest.fixture(scope="module")
+def shifted_run(tmp_path_factory):
+    """A tiny end-to-end evaluation on the shifted split (held-out photos, shades and styles)."""
+    from vllm_semclip.eval.harness import run
+
+    root = tmp_path_factory.mktemp("eval_shifted")
+    records = write_bench(root / "bench", 12, seed=5, split="shifted", progress=False)
+    docs = run(root / "bench", ["overview", "oracle", "clip"], root / "out", progress=False)
+    return records, {d["method"]: d for d in docs}
+
+
+def test_shifted_evaluation_reports_groups_and_hits(shifted_run):
+    from vllm_semclip.eval.harness import GROUPS, TABLE_HEADER, format_row
+
+    records, docs = shifted_run
+    groups = {g for g in GROUPS if any(
+        (r.category == "direct_attributes") == g.startswith("attribute")
+        and (g.endswith("border") == bool(r.extra.get("border")) if g.startswith("attribute")
+             else g.endswith("far") == (r.extra.get("pair") == "far")) for r in records)}
+    for doc in docs.values():
+        assert doc["questions"] == 12 and set(doc["accuracy_by_group"]) == groups
+        assert set(doc["crop_hit_by_category"]) == {"direct_attributes", "relative_position"}
+        assert all(r["group"] in GROUPS for r in doc["records"])
+        row = format_row(doc)
+        assert row.count("|") == TABLE_HEADER.splitlines()[0].count("|")
+    # bridges: the oracle's one crop holds every attribute target, on cell lines too
+    assert docs["oracle"]["crop_hit_by_category"]["direct_attributes"] == 1.0
+    assert docs["overview"]["crop_hit_rate"] == 0.0

@@ -68,7 +68,7 @@ def test_a_crops_gain_is_its_rise_in_the_correct_options_probability():
     helpful = 12  # the bottom-right 3x3 cell holds the circle
     scored[1 + helpful] = [-0.2, -3.0, -3.0, -3.0]
     row = label_row(rec, (900, 600), (2, 3), scored)
-    assert len(row["crops"]) == 13 and row["best"] == helpful
+    assert len(row["crops"]) == 17 and row["best"] == helpful and row["bridges"]
     assert row["crops"][helpful]["gain"] == pytest.approx(
         score_condition(scored[1 + helpful])["logprob"] - score_condition(overview)["logprob"], abs=1e-3)
     assert row["crops"][helpful]["correct"] and not row["overview"]["correct"]
@@ -188,7 +188,7 @@ def test_the_ray_job_labels_every_crop_and_shuts_ray_down(bench, uninterrupted):
     assert [r["name"] for r in rows] == [r.name for r in load_bench(bench / "bench")]
     for row in rows:
         rec = records[row["name"]]
-        assert len(row["crops"]) == 13 and len(row["overview"]["option_scores"]) == len(rec.options)
+        assert len(row["crops"]) == 17 and len(row["overview"]["option_scores"]) == len(rec.options)
         for crop in row["crops"]:
             assert crop["gain"] == pytest.approx(crop["logprob"] - row["overview"]["logprob"], abs=2e-4)
             assert crop["logprob"] <= 0 and crop["hit"] == crop_hit([crop["box"]], rec.target_boxes)

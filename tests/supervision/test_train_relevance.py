@@ -191,7 +191,7 @@ def test_training_scores_crops_as_select_crops_does(perfect_labels, fit):
     psi = get_relevance_model(str(DEFAULT_RELEVANCE_DIR))
     rows = load_labels(perfect_labels / "labels")[:4]
     feats = _crop_views(psi, rows, fit, False, lambda px: _encode_crops(psi.model, px))
-    assert feats.shape[:2] == (4, 13) and feats.shape[-1] == psi.model.visual.output_dim
+    assert feats.shape[:2] == (4, 17) and feats.shape[-1] == psi.model.visual.output_dim
     for row, f in zip(rows, feats):
         scores = (f @ psi.query_vector(row["question"])).amax(-1)
         with Image.open(row["image"]) as im:
@@ -225,9 +225,9 @@ def test_validation_ranks_the_candidates_as_select_crops_does(perfect_labels):
             picks[norm].append(sel.candidates.index(sel.boxes[0]))
     assert picks["grid"] != picks["none"]  # the labelled scenes have questions where the norm decides
     for norm, other in (("grid", "none"), ("none", "grid")):
-        hits = [[i == p for i in range(13)] for p in picks[norm]]
-        data = LabelledSet([r["question"] for r in rows], [[0.0] * 13 for _ in rows], [0] * len(rows), hits, feats,
-                           [tuple(r["grids"]) for r in rows])
+        hits = [[i == p for i in range(17)] for p in picks[norm]]
+        data = LabelledSet([r["question"] for r in rows], [[0.0] * 17 for _ in rows], [0] * len(rows), hits, feats,
+                           [tuple(r["grids"]) for r in rows], [r["bridges"] for r in rows])
         assert validate(psi.model, psi.tokenizer, data, True, psi.reference, norm)["hit_rate"] == 1.0
         assert validate(psi.model, psi.tokenizer, data, True, psi.reference, other)["hit_rate"] < 1.0
 

@@ -142,7 +142,7 @@ def test_curriculum_shrinks_cards_to_crop_size():
                                  {"label_weight": -1.0}, {"label_tiles": -1, "label_weight": 1.0},
                                  {"label_tiles": 8}, {"empty_tiles": -1}, {"lock_image_unlocked_groups": 2},
                                  {"lock_image": True, "lock_image_unlocked_groups": -1},
-                                 {"question_weight": -1.0}])
+                                 {"question_weight": -1.0}, {"render": "shifted"}, {"checkpoint_every": -1}])
 def test_clip_config_is_validated(bad):
     with pytest.raises(ValueError):
         ClipTrainConfig(**bad)
@@ -911,3 +911,40 @@ def test_a_few_steps_of_the_binding_loss_move_the_heads_attention_onto_the_asked
     combined = trainer.loss(samples, random.Random(0), binding_weight=0.1, binding_layer=2)
     plain = trainer.loss(samples, random.Random(0))
     assert float(combined.detach()) > float(plain.detach())  # the binding term is added, never negative
+
+
+@pytest.mark.engine
+def test_a_stopped_clip_run_goes_on_from_its_checkpoint_as_if_it_had_not_stopped(tmp_path, monkeypatch):
+    """Seeded and resumable, on the randomised material: a run stopped after its step-2 checkpoint and
+    started again ends with the very weights of a run that never stopped; a checkpoint of another
+    configuration is refused."""
+    from safetensors.torch import load_file
+
+    from vllm_semclip.tiny import train_clip as trainer
+
+    config = ClipTrainConfig(steps=4, caption_blocks=1, eval_cards=8, eval_mosaics=2, threads=1, render="train",
+                             checkpoint_every=2, warmup=1)
+    whole = train_clip(config, tmp_path / "whole", progress=False)
+    assert whole["resumed_at_step"] is None and whole["config"]["render"] == "train"
+    assert not (tmp_path / "whole" / trainer.CHECKPOINT).exists()  # a finished run leaves none
+
+    real, calls = trainer.sample_blocks, []
+
+    def stop_at_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "sample_blocks", stop_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_clip(config, tmp_path / "stopped", progress=False)
+    assert (tmp_path / "stopped" / trainer.CHECKPOINT).is_file()
+    monkeypatch.setattr(trainer, "sample_blocks", real)
+    with pytest.raises(ValueError, match="another configuration.*steps"):
+        train_clip(ClipTrainConfig(**{**config.__dict__, "steps": 6}), tmp_path / "stopped", progress=False)
+    again = train_clip(config, tmp_path / "stopped", progress=False)
+    assert again["resumed_at_step"] == 2
+    a = load_file(str(tmp_path / "whole" / "open_clip_model.safetensors"))
+    b = load_file(str(tmp_path / "stopped" / "open_clip_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -59,6 +59,7 @@ class LabelConfig:
     model: str
     out: str
     grids: tuple[int, ...] = (2, 3)
+    bridges: bool = True  # SemClipConfig.bridges: the candidates labelled are the served ones
     shard_size: int = 16  # questions per shard: one ``LLM.generate`` batch, the unit of resumption
     actors: int = 1
     address: str | None = None  # an existing Ray cluster; None starts a local one
@@ -76,12 +77,12 @@ class LabelConfig:
             raise LabelError(f"cpus_per_actor must be at least 1, got {self.cpus_per_actor}")
         if self.limit is not None and self.limit < 1:
             raise LabelError(f"limit must be at least 1, got {self.limit}")
-        SemClipConfig(grids=tuple(self.grids))  # the plugin's own limits on grids
+        SemClipConfig(grids=tuple(self.grids), bridges=self.bridges)  # the plugin's own limits
 
     def manifest(self, questions: int) -> dict[str, Any]:
         """What the shards depend on; a resumed run must agree on all of it."""
         return {"data": str(Path(self.data).resolve()), "model": str(self.model), "grids": list(self.grids),
-                "shard_size": self.shard_size, "questions": questions,
+                "bridges": self.bridges, "shard_size": self.shard_size, "questions": questions,
                 "shards": math.ceil(questions / self.shard_size)}
 
 
@@ -94,9 +95,9 @@ def shards(records: Sequence[BenchRecord], size: int) -> Iterator[tuple[int, lis
         yield start // size, list(records[start:start + size])
 
 
-def conditions(size: tuple[int, int], grids: Sequence[int]) -> list[dict[str, Any]]:
+def conditions(size: tuple[int, int], grids: Sequence[int], bridges: bool = True) -> list[dict[str, Any]]:
     """The request kwargs of every condition of one image: the overview, then each candidate crop."""
-    candidates = candidate_boxes(*size, grids)
+    candidates = candidate_boxes(*size, grids, bridges=bridges)
     return [{"method": "overview", "topk": 0}] + [{"method": "given", "boxes": [list(c)]} for c in candidates]
 
 
@@ -110,9 +111,9 @@ def score_condition(option_scores: Sequence[float]) -> dict[str, Any]:
 
 
 def label_row(record: BenchRecord, size: tuple[int, int], grids: Sequence[int],
-              scored: Sequence[Sequence[float]]) -> dict[str, Any]:
+              scored: Sequence[Sequence[float]], bridges: bool = True) -> dict[str, Any]:
     """One question's labels from its conditions' option scores (overview first, then each candidate)."""
-    candidates = candidate_boxes(*size, grids)
+    candidates = candidate_boxes(*size, grids, bridges=bridges)
     overview = score_condition(scored[0])
     crops = []
     for box, option_scores in zip(candidates, scored[1:]):
@@ -124,14 +125,14 @@ def label_row(record: BenchRecord, size: tuple[int, int], grids: Sequence[int],
     best = max(range(len(crops)), key=lambda i: (crops[i]["gain"], -i))
     return {"name": record.name, "category": record.category, "image": record.image, "image_size": list(size),
             "question": record.question, "options": record.options, "bbox": record.bbox, "grids": list(grids),
-            "overview": overview, "crops": crops, "best": best,
+            "bridges": bridges, "overview": overview, "crops": crops, "best": best,
             "oracle": oracle_index(candidates, record.target_boxes)}
 
 
 class LabelWorker:
     """One vLLM engine with the plugin; labels one shard per call (a Ray actor in the job)."""
 
-    def __init__(self, model: str, grids: Sequence[int]) -> None:
+    def __init__(self, model: str, grids: Sequence[int], bridges: bool = True) -> None:
         from vllm_semclip.server import runtime_env
 
         for key, value in runtime_env().items():  # this node's defaults (CPU or GPU), before vLLM starts
@@ -143,6 +144,7 @@ class LabelWorker:
         from vllm_semclip.eval.harness import make_engine
 
         self.grids = tuple(grids)
+        self.bridges = bridges
         # method "overview" by default; every request names its own condition (room for one crop)
         self.llm = make_engine(model, {"method": "overview", "grids": list(self.grids), "max_topk": 1})
 
@@ -161,7 +163,7 @@ class LabelWorker:
                 image = im.convert("RGB")
             prompt = prompt_for(tokenizer, rec.question)
             option_lengths = [len(tokenizer(" " + o, add_special_tokens=False)["input_ids"]) for o in rec.options]
-            conds = conditions(image.size, self.grids)
+            conds = conditions(image.size, self.grids, self.bridges)
             for kwargs in conds:
                 for option, n in zip(rec.options, option_lengths):
                     prompts.append({"prompt": prompt + " " + option, "multi_modal_data": {"image": image},
@@ -173,7 +175,7 @@ class LabelWorker:
         rows, k = [], 0
         for rec, (size, n_conds, n_opts) in zip(recs, layout):
             scored = [scores[k + c * n_opts:k + (c + 1) * n_opts] for c in range(n_conds)]
-            rows.append(label_row(rec, size, self.grids, scored))
+            rows.append(label_row(rec, size, self.grids, scored, self.bridges))
             k += n_conds * n_opts
         return rows
 
@@ -258,7 +260,7 @@ def _label_on_ray(config: LabelConfig, out: Path, pending: list, skipped: int, p
 
     cpus = config.cpus_per_actor or max(1, int(ray.available_resources().get("CPU", 1)) // config.actors)
     worker_cls = ray.remote(num_cpus=cpus)(LabelWorker)
-    actors = [worker_cls.remote(config.model, config.grids) for _ in range(min(config.actors, len(pending)))]
+    actors = [worker_cls.remote(config.model, config.grids, config.bridges) for _ in range(min(config.actors, len(pending)))]
     queue = list(pending)
     running: dict[Any, tuple[int, Any, int]] = {}
 

@@ -122,6 +122,7 @@ class LabelledSet:
     hits: list[list[bool]]
     crops: Any  # [Q, C, V, 3, H, W] fp16 pixels of each crop's V views, or [Q, C, V, D] frozen features
     grids: list[tuple[int, ...]]  # each question's candidate grids (its crops in ``candidate_boxes`` order)
+    bridges: list[bool] | None = None  # each question's ``bridges`` (labels written before bridges: none)
 
     def __len__(self) -> int:
         return len(self.questions)
@@ -171,7 +172,8 @@ def validate(model, tokenizer, data: LabelledSet, lock_image: bool,
         texts = query_features(model, tokenizer, data.questions, reference)
         feats = data.crops if lock_image else _encode_crops(model, data.crops)
         scores = torch.einsum("qd,qcvd->qcv", texts, feats).amax(-1).tolist()
-    ranked = [rank_scores(s, grids, norm) for s, grids in zip(scores, data.grids)]
+    bridges = data.bridges or [False] * len(data)
+    ranked = [rank_scores(s, grids, norm, b) for s, grids, b in zip(scores, data.grids, bridges)]
     choice = [top_indices(r, 1)[0] for r in ranked]
     n = len(data)
     return {"hit_rate": sum(h[c] for h, c in zip(data.hits, choice)) / n,
@@ -229,7 +231,7 @@ def train_relevance(config: RelevanceTrainConfig, out_dir: Path | str = DEFAULT_
         pixels = _crop_views(psi, subset, config.fit, progress, encode)
         return LabelledSet([r["question"] for r in subset], [[c["gain"] for c in r["crops"]] for r in subset],
                            [r["best"] for r in subset], [[c["hit"] for c in r["crops"]] for r in subset], pixels,
-                           [tuple(r["grids"]) for r in subset])
+                           [tuple(r["grids"]) for r in subset], [bool(r.get("bridges", False)) for r in subset])
 
     train_set, val_set = prepare(train_rows), prepare(val_rows)
     if config.lock_image:

@@ -12,6 +12,10 @@ edges are soft. Drawing it directly at 20 px would give the models hard, aliased
 they never meet at serving time.
 
 Every generator takes a ``random.Random`` so that a split is reproducible from a seed.
+
+``render``: with a :class:`~vllm_semclip.tiny.render.RenderDistribution`, a tile's background,
+shades, card styles and finish come from that distribution (its training split for training
+material) instead of the first generator's one palette and outlined shapes on 12 photos.
 """
 
 from __future__ import annotations
@@ -20,9 +24,14 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 from PIL import Image, ImageDraw
 
 from vllm_semclip.tiny.scenes import COLORS, SHAPES, Placed, background_names, draw_shape, find_box, load_photo
+
+if TYPE_CHECKING:
+    from vllm_semclip.tiny.render import RenderDistribution
 
 CAPTIONS: tuple[str, ...] = tuple(f"a {c} {s}" for s in SHAPES for c in COLORS)  # 24, easy-VQA's vocabulary
 SUPERSAMPLE = 4
@@ -91,17 +100,18 @@ def card_tile(
     n_cards: int = 1,
     side_range: tuple[float, float] = CROP_SIDE_RANGE,
     min_dx: bool = False,
+    render: RenderDistribution | None = None,
 ) -> Tile:
     """A ``size``-px photo tile with ``n_cards`` cards of distinct shapes (random unless given).
 
     ``min_dx`` keeps the first two cards at least one card side apart horizontally, so
-    "left or right" has one answer.
+    "left or right" has one answer. ``render``: draw from that distribution (module docstring).
     """
     shapes = list(shapes) if shapes is not None else rng.sample(SHAPES, n_cards)
     colors = list(colors) if colors is not None else [rng.choice(list(COLORS)) for _ in shapes]
     if len(set(shapes)) != len(shapes) or len(colors) != len(shapes):
         raise ValueError("a tile's shapes must be distinct and each needs a colour")
-    image = photo_background(rng, size)
+    image = photo_background(rng, size) if render is None else None
     side = max(4, round(size * rng.uniform(*side_range)))
     region = (1, 1, size - 1, size - 1)
     for _ in range(50):
@@ -113,8 +123,26 @@ def card_tile(
             continue
         if not min_dx or len(boxes) < 2 or abs((boxes[0][0] + boxes[0][2] / 2) - (boxes[1][0] + boxes[1][2] / 2)) >= side:
             break
+    if render is not None:
+        return rendered_tile(rng, size, shapes, colors, boxes, render)
     cards = [paste_card(image, s, c, b) for s, c, b in zip(shapes, colors, boxes)]
     return Tile(image, cards)
+
+
+def rendered_tile(rng: random.Random, size: int, shapes: Sequence[str], colors: Sequence[str],
+                  boxes: Sequence[tuple[int, int, int, int]], render: RenderDistribution) -> Tile:
+    """A tile drawn by ``render`` at twice its size — background, cards, blur, noise and JPEG as a
+    benchmark scene gets them — then reduced (soft edges, as in a reduced crop; twice is enough
+    here, and a quarter of the pixels of ``SUPERSAMPLE``)."""
+    from vllm_semclip.tiny.render import jpeg_roundtrip
+
+    s = 2
+    image, _ = render.background((size * s, size * s), rng, zoom=(0.15, 1.0))  # a crop's share of a scene
+    for shape, color, (x, y, w, h) in zip(shapes, colors, boxes):
+        render.draw(image, shape, color, (x * s, y * s, w * s, h * s), rng)
+    image, quality = render.finish(image, rng)
+    image = jpeg_roundtrip(image, quality).resize((size, size), Image.LANCZOS)
+    return Tile(image, [Placed(sh, c, b) for sh, c, b in zip(shapes, colors, boxes)])
 
 
 def mosaic(tiles: Sequence[Image.Image], grid: int = 3) -> Image.Image:

@@ -113,6 +113,10 @@ class ClipTrainConfig:
     lock_image_unlocked_groups: int = 0
     # weight of ShapeQueryLoss: each shape's question against every tile of each caption block (0 = off)
     question_weight: float = 0.0
+    # the material: "legacy" (the first generator) or "train" (RenderDistribution's training split;
+    # held-out cards then come from its "val" split)
+    render: str = "legacy"
+    checkpoint_every: int = 100  # steps between resumable checkpoints (out_dir/checkpoint.pt); 0 = none
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.caption_blocks < 1 or self.label_tiles < 0 or self.empty_tiles < 0:
@@ -127,6 +131,10 @@ class ClipTrainConfig:
             raise ValueError("lr must be in (0, 1), weight_decay and warmup non-negative")
         if not 0 <= self.curriculum <= 1:
             raise ValueError("curriculum is a fraction of the steps (0-1)")
+        if self.render not in ("legacy", "train"):
+            raise ValueError(f"render must be legacy or train, got {self.render!r}")
+        if self.checkpoint_every < 0:
+            raise ValueError("checkpoint_every must be non-negative")
         if min(self.position_weight, self.position_card_weight, self.label_weight, self.question_weight) < 0 \
                 or self.position_layer >= 0:
             raise ValueError("position_weight, position_card_weight, label_weight and question_weight must be "
@@ -314,7 +322,7 @@ def to_tensor(images, mean, std):
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
-def sample_blocks(rng: random.Random, size: int, blocks: int, side_range: tuple[float, float]):
+def sample_blocks(rng: random.Random, size: int, blocks: int, side_range: tuple[float, float], render=None):
     """One step's blocks of (texts, tiles): ``blocks`` × (24 captions, once each) + one
     shape-question and one pair-question block. Tiles keep their cards (the position loss
     finds the patches under them)."""
@@ -324,35 +332,37 @@ def sample_blocks(rng: random.Random, size: int, blocks: int, side_range: tuple[
         for text in rng.sample(CAPTIONS, len(CAPTIONS)):
             color, shape = text.split()[1:]
             texts.append(text)
-            tiles.append(card_tile(rng, size, shapes=[shape], colors=[color], side_range=side_range))
+            tiles.append(card_tile(rng, size, shapes=[shape], colors=[color], side_range=side_range, render=render))
         out.append((texts, tiles))
     texts, tiles = [], []
     for shape in SHAPES:
         texts.append(rng.choice([f"a {shape}", f"the {shape}", attribute_question(shape)]))
-        tiles.append(card_tile(rng, size, shapes=[shape], side_range=side_range))
+        tiles.append(card_tile(rng, size, shapes=[shape], side_range=side_range, render=render))
     out.append((texts, tiles))
     texts, tiles = [], []
     for a, b in ((SHAPES[0], SHAPES[1]), (SHAPES[0], SHAPES[2]), (SHAPES[1], SHAPES[2])):
         if rng.random() < 0.5:
             a, b = b, a
         texts.append(spatial_question(a, b))
-        tiles.append(card_tile(rng, size, shapes=[a, b], n_cards=2, side_range=side_range))
+        tiles.append(card_tile(rng, size, shapes=[a, b], n_cards=2, side_range=side_range, render=render))
     out.append((texts, tiles))
     return out
 
 
-def label_only_tiles(rng: random.Random, size: int, n: int, side_range: tuple[float, float]) -> list:
+def label_only_tiles(rng: random.Random, size: int, n: int, side_range: tuple[float, float], render=None) -> list:
     """``n`` tiles with 1–3 cards each (as ``semclip train vlm``'s tiles have) for the patch losses:
     no caption describes a multi-card tile, so they stay out of the contrastive loss."""
-    return [card_tile(rng, size, n_cards=rng.randint(1, len(SHAPES)), side_range=side_range) for _ in range(n)]
+    return [card_tile(rng, size, n_cards=rng.randint(1, len(SHAPES)), side_range=side_range, render=render)
+            for _ in range(n)]
 
 
-def empty_photo_tiles(rng: random.Random, size: int, n: int) -> list:
+def empty_photo_tiles(rng: random.Random, size: int, n: int, render=None) -> list:
     """``n`` photo tiles without a card: the negatives of :class:`ClipLossWithNegatives`."""
-    return [card_tile(rng, size, shapes=[], colors=[]) for _ in range(n)]
+    return [card_tile(rng, size, shapes=[], colors=[], render=render) for _ in range(n)]
 
 
-def zero_shot_scores(model, tokenizer, rng: random.Random, n: int, size: int, batch: int = 96) -> dict[str, float]:
+def zero_shot_scores(model, tokenizer, rng: random.Random, n: int, size: int, batch: int = 96,
+                     render=None) -> dict[str, float]:
     """Held-out single cards at crop size, argmax over the 24 caption embeddings: the share of
     cards whose caption is right (``caption``), and whose predicted caption names the right
     shape (``shape``) or colour (``color``) — which of the two a ψ confuses says what to train."""
@@ -364,7 +374,8 @@ def zero_shot_scores(model, tokenizer, rng: random.Random, n: int, size: int, ba
         labels = [i % len(CAPTIONS) for i in range(n)]
         for start in range(0, n, batch):
             chunk = labels[start:start + batch]
-            tiles = [card_tile(rng, size, shapes=[parts[i][1]], colors=[parts[i][0]]).image for i in chunk]
+            tiles = [card_tile(rng, size, shapes=[parts[i][1]], colors=[parts[i][0]], render=render).image
+                     for i in chunk]
             img = torch.nn.functional.normalize(model.encode_image(to_tensor(tiles, mean, std)), dim=-1)
             for p, i in zip((img @ text.T).argmax(dim=-1).tolist(), chunk):
                 hits["caption"] += p == i
@@ -373,12 +384,14 @@ def zero_shot_scores(model, tokenizer, rng: random.Random, n: int, size: int, ba
     return {k: v / n for k, v in hits.items()}
 
 
-def zero_shot_accuracy(model, tokenizer, rng: random.Random, n: int, size: int, batch: int = 96) -> float:
+def zero_shot_accuracy(model, tokenizer, rng: random.Random, n: int, size: int, batch: int = 96,
+                       render=None) -> float:
     """Held-out single cards at crop size: argmax over the 24 caption embeddings."""
-    return zero_shot_scores(model, tokenizer, rng, n, size, batch)["caption"]
+    return zero_shot_scores(model, tokenizer, rng, n, size, batch, render)["caption"]
 
 
-def cell_pick_accuracy(relevance, rng: random.Random, n: int, size: int, query: str = "caption") -> float:
+def cell_pick_accuracy(relevance, rng: random.Random, n: int, size: int, query: str = "caption",
+                       render=None) -> float:
     """3×3 mosaics: the card's cell must score highest among the 9 (ψ's real scoring path).
 
     ``query="caption"``: one target card "a {color} {shape}"; each other cell holds, with
@@ -394,7 +407,7 @@ def cell_pick_accuracy(relevance, rng: random.Random, n: int, size: int, query: 
         tiles = []
         for i in range(9):
             if i == target:
-                tiles.append(card_tile(rng, size, shapes=[shape], colors=[color]).image)
+                tiles.append(card_tile(rng, size, shapes=[shape], colors=[color], render=render).image)
                 continue
             if rng.random() < 0.5:
                 while True:
@@ -402,34 +415,47 @@ def cell_pick_accuracy(relevance, rng: random.Random, n: int, size: int, query: 
                     c = rng.choice(list(COLORS))
                     if (s, c) != (shape, color):
                         break
-                tiles.append(card_tile(rng, size, shapes=[s], colors=[c]).image)
+                tiles.append(card_tile(rng, size, shapes=[s], colors=[c], render=render).image)
             else:
-                tiles.append(card_tile(rng, size, shapes=[], colors=[]).image)
+                tiles.append(card_tile(rng, size, shapes=[], colors=[], render=render).image)
         text = caption(color, shape) if query == "caption" else attribute_question(shape)
         scores = relevance.score_regions(text, mosaic(tiles), boxes)  # square cells: one view each
         correct += int(scores.argmax()) == target
     return correct / n
 
 
-def evaluate(model_dir: Path | str, seed: int = 0, n_cards: int = 480, n_mosaics: int = 400) -> dict:
+def evaluate(model_dir: Path | str, seed: int = 0, n_cards: int = 480, n_mosaics: int = 400,
+             render: str = "legacy") -> dict:
     """Held-out figures of a saved ψ: zero-shot caption accuracy (and its shape and colour parts)
-    and 3×3 cell pick (caption and question)."""
+    and 3×3 cell pick (caption and question). ``render="train"``: cards of the distribution's
+    validation split."""
     from vllm_semclip.relevance import RelevanceModel
 
     relevance = RelevanceModel.from_pretrained(str(model_dir))  # registers the configs, loads its tokenizer
     size = relevance.image_size
     rng = random.Random(seed + EVAL_SEED_OFFSET)
-    zero_shot = zero_shot_scores(relevance.model, relevance.tokenizer, rng, n_cards, size)
+    dist = material("val" if render == "train" else render)
+    zero_shot = zero_shot_scores(relevance.model, relevance.tokenizer, rng, n_cards, size, render=dist)
     return {
         "zero_shot_accuracy": zero_shot["caption"],
         "zero_shot_shape_accuracy": zero_shot["shape"],
         "zero_shot_color_accuracy": zero_shot["color"],
-        "cell_pick_accuracy": cell_pick_accuracy(relevance, rng, n_mosaics, size, "caption"),
-        "cell_pick_accuracy_question": cell_pick_accuracy(relevance, rng, n_mosaics, size, "question"),
+        "cell_pick_accuracy": cell_pick_accuracy(relevance, rng, n_mosaics, size, "caption", dist),
+        "cell_pick_accuracy_question": cell_pick_accuracy(relevance, rng, n_mosaics, size, "question", dist),
+        "render": render,
         "eval_cards": n_cards,
         "eval_mosaics": n_mosaics,
         "eval_seed": seed + EVAL_SEED_OFFSET,
     }
+
+
+def material(split: str):
+    """The ``RenderDistribution`` of ``split`` (None for the legacy generator)."""
+    if split == "legacy":
+        return None
+    from vllm_semclip.tiny.render import RenderDistribution
+
+    return RenderDistribution(split)
 
 
 def load_weights(model, weights: Path) -> None:
@@ -513,24 +539,28 @@ def train_clip(config: ClipTrainConfig = ClipTrainConfig(), out_dir: Path | str 
     loss_fn = ClipLossWithNegatives()
     question_fn = ShapeQueryLoss()
     questions = [attribute_question(shape) for shape in SHAPES]
+    render = material(config.render)
+    out_path = Path(out_dir)
+    heads = {"position": position_fn, "label": label_fn}
+    first, running, spent = resume_checkpoint(out_path, config, model, heads, opt, sched, rng)
     model.train()
     start = time.time()
-    bar = tqdm(range(config.steps), desc="train clip", disable=not progress, mininterval=5)
-    running = None
+    bar = tqdm(range(first, config.steps), desc="train clip", disable=not progress, mininterval=5,
+               initial=first, total=config.steps)
     for step in bar:
         side_range = side_range_at(step / config.steps, config.curriculum)
-        blocks = sample_blocks(rng, size, config.caption_blocks, side_range)
+        blocks = sample_blocks(rng, size, config.caption_blocks, side_range, render)
         texts = [t for ts, _ in blocks for t in ts]
         tiles = [tile for _, ts in blocks for tile in ts]
-        tiles += label_only_tiles(rng, size, config.label_tiles, side_range)  # after the captioned ones
-        tiles += empty_photo_tiles(rng, size, config.empty_tiles)  # last
+        tiles += label_only_tiles(rng, size, config.label_tiles, side_range, render)  # after the captioned ones
+        tiles += empty_photo_tiles(rng, size, config.empty_tiles, render)  # last
         pixels = to_tensor([tile.image for tile in tiles], mean, std)
         if position_fn is None and label_fn is None:
             image_features = model.encode_image(pixels, normalize=True)
         else:  # the same forward, also handing back the patch tokens of the LLaVA's feature layer
-            out = model.forward_intermediates(image=pixels, image_indices=[config.position_layer],
-                                              image_output_fmt="NLC")
-            image_features, patches = out["image_features"], out["image_intermediates"][0]
+            feats = model.forward_intermediates(image=pixels, image_indices=[config.position_layer],
+                                                image_output_fmt="NLC")
+            image_features, patches = feats["image_features"], feats["image_intermediates"][0]
         text_features = model.encode_text(tokenizer(texts + (questions if config.question_weight else [])),
                                           normalize=True)
         scale = model.logit_scale.exp()
@@ -566,9 +596,13 @@ def train_clip(config: ClipTrainConfig = ClipTrainConfig(), out_dir: Path | str 
             model.logit_scale.clamp_(0, math.log(100))
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.set_postfix(loss=f"{running:.3f}", refresh=False)
+        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            save_checkpoint(out_path, config, step + 1, model, heads, opt, sched, rng, running,
+                            spent + time.time() - start)
         if progress and (step + 1) % 250 == 0:  # a quick look at held-out cards (its own generator)
             model.eval()
-            acc = zero_shot_accuracy(model, tokenizer, random.Random(config.seed + EVAL_SEED_OFFSET), 96, size)
+            acc = zero_shot_accuracy(model, tokenizer, random.Random(config.seed + EVAL_SEED_OFFSET), 96, size,
+                                     render=material("val" if config.render == "train" else "legacy"))
             position = "" if position_fn is None else (f", patch position {position_fn.accuracy(patches):.2f}"
                                                        f" (under cards {position_fn.accuracy(patches, on_cards):.2f})")
             if label_fn is not None:
@@ -577,13 +611,53 @@ def train_clip(config: ClipTrainConfig = ClipTrainConfig(), out_dir: Path | str 
             model.train()
             bar.write(f"step {step + 1}: loss {running:.3f}, zero-shot accuracy on 96 held-out cards {acc:.2f}"
                       + position)
-    train_seconds = time.time() - start
+    train_seconds = spent + time.time() - start
     model.eval()
-    out = Path(out_dir)
     # the captions it was trained on: ψ scores a question less their mean (relevance.TextReference)
-    save_local_dir(model, open_clip.get_model_config(config.model), out, reference=TextReference(CAPTIONS))
+    save_local_dir(model, open_clip.get_model_config(config.model), out_path, reference=TextReference(CAPTIONS))
     report = {"model": config.model, "config": asdict(config), "train_seconds": round(train_seconds, 1),
               "final_loss": round(running or 0.0, 4), "torch_threads": torch.get_num_threads(),
-              **evaluate(out, config.seed, config.eval_cards, config.eval_mosaics)}
-    (out / "train_report.json").write_text(json.dumps(report, indent=2))
+              "resumed_at_step": first or None,
+              **evaluate(out_path, config.seed, config.eval_cards, config.eval_mosaics, config.render)}
+    (out_path / "train_report.json").write_text(json.dumps(report, indent=2))
+    (out_path / CHECKPOINT).unlink(missing_ok=True)
     return report
+
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def save_checkpoint(out: Path, config: ClipTrainConfig, step: int, model, heads: dict, opt, sched,
+                    rng: random.Random, running: float | None, seconds: float) -> None:
+    """Everything a stopped run needs to go on as if it had not stopped (written atomically)."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = {"config": asdict(config), "step": step, "model": model.state_dict(),
+             "heads": {k: h.state_dict() for k, h in heads.items() if h is not None},
+             "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": rng.getstate(),
+             "torch_rng": torch.get_rng_state(), "running": running, "seconds": seconds}
+    tmp = out / (CHECKPOINT + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(out / CHECKPOINT)
+
+
+def resume_checkpoint(out: Path, config: ClipTrainConfig, model, heads: dict, opt, sched,
+                      rng: random.Random) -> tuple[int, float | None, float]:
+    """Load ``out``'s checkpoint into the run if there is one: (first step, running loss, seconds
+    spent). A checkpoint of another configuration is refused rather than mixed in."""
+    path = out / CHECKPOINT
+    if not path.is_file():
+        return 0, None, 0.0
+    state = torch.load(path, weights_only=False)
+    if state["config"] != asdict(config):
+        changed = sorted(k for k in state["config"] if state["config"][k] != asdict(config).get(k))
+        raise ValueError(f"{path} is a checkpoint of another configuration (differs in {', '.join(changed)}); "
+                         "give another output directory or delete it")
+    model.load_state_dict(state["model"])
+    for name, head in heads.items():
+        if head is not None:
+            head.load_state_dict(state["heads"][name])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    rng.setstate(state["rng"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"], state["running"], state["seconds"]
