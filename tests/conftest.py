@@ -119,7 +119,7 @@ def server(model_dir, tmp_path_factory):
     from vllm_semclip.server import ServerProcess
 
     log = tmp_path_factory.mktemp("server") / "server.log"
-    proc = ServerProcess(model_dir, {"max_topk": MAX_TOPK}, log_path=log)
+    proc = ServerProcess(model_dir, {"max_topk": MAX_TOPK, "log_selections": True}, log_path=log)
     proc.start()
     yield proc
     proc.stop()

@@ -47,10 +47,14 @@ def _add_selection_flags(p: argparse.ArgumentParser, *, server: bool) -> None:
         p.add_argument("--max-candidates", type=int,
                        help="the most candidates per image a request's grids may make for psi to score "
                             "(default: as many as the server's grids make)")
+        p.add_argument("--log-selections", action="store_true", default=None,
+                       help="log one INFO line per image: id, method, boxes, scores, ms, the question's hash")
+        p.add_argument("--log-questions", action="store_true", default=None,
+                       help="with --log-selections, log the question itself instead of its hash")
 
 
 def _selection_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    names = (*SELECTION_FLAGS, "device", "max_topk", "max_candidates")
+    names = (*SELECTION_FLAGS, "device", "max_topk", "max_candidates", "log_selections", "log_questions")
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
@@ -133,6 +137,28 @@ def cmd_bench_serve(args: argparse.Namespace, rest: list[str]) -> int:
     from vllm_semclip.bench.serve import main as bench_main
 
     return bench_main(rest)
+
+
+def cmd_psi_cost(args: argparse.Namespace) -> int:
+    from vllm_semclip.cost import LLAVA_1_5_7B, psi_cost_table
+
+    try:
+        width, height = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--size: WIDTHxHEIGHT, got {args.size!r}") from None
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    rows = psi_cost_table(**({"models": models} if models else {}), width=width, height=height, topk=args.topk)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"FLOPs per request, {width}x{height} image, default candidates, k={args.topk}; "
+          f"{LLAVA_1_5_7B.name} prefill of {1 + args.topk} tiles ({rows[0]['vlm_tokens']} tokens): "
+          f"{rows[0]['vlm_prefill_gflops'] / 1000:.1f} TFLOP")
+    print(f"{'psi':<18}{'px':>5}{'windows':>9}{'psi GFLOP':>11}{'share of prefill':>18}")
+    for r in rows:
+        print(f"{r['psi']:<18}{r['input_px']:>5}{r['windows']:>9}{r['psi_gflops']:>11.0f}"
+              f"{100 * r['psi_share_of_prefill']:>17.1f}%")
+    return 0
 
 
 def cmd_bench_data(args: argparse.Namespace) -> int:
@@ -261,6 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", add_help=False, help="serve the bundled model and show SemClip answering",
                        description="Serve the bundled model on 127.0.0.1, ask about benchmark scenes, print answers.")
     p.set_defaults(handler=cmd_demo, passes_rest=True)
+
+    p = sub.add_parser("psi-cost", help="FLOPs per request of open_clip psi choices next to a LLaVA-1.5-7B prefill",
+                       description="Count psi's FLOPs per request (open_clip's configs, random weights, nothing "
+                                   "downloaded) for the default candidates, next to LLaVA-1.5-7B's prefill.")
+    p.add_argument("--models", help="open_clip model names, comma-separated (default: a user's usual choices)")
+    p.add_argument("--size", default="2000x1500", help="image size WIDTHxHEIGHT (default 2000x1500)")
+    p.add_argument("--topk", type=int, default=1, help="crops beside the overview (default 1)")
+    p.add_argument("--json", action="store_true", help="one JSON list instead of the table")
+    p.set_defaults(handler=cmd_psi_cost)
 
     p = sub.add_parser("bench-data", help="write a V*-style benchmark (V* Bench's layout)",
                        description="Write a V*-style benchmark: small shapes on large photos, V* Bench's layout.")

@@ -38,7 +38,7 @@ HF_CONFIG_KEY = "semclip_config"
 
 # Fields that fix what the server loaded or profiled; a request may not change them.
 SERVER_ONLY_FIELDS = frozenset({"relevance_model", "relevance_pretrained", "relevance_precision", "device", "max_topk",
-                                "max_candidates"})
+                                "max_candidates", "log_selections", "log_questions"})
 # The most candidates grids can make (MAX_GRIDS sizes of at most MAX_GRID): the cap's own bound.
 MAX_CANDIDATES = sum(g * g for g in range(MAX_GRID, MAX_GRID - MAX_GRIDS, -1))
 # open_clip's ``precision`` values: fp32, or low-precision weights with fp32 layer norms
@@ -100,6 +100,10 @@ class SemClipConfig:
             the preprocessing worker every request waits on); default: as many as the server's
             own ``grids`` make (17 for ``[2, 3]`` with bridges). A request may reshape its grids within it.
             Server-only.
+        log_selections: log one INFO line per image through vLLM's logger — an id tying it to its
+            request, method, boxes, scores, milliseconds, the question as a hash (``observe``).
+            Server-only.
+        log_questions: put the question itself in that line instead of its hash. Server-only.
         boxes: with method ``given``, the crops as ``[x0, y0, x1, y1]`` pixel boxes
             (at most 8, clipped to each image); the same boxes apply to every image
             of the request.
@@ -120,6 +124,8 @@ class SemClipConfig:
     pad_to_square: bool = True
     relevance_fit: RelevanceFit = "windows"
     relevance_norm: RelevanceNorm = "grid"
+    log_selections: bool = False
+    log_questions: bool = False
     boxes: tuple[tuple[int, int, int, int], ...] | None = None
 
     def __post_init__(self) -> None:
@@ -145,6 +151,9 @@ class SemClipConfig:
             _check_int("max_topk", self.max_topk, 0, MAX_TOPK)
         if self.max_candidates is not None:
             _check_int("max_candidates", self.max_candidates, 1, MAX_CANDIDATES)
+        for flag in ("log_selections", "log_questions"):
+            if not isinstance(getattr(self, flag), bool):
+                raise SemClipConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}", parameter=flag)
         if not isinstance(self.bridges, bool):
             raise SemClipConfigError(f"bridges must be true or false, got {self.bridges!r}", parameter="bridges")
         if not isinstance(self.pad_to_square, bool):

@@ -44,6 +44,7 @@ from vllm.multimodal.processing.context import TimingContext
 from vllm.multimodal.processing.inputs import ProcessorInputs
 
 from . import timings
+from .observe import observe_selection
 from .config import SemClipConfig
 from .crops import mean_fill
 from .images import answer_oversized_images_with_400
@@ -55,6 +56,8 @@ from .selection import select_crops, selected_tiles
 # kwargs so it reaches `_call_hf_processor` for exactly the images that miss the
 # cache. It is never accepted from a request (unknown keys are refused first).
 QUESTIONS_KEY = "semclip_questions"
+ITEM_IDS_KEY = "semclip_item_ids"  # each image's cache identity, carried for the selection log only
+_PRIVATE_KEYS = (QUESTIONS_KEY, ITEM_IDS_KEY)
 
 
 class SemClipProcessingInfo(LlavaProcessingInfo):
@@ -120,13 +123,17 @@ class SemClipMultiModalProcessor(BaseLlavaMultiModalProcessor[SemClipProcessingI
     # ---- entry point ------------------------------------------------------
     def apply(self, inputs: ProcessorInputs, timing_ctx: TimingContext):
         # Validate the request's options first: a bad value is a 400, not a stack trace.
-        self.info.request_config(inputs.hf_processor_mm_kwargs)
+        config = self.info.request_config(inputs.hf_processor_mm_kwargs)
         num_images = len(inputs.mm_data_items.get("image", [])) if "image" in inputs.mm_data_items else 0
         questions = self.info.question_extractor(inputs.prompt, num_images) if num_images else []
         inputs = dataclasses.replace(
             inputs,
             hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, QUESTIONS_KEY: tuple(questions)},
         )
+        if config.log_selections and num_images:  # the ids the log line names (a second hash: opt-in only)
+            ids = tuple(str(h) for h in self._item_ids(inputs))
+            inputs = dataclasses.replace(
+                inputs, hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, ITEM_IDS_KEY: ids})
         return super().apply(inputs, timing_ctx)
 
     def get_dummy_inputs(self, seq_len, mm_counts, mm_options) -> ProcessorInputs:
@@ -136,15 +143,29 @@ class SemClipMultiModalProcessor(BaseLlavaMultiModalProcessor[SemClipProcessingI
 
     # ---- the kwargs carry the questions: split them off ---------------------
     def _split_kwargs(self, hf_kwargs: Mapping[str, object]) -> tuple[tuple[str, ...], SemClipConfig]:
-        request = {k: v for k, v in hf_kwargs.items() if k != QUESTIONS_KEY}
+        request = {k: v for k, v in hf_kwargs.items() if k not in _PRIVATE_KEYS}
         return tuple(hf_kwargs.get(QUESTIONS_KEY, ())), self.info.request_config(request)
 
     # ---- cache identity ---------------------------------------------------
+    def _item_ids(self, inputs: ProcessorInputs) -> list[str]:
+        """Each image's own identity: the request's ``uuid`` for it where given (vLLM's
+        ``multi_modal_uuids``), else vLLM's hash of the image — what the selection log names."""
+        count = len(inputs.mm_data_items["image"])
+        uuids = list((inputs.mm_uuid_items or {}).get("image") or [None] * count)
+        if all(u is not None for u in uuids):
+            return [str(u) for u in uuids]
+        plain = dataclasses.replace(
+            inputs,
+            hf_processor_mm_kwargs={k: v for k, v in inputs.hf_processor_mm_kwargs.items() if k not in _PRIVATE_KEYS},
+        )
+        hashes = super()._get_mm_hashes(plain).get("image", ())
+        return [str(u) if u is not None else h for u, h in zip(uuids, hashes)]
+
     def _get_mm_hashes(self, inputs: ProcessorInputs):
         questions, config = self._split_kwargs(inputs.hf_processor_mm_kwargs)
         plain = dataclasses.replace(
             inputs,
-            hf_processor_mm_kwargs={k: v for k, v in inputs.hf_processor_mm_kwargs.items() if k != QUESTIONS_KEY},
+            hf_processor_mm_kwargs={k: v for k, v in inputs.hf_processor_mm_kwargs.items() if k not in _PRIVATE_KEYS},
         )
         hashes = dict(super()._get_mm_hashes(plain))
         if "image" not in hashes:
@@ -165,9 +186,10 @@ class SemClipMultiModalProcessor(BaseLlavaMultiModalProcessor[SemClipProcessingI
 
     def _get_cache_missing_processor_kwargs(self, inputs: ProcessorInputs, mm_is_cached) -> Mapping[str, object]:
         kwargs = dict(inputs.hf_processor_mm_kwargs)
-        questions = kwargs.get(QUESTIONS_KEY, ())
-        if "image" in mm_is_cached and questions:
-            kwargs[QUESTIONS_KEY] = tuple(q for q, hit in zip(questions, mm_is_cached["image"]) if not hit)
+        for key in _PRIVATE_KEYS:  # per-image values: keep the cache-missing images' only
+            values = kwargs.get(key, ())
+            if "image" in mm_is_cached and values:
+                kwargs[key] = tuple(v for v, hit in zip(values, mm_is_cached["image"]) if not hit)
         return kwargs
 
     # ---- selection + image processor --------------------------------------
@@ -176,14 +198,19 @@ class SemClipMultiModalProcessor(BaseLlavaMultiModalProcessor[SemClipProcessingI
         questions, config = self._split_kwargs(hf_kwargs)
         if len(questions) != len(images):
             questions = ("",) * len(images)
+        ids = tuple(hf_kwargs.get(ITEM_IDS_KEY, ()))
+        ids = ids if len(ids) == len(images) else (None,) * len(images)
         pad_fill = self.info.pad_fill if config.pad_to_square else None
         tiles = []
         num_tiles = []
-        for image, question in zip(images, questions):
+        for image, question, item_id in zip(images, questions, ids):
             start = time.perf_counter()
             selection = select_crops(image, question, config)
+            seconds = time.perf_counter() - start
+            observe_selection(selection, seconds, item_id=item_id, log=config.log_selections,
+                              log_question=config.log_questions)
             if timings.enabled():
-                timings.record(time=time.time(), selection_ms=(time.perf_counter() - start) * 1000, method=config.method,
+                timings.record(time=time.time(), selection_ms=seconds * 1000, method=config.method,
                                candidates=len(selection.candidates), crops=selection.num_crops,
                                width=selection.image_size[0], height=selection.image_size[1])
             image_tiles = selected_tiles(image, selection, pad_fill, max_side=2 * self.info.tile_size)

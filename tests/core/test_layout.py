@@ -24,7 +24,7 @@ ROOMS = ("tiny", "eval", "supervision", "bench")
 CORE_EXEMPT = {"cli"}
 # vLLM and what vLLM itself installs, plus open_clip.
 CORE_THIRD_PARTY = {"vllm", "torch", "torchvision", "transformers", "packaging", "numpy", "PIL", "tqdm",
-                    "safetensors", "open_clip"}
+                    "safetensors", "prometheus_client", "open_clip"}
 
 
 def module_name(path: Path) -> str:

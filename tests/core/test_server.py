@@ -262,3 +262,48 @@ def test_sigterm_with_requests_in_flight_leaves_no_process_behind(model_dir, pho
         assert _session_pids(server.pid) == [], "processes of the server outlived it"
     finally:
         server.stop()
+
+
+def _metrics(server) -> dict[tuple[str, tuple], float]:
+    """vLLM's /metrics, as (sample name, labels) → value, SemClip's samples only."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(server.base_url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    assert "vllm:" in text  # vLLM's own metrics beside SemClip's: one endpoint
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) if family.name.startswith("semclip:")
+            for s in family.samples}
+
+
+def test_metrics_and_the_selection_log_say_what_semclip_did(server, client, served_model, photo):
+    """A few requests move SemClip's counters in vLLM's /metrics by exactly their images, crops and
+    candidates; each image gets one log line naming the request's uuid, method, boxes and scores,
+    the question as a hash only — never the image."""
+    import hashlib
+
+    question = "What is the color of the sign near the metrics test?"
+    before = _metrics(server)
+    url = to_data_url(photo)
+    for i, topk in enumerate((1, 2)):
+        content = [{"type": "image_url", "image_url": {"url": url}, "uuid": f"metrics-test-{i}"},
+                   {"type": "text", "text": question}]
+        client.chat.completions.create(model=served_model, messages=[{"role": "user", "content": content}],
+                                       max_tokens=2, temperature=0.0, extra_body={"mm_processor_kwargs": {"topk": topk}})
+    after = _metrics(server)
+    delta = lambda name, **labels: after.get((name, tuple(sorted(labels.items()))), 0.0) - before.get(  # noqa: E731
+        (name, tuple(sorted(labels.items()))), 0.0)
+    assert delta("semclip:selections_total", method="relevance") == 2
+    assert delta("semclip:selection_seconds_count", method="relevance") == 2
+    assert delta("semclip:selection_seconds_sum", method="relevance") > 0
+    assert delta("semclip:crops_chosen_total") == 3
+    assert delta("semclip:candidates_scored_total") == 2 * 17
+    lines = [json.loads(line.split("semclip selection ", 1)[1]) for line in server.log_path.read_text().splitlines()
+             if "semclip selection " in line and "metrics-test-" in line]
+    assert sorted(entry["id"] for entry in lines) == ["metrics-test-0", "metrics-test-1"]
+    for entry in lines:
+        assert entry["method"] == "relevance" and entry["candidates"] == 17 and entry["ms"] > 0
+        assert len(entry["boxes"]) == len(entry["scores"]) in (1, 2)
+        assert entry["question_sha256"] == hashlib.sha256(question.encode()).hexdigest()[:12]
+    text = server.log_path.read_text()
+    assert question not in text and url[30:90] not in text
