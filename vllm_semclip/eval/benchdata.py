@@ -128,15 +128,19 @@ def make_attribute(index: int, seed: int, scale: float = 1.0) -> tuple[Image.Ima
     others = [s for s in SHAPES if s != shape]
     rng.shuffle(others)
     _distractors(draw, size, others[: rng.randint(0, 2)], taken, rng, side)
+    return image, attribute_record(index, target, rng, {"background": bg, "seed": seed, "index": index})
+
+
+def attribute_record(index: int, target: Placed, rng: random.Random, extra: dict) -> BenchRecord:
+    """The colour question about ``target``: its colour and three others drawn by ``rng``."""
+    shape, color = target.shape, target.color
     wrong = rng.sample([c for c in COLORS if c != color], 3)
-    record = BenchRecord(
+    return BenchRecord(
         name=f"attr_{index:05d}", category="direct_attributes", image="",
         question=f"What is the color of the {shape}?",
         options=[f"The color of the {shape} is {c}." for c in (color, *wrong)],
-        target_object=[shape], bbox=[list(target.bbox)],
-        extra={"color": color, "background": bg, "seed": seed, "index": index},
+        target_object=[shape], bbox=[list(target.bbox)], extra={"color": color, **extra},
     )
-    return image, record
 
 
 def make_spatial(index: int, seed: int, scale: float = 1.0) -> tuple[Image.Image, BenchRecord]:
@@ -157,16 +161,21 @@ def make_spatial(index: int, seed: int, scale: float = 1.0) -> tuple[Image.Image
         placed.append(Placed(shape, color, box))
     third = [s for s in SHAPES if s not in (a, b)]
     _distractors(draw, size, third[: rng.randint(0, 1)], taken, rng, side)
+    return image, spatial_record(index, placed, {"background": bg, "seed": seed, "index": index})
+
+
+def spatial_record(index: int, placed: list[Placed], extra: dict) -> BenchRecord:
+    """The left/right question about the first two ``placed`` shapes (the answer from their centres)."""
+    a, b = placed[0].shape, placed[1].shape
     left = placed[0].center[0] < placed[1].center[0]
     sides = ("left", "right") if left else ("right", "left")
-    record = BenchRecord(
+    return BenchRecord(
         name=f"spatial_{index:05d}", category="relative_position", image="",
         question=f"Is the {a} on the left or right side of the {b}?",
         options=[f"The {a} is on the {s} side of the {b}." for s in sides],
         target_object=[a, b], bbox=[list(placed[0].bbox), list(placed[1].bbox)],
-        extra={"colors": [placed[0].color, placed[1].color], "background": bg, "seed": seed, "index": index},
+        extra={"colors": [placed[0].color, placed[1].color], **extra},
     )
-    return image, record
 
 
 # ---- the randomised splits ---------------------------------------------------------------------
@@ -254,16 +263,9 @@ def make_scene_attribute(index: int, seed: int, split: str, scale: float = 1.0) 
         taken.append(dist.footprint(b))
         dist.draw(image, other, rng.choice(list(COLORS)), b, rng)
     image, quality = dist.finish(image, rng)
-    wrong = rng.sample([c for c in COLORS if c != color], 3)
-    record = BenchRecord(
-        name=f"attr_{index:05d}", category="direct_attributes", image="",
-        question=f"What is the color of the {shape}?",
-        options=[f"The color of the {shape} is {c}." for c in (color, *wrong)],
-        target_object=[shape], bbox=[list(target.bbox)],
-        extra={"color": color, "background": bg, "seed": seed, "index": index, "split": split,
-               "border": crosses_cell_line(target.bbox, size), "jpeg_quality": quality},
-    )
-    return image, record
+    return image, attribute_record(index, target, rng, {
+        "background": bg, "seed": seed, "index": index, "split": split,
+        "border": crosses_cell_line(target.bbox, size), "jpeg_quality": quality})
 
 
 def make_scene_spatial(index: int, seed: int, split: str, scale: float = 1.0) -> tuple[Image.Image, BenchRecord]:
@@ -294,17 +296,8 @@ def make_scene_spatial(index: int, seed: int, split: str, scale: float = 1.0) ->
         taken.append(dist.footprint(box))
         dist.draw(image, other, rng.choice(list(COLORS)), box, rng)
     image, quality = dist.finish(image, rng)
-    left = placed[0].center[0] < placed[1].center[0]
-    sides = ("left", "right") if left else ("right", "left")
-    record = BenchRecord(
-        name=f"spatial_{index:05d}", category="relative_position", image="",
-        question=f"Is the {a} on the left or right side of the {b}?",
-        options=[f"The {a} is on the {s} side of the {b}." for s in sides],
-        target_object=[a, b], bbox=[list(placed[0].bbox), list(placed[1].bbox)],
-        extra={"colors": [placed[0].color, placed[1].color], "background": bg, "seed": seed, "index": index,
-               "split": split, "pair": "far" if far else "near", "jpeg_quality": quality},
-    )
-    return image, record
+    return image, spatial_record(index, placed, {"background": bg, "seed": seed, "index": index, "split": split,
+                                                 "pair": "far" if far else "near", "jpeg_quality": quality})
 
 
 def make_record(category: str, index: int, seed: int, split: str = "legacy",
