@@ -151,15 +151,8 @@ class SemClipConfig:
             _check_int("max_topk", self.max_topk, 0, MAX_TOPK)
         if self.max_candidates is not None:
             _check_int("max_candidates", self.max_candidates, 1, MAX_CANDIDATES)
-        for flag in ("log_selections", "log_questions"):
-            if not isinstance(getattr(self, flag), bool):
-                raise SemClipConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}", parameter=flag)
-        if not isinstance(self.bridges, bool):
-            raise SemClipConfigError(f"bridges must be true or false, got {self.bridges!r}", parameter="bridges")
-        if not isinstance(self.pad_to_square, bool):
-            raise SemClipConfigError(
-                f"pad_to_square must be true or false, got {self.pad_to_square!r}", parameter="pad_to_square"
-            )
+        for flag in ("bridges", "pad_to_square", "log_selections", "log_questions"):
+            _check_bool(flag, getattr(self, flag))
         _check_choice("relevance_fit", self.relevance_fit, RELEVANCE_FITS)
         _check_choice("relevance_norm", self.relevance_norm, RELEVANCE_NORMS)
         self._check_boxes()
@@ -326,6 +319,11 @@ def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
         )
     if not lo <= value <= hi:
         raise SemClipConfigError(f"{name} must be an integer in {lo}..{hi}, got {value}", parameter=name)
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise SemClipConfigError(f"{name} must be true or false, got {value!r}", parameter=name)
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:

@@ -74,10 +74,10 @@ def psi_cost_table(models: Sequence[str] = PSI_CHOICES, width: int = 2000, heigh
     """One row per ψ: its FLOPs per request, next to the LLaVA prefill of (1 + k) tiles."""
     vlm = llava_prefill_flops(llava, 1 + topk)
     vlm_total = vlm["tower"] + vlm["language_model"]
+    windows = windows_per_request(width, height, grids, bridges)
     rows = []
     for name in models:
         per_window, size = image_forward_flops(name)
-        windows = windows_per_request(width, height, grids, bridges)
         psi = per_window * windows
         rows.append({"psi": name, "input_px": size, "windows": windows, "psi_gflops": psi / 1e9,
                      "vlm_prefill_gflops": vlm_total / 1e9, "vlm_tokens": vlm["tokens"],

@@ -60,6 +60,14 @@ ITEM_IDS_KEY = "semclip_item_ids"  # each image's cache identity, carried for th
 _PRIVATE_KEYS = (QUESTIONS_KEY, ITEM_IDS_KEY)
 
 
+def _without_private_keys(inputs: ProcessorInputs) -> ProcessorInputs:
+    """The inputs as the request sent them: vLLM's own hash of them leaves SemClip's carried keys out."""
+    return dataclasses.replace(
+        inputs,
+        hf_processor_mm_kwargs={k: v for k, v in inputs.hf_processor_mm_kwargs.items() if k not in _PRIVATE_KEYS},
+    )
+
+
 class SemClipProcessingInfo(LlavaProcessingInfo):
     """LLaVA's processing info plus SemClip's server configuration and token arithmetic."""
 
@@ -154,20 +162,12 @@ class SemClipMultiModalProcessor(BaseLlavaMultiModalProcessor[SemClipProcessingI
         uuids = list((inputs.mm_uuid_items or {}).get("image") or [None] * count)
         if all(u is not None for u in uuids):
             return [str(u) for u in uuids]
-        plain = dataclasses.replace(
-            inputs,
-            hf_processor_mm_kwargs={k: v for k, v in inputs.hf_processor_mm_kwargs.items() if k not in _PRIVATE_KEYS},
-        )
-        hashes = super()._get_mm_hashes(plain).get("image", ())
+        hashes = super()._get_mm_hashes(_without_private_keys(inputs)).get("image", ())
         return [str(u) if u is not None else h for u, h in zip(uuids, hashes)]
 
     def _get_mm_hashes(self, inputs: ProcessorInputs):
         questions, config = self._split_kwargs(inputs.hf_processor_mm_kwargs)
-        plain = dataclasses.replace(
-            inputs,
-            hf_processor_mm_kwargs={k: v for k, v in inputs.hf_processor_mm_kwargs.items() if k not in _PRIVATE_KEYS},
-        )
-        hashes = dict(super()._get_mm_hashes(plain))
+        hashes = dict(super()._get_mm_hashes(_without_private_keys(inputs)))
         if "image" not in hashes:
             return hashes
         algorithm = self.info.ctx.get_mm_config().mm_hasher_algorithm

@@ -151,13 +151,10 @@ def shifted_run(tmp_path_factory):
 
 
 def test_shifted_evaluation_reports_groups_and_hits(shifted_run):
-    from vllm_semclip.eval.harness import GROUPS, TABLE_HEADER, format_row
+    from vllm_semclip.eval.harness import GROUPS, TABLE_HEADER, format_row, record_group
 
     records, docs = shifted_run
-    groups = {g for g in GROUPS if any(
-        (r.category == "direct_attributes") == g.startswith("attribute")
-        and (g.endswith("border") == bool(r.extra.get("border")) if g.startswith("attribute")
-             else g.endswith("far") == (r.extra.get("pair") == "far")) for r in records)}
+    groups = {record_group(r) for r in records}
     for doc in docs.values():
         assert doc["questions"] == 12 and set(doc["accuracy_by_group"]) == groups
         assert set(doc["crop_hit_by_category"]) == {"direct_attributes", "relative_position"}

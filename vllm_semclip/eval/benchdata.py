@@ -203,23 +203,9 @@ def _free_box(shape: str, side: int, size: tuple[int, int], taken: list, rng: ra
               region: tuple[int, int, int, int] | None = None) -> tuple[int, int, int, int]:
     """A box for ``shape`` inside ``region`` (default: the canvas less a margin) whose card footprint
     touches no ``taken`` footprint."""
-    from vllm_semclip.tiny.scenes import shape_box
-
     w, h = size
     region = region or (side // 2, side // 2, w - side // 2, h - side // 2)
-    x0, y0, x1, y1 = region
-    for _ in range(300):
-        _, _, bw, bh = shape_box(shape, side, 0, 0, rng)
-        box = (rng.randint(x0, max(x0, x1 - bw)), rng.randint(y0, max(y0, y1 - bh)), bw, bh)
-        if not any(_touches(dist.footprint(box), t) for t in taken):
-            return box
-    raise RuntimeError("could not place a shape without overlap")
-
-
-def _touches(a, b) -> bool:
-    ax, ay, aw, ah = a
-    bx, by, bw, bh = b
-    return not (ax + aw <= bx or bx + bw <= ax or ay + ah <= by or by + bh <= ay)
+    return find_box(shape, side, region, taken, rng, tries=300, footprint=dist.footprint)
 
 
 def _border_box(shape: str, side: int, size: tuple[int, int], rng: random.Random) -> tuple[int, int, int, int]:

@@ -268,11 +268,7 @@ class RenderDistribution:
         if style.card != "none":
             self._draw_card(image, box, style, rng)
         fill = self.color(color, rng)
-        draw = ImageDraw.Draw(image)
-        if style.outline:
-            draw_shape(draw, shape, fill, box)
-        else:
-            _draw_plain(draw, shape, fill, box)
+        draw_shape(ImageDraw.Draw(image), shape, fill, box, outlined=style.outline)
         return Placed(shape, color, (x, y, w, h))
 
     def _draw_card(self, image: Image.Image, box: tuple[int, int, int, int], style: ObjectStyle,
@@ -319,19 +315,6 @@ def nearest_color_name(shade: RGB) -> str:
     """The name of the reference shade (training's and held-out alike) nearest to ``shade``."""
     return min(((_redmean(shade, ref), name) for shades in (TRAIN_SHADES, HELD_OUT_SHADES)
                 for name, refs in shades.items() for ref in refs))[1]
-
-
-def _draw_plain(draw: ImageDraw.ImageDraw, shape: str, color: RGB, box: tuple[int, int, int, int]) -> None:
-    """``shape`` filling ``box`` with no outline."""
-    x, y, w, h = box
-    if shape == "circle":
-        draw.ellipse([x, y, x + w - 1, y + h - 1], fill=color)
-    elif shape == "rectangle":
-        draw.rectangle([x, y, x + w - 1, y + h - 1], fill=color)
-    elif shape == "triangle":
-        draw.polygon([(x + w / 2, y), (x, y + h - 1), (x + w - 1, y + h - 1)], fill=color)
-    else:
-        raise ValueError(f"unknown shape {shape!r}")
 
 
 def jpeg_roundtrip(image: Image.Image, quality: int) -> Image.Image:

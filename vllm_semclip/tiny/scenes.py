@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
@@ -85,11 +86,12 @@ def background(name: str, size: tuple[int, int], rng: random.Random) -> Image.Im
     return region.resize(size, Image.BICUBIC)
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, color: tuple[int, int, int], box: tuple[int, int, int, int]) -> None:
-    """Draw ``shape`` filling ``box`` = (x, y, w, h), with a thin contrasting outline."""
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, color: tuple[int, int, int], box: tuple[int, int, int, int],
+               outlined: bool = True) -> None:
+    """Draw ``shape`` filling ``box`` = (x, y, w, h), with a thin contrasting outline unless ``outlined`` is off."""
     x, y, w, h = box
-    outline = (255, 255, 255) if sum(color) < 300 else (0, 0, 0)
-    width = max(1, round(min(w, h) / 18))
+    outline = ((255, 255, 255) if sum(color) < 300 else (0, 0, 0)) if outlined else None
+    width = max(1, round(min(w, h) / 18)) if outlined else 0
     if shape == "circle":
         draw.ellipse([x, y, x + w - 1, y + h - 1], fill=color, outline=outline, width=width)
     elif shape == "rectangle":
@@ -121,13 +123,17 @@ def find_box(
     taken: list[tuple[int, int, int, int]],
     rng: random.Random,
     tries: int = 200,
+    footprint: Callable[[tuple[int, int, int, int]], tuple[int, int, int, int]] | None = None,
 ) -> tuple[int, int, int, int]:
-    """A free box for ``shape`` inside ``region`` (x0, y0, x1, y1), clear of the ``taken`` boxes."""
+    """A free box for ``shape`` inside ``region`` (x0, y0, x1, y1), clear of the ``taken`` boxes by a
+    third of ``side``; with ``footprint``, ``taken`` holds footprints and the box's own footprint
+    (what its drawing covers, a card included) must touch none of them."""
     x0, y0, x1, y1 = region
     for _ in range(tries):
         _, _, w, h = shape_box(shape, side, 0, 0, rng)
         box = (rng.randint(x0, max(x0, x1 - w)), rng.randint(y0, max(y0, y1 - h)), w, h)
-        if not any(_overlaps(box, t, margin=side // 3) for t in taken):
+        probe, margin = (box, side // 3) if footprint is None else (footprint(box), 0)
+        if not any(_overlaps(probe, t, margin) for t in taken):
             return box
     raise RuntimeError("could not place a shape without overlap")
 
