@@ -95,23 +95,32 @@ def processor(model_dir):
     return proc
 
 
-@pytest.fixture(scope="session")
-def llm(model_dir):
+def make_llm(model_dir: str, **semclip_config):
+    """An offline engine serving SemClip on ``model_dir``; stop it with ``stop_llm``."""
     from vllm import LLM
 
-    engine = LLM(
+    return LLM(
         model=model_dir,
-        hf_overrides={"architectures": [ARCHITECTURE], "semclip_config": {"max_topk": MAX_TOPK}},
+        hf_overrides={"architectures": [ARCHITECTURE], "semclip_config": {"max_topk": MAX_TOPK, **semclip_config}},
         dtype="bfloat16",
         enforce_eager=True,
         max_model_len=8192,
         limit_mm_per_prompt={"image": 8},
         seed=0,
     )
-    yield engine
+
+
+def stop_llm(engine) -> None:
     engine.llm_engine.engine_core.shutdown()
     del engine
     gc.collect()
+
+
+@pytest.fixture(scope="session")
+def llm(model_dir):
+    engine = make_llm(model_dir)
+    yield engine
+    stop_llm(engine)
 
 
 @pytest.fixture(scope="session")
@@ -131,6 +140,20 @@ def photo() -> Image.Image:
     from vllm_semclip.tiny.scenes import load_photo as sample_photo
 
     return sample_photo("astronaut")
+
+
+def encoded_tiles(processed):
+    """The tiles a processor output sends through the vision tower: in the engine stage, the overview
+    and the crops the model chooses (``model.choose_tiles``, with the bundled ψ), else its pixel values."""
+    from vllm_semclip.model import choose_tiles, parse_psi_batch
+    from vllm_semclip.relevance import get_relevance_model
+
+    data = dict(processed["mm_kwargs"].get_data())
+    batch = parse_psi_batch(data)
+    if batch is None:
+        return data["pixel_values"]
+    kept, _, _ = choose_tiles(get_relevance_model(PSI), data["pixel_values"], data["num_tiles"].tolist(), batch)
+    return kept
 
 
 def chat_prompt(question: str, num_images: int = 1) -> str:

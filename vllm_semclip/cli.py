@@ -47,6 +47,9 @@ def _add_selection_flags(p: argparse.ArgumentParser, *, server: bool) -> None:
         p.add_argument("--max-candidates", type=int,
                        help="the most candidates per image a request's grids may make for psi to score "
                             "(default: as many as the server's grids make)")
+        p.add_argument("--selection-stage", choices=("engine", "processor"),  # config.SELECTION_STAGES
+                       help="where psi scores the candidates: engine (default: in the model's encoder step, "
+                            "batched across requests) or processor (per request, in the front end)")
         p.add_argument("--log-selections", action="store_true", default=None,
                        help="log one INFO line per image: id, method, boxes, scores, ms, the question's hash")
         p.add_argument("--log-questions", action="store_true", default=None,
@@ -54,7 +57,8 @@ def _add_selection_flags(p: argparse.ArgumentParser, *, server: bool) -> None:
 
 
 def _selection_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    names = (*SELECTION_FLAGS, "device", "max_topk", "max_candidates", "log_selections", "log_questions")
+    names = (*SELECTION_FLAGS, "device", "max_topk", "max_candidates", "log_selections", "log_questions",
+             "selection_stage")
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
@@ -76,7 +80,7 @@ def _ints(text: str, flag: str) -> list[int]:
 def cmd_serve(args: argparse.Namespace, vllm_args: list[str]) -> int:
     from vllm_semclip.config import SemClipConfig
     from vllm_semclip.relevance import check_server_psi
-    from vllm_semclip.server import runtime_env, serve_command
+    from vllm_semclip.server import metrics_env, runtime_env, serve_command
 
     model = args.model or args.model_flag
     overrides = _selection_overrides(args)
@@ -88,10 +92,11 @@ def cmd_serve(args: argparse.Namespace, vllm_args: list[str]) -> int:
     # then the server's config as the processor will build it (the model directory's own
     # semclip_config, these flags over it) and its psi, so start-up fails here in one line
     config = SemClipConfig.from_hf_config(None, model if os.path.isdir(model) else None)
-    check_server_psi(config.replace(overrides, source="command line"))
+    config = config.replace(overrides, source="command line")
+    check_server_psi(config)
     cmd = serve_command(model, overrides, host=args.host, port=args.port, vllm_args=vllm_args)
     print("semclip serve:", " ".join(cmd[1:]), file=sys.stderr, flush=True)
-    os.execve(sys.executable, cmd, runtime_env())
+    os.execve(sys.executable, cmd, metrics_env(config, runtime_env()))
     return 0  # not reached
 
 

@@ -38,7 +38,7 @@ HF_CONFIG_KEY = "semclip_config"
 
 # Fields that fix what the server loaded or profiled; a request may not change them.
 SERVER_ONLY_FIELDS = frozenset({"relevance_model", "relevance_pretrained", "relevance_precision", "device", "max_topk",
-                                "max_candidates", "log_selections", "log_questions"})
+                                "max_candidates", "log_selections", "log_questions", "selection_stage"})
 # The most candidates grids can make (MAX_GRIDS sizes of at most MAX_GRID): the cap's own bound.
 MAX_CANDIDATES = sum(g * g for g in range(MAX_GRID, MAX_GRID - MAX_GRIDS, -1))
 # open_clip's ``precision`` values: fp32, or low-precision weights with fp32 layer norms
@@ -46,6 +46,8 @@ MAX_CANDIDATES = sum(g * g for g in range(MAX_GRID, MAX_GRID - MAX_GRIDS, -1))
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "pure_bf16", "pure_fp16")
 RelevanceFit = Literal["windows", "pad", "center"]
 RelevanceNorm = Literal["grid", "none"]
+SelectionStage = Literal["engine", "processor"]
+SELECTION_STAGES: tuple[str, ...] = ("engine", "processor")
 
 
 class SemClipConfigError(VLLMValidationError, ValueError):
@@ -104,6 +106,13 @@ class SemClipConfig:
             request, method, boxes, scores, milliseconds, the question as a hash (``observe``).
             Server-only.
         log_questions: put the question itself in that line instead of its hash. Server-only.
+        selection_stage: where ψ looks at the candidates. ``engine`` (default): the processor
+            prepares every candidate's pixels and the question's text embedding, and the model
+            runs ψ's image tower for all images of a scheduled batch in one forward, inside
+            vLLM's encoder step, then encodes [overview + chosen crops] — ψ batches across
+            requests and loads with the model, on its device. ``processor``: ψ runs per request
+            in vLLM's front-end preprocessing worker (what a data-dependent number of crops
+            would need). Both rank with :func:`selection.choose_crops`. Server-only.
         boxes: with method ``given``, the crops as ``[x0, y0, x1, y1]`` pixel boxes
             (at most 8, clipped to each image); the same boxes apply to every image
             of the request.
@@ -126,6 +135,7 @@ class SemClipConfig:
     relevance_norm: RelevanceNorm = "grid"
     log_selections: bool = False
     log_questions: bool = False
+    selection_stage: SelectionStage = "engine"
     boxes: tuple[tuple[int, int, int, int], ...] | None = None
 
     def __post_init__(self) -> None:
@@ -155,6 +165,7 @@ class SemClipConfig:
             _check_bool(flag, getattr(self, flag))
         _check_choice("relevance_fit", self.relevance_fit, RELEVANCE_FITS)
         _check_choice("relevance_norm", self.relevance_norm, RELEVANCE_NORMS)
+        _check_choice("selection_stage", self.selection_stage, SELECTION_STAGES)
         self._check_boxes()
 
     def _check_boxes(self) -> None:
@@ -203,6 +214,11 @@ class SemClipConfig:
         return limit
 
     @property
+    def psi_in_engine(self) -> bool:
+        """Whether ψ scores this configuration's candidates in the model's encoder step."""
+        return self.selection_stage == "engine" and self.method == "relevance" and self.num_crops > 0
+
+    @property
     def candidate_cap(self) -> int:
         """The most candidates per image this (server) configuration lets a request make."""
         return self.max_candidates if self.max_candidates is not None else self.num_candidates
@@ -211,7 +227,7 @@ class SemClipConfig:
         """What the selection depends on, for the multimodal cache key."""
         return (self.topk, self.grids, self.overlap, self.bridges, self.method, self.relevance_model,
                 self.relevance_pretrained, self.relevance_precision, self.seed, self.pad_to_square, self.relevance_fit,
-                self.relevance_norm, self.boxes)
+                self.relevance_norm, self.boxes, self.selection_stage)
 
     # ---- construction ---------------------------------------------------
     @classmethod
@@ -294,6 +310,14 @@ class SemClipConfig:
         config = cls().replace(model_file_config(model_path), source=f"{model_path}/config.json {HF_CONFIG_KEY}")
         config = config.replace(getattr(hf_config, HF_CONFIG_KEY, None), source=f"hf_overrides {HF_CONFIG_KEY}")
         return dataclasses.replace(config, relevance_model=resolve_relevance_model(config.relevance_model, model_path))
+
+
+def server_config(model_config: Any) -> SemClipConfig:
+    """A server's configuration from vLLM's ``ModelConfig``: the model's ``semclip_config`` (file, then
+    ``--hf-overrides``), then ``--mm-processor-kwargs``. The processor and the model both read it."""
+    config = SemClipConfig.from_hf_config(model_config.hf_config, model_config.model)
+    mm_config = getattr(model_config, "multimodal_config", None)
+    return config.replace(getattr(mm_config, "mm_processor_kwargs", None) or {}, source="--mm-processor-kwargs")
 
 
 def model_file_config(model_path: str | Path | None) -> dict[str, Any]:

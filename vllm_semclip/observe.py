@@ -1,7 +1,7 @@
 """What SemClip did, seen from a running server: Prometheus metrics and an opt-in selection log.
 
-Metrics are recorded where the work happens — the multimodal processor, in the API server
-process — with ``prometheus_client``'s default registry, which is what vLLM's ``/metrics``
+Metrics are recorded where the work happens — the multimodal processor in the API server
+process, or the model in the engine (``selection_stage``) — with ``prometheus_client``'s default registry, which is what vLLM's ``/metrics``
 serves (with several API servers vLLM sets ``PROMETHEUS_MULTIPROC_DIR`` before starting them and
 serves the multiprocess collector, which gathers these too). Names follow vLLM's
 (``vllm:…``) with SemClip's own prefix:
@@ -9,7 +9,15 @@ serves the multiprocess collector, which gathers these too). Names follow vLLM's
 * ``semclip:selection_seconds`` (histogram, by ``method``): ``select_crops`` per image;
 * ``semclip:selections_total`` (counter, by ``method``): images selected for;
 * ``semclip:candidates_scored_total``: candidates ψ scored;
-* ``semclip:crops_chosen_total``: crops kept beside the overviews.
+* ``semclip:crops_chosen_total``: crops kept beside the overviews;
+* ``semclip:psi_batch_images`` and ``semclip:psi_batch_seconds`` (histograms, engine stage):
+  images per ψ forward in the model's encoder step, and that forward's time.
+
+In the engine stage these are recorded in the engine-core process (and the selection seconds of
+an image are its batch's). Prometheus there reaches the API server's ``/metrics`` only through
+``prometheus_client``'s multiprocess mode: ``PROMETHEUS_MULTIPROC_DIR`` set, before vLLM starts,
+to an empty directory — which ``semclip serve`` does, and vLLM itself does with
+``--api-server-count`` > 1.
 
 The log line (``log_selections``) goes through vLLM's logger at INFO, one per image: an id tying
 it to its request (the item's cache identity, which a request's ``multi_modal_uuids`` sets),
@@ -36,6 +44,21 @@ SELECTION_SECONDS = Histogram(
 SELECTIONS = Counter("semclip:selections", "Images SemClip selected crops for.", labelnames=["method"])
 CANDIDATES_SCORED = Counter("semclip:candidates_scored", "Candidate crops psi scored.")
 CROPS_CHOSEN = Counter("semclip:crops_chosen", "Crops SemClip kept beside the overviews.")
+
+
+# engine stage: ψ's forwards in the model's encoder step
+PSI_BATCH_IMAGES = Histogram(
+    "semclip:psi_batch_images", "Images whose candidates one psi forward in the engine scored together.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+PSI_BATCH_SECONDS = Histogram(
+    "semclip:psi_batch_seconds", "One engine-stage psi forward and ranking, in seconds.",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
+
+
+def observe_psi_batch(images: int, views: int, seconds: float) -> None:
+    """Record one engine-stage ψ forward over ``images`` images (``views`` views in all)."""
+    PSI_BATCH_IMAGES.observe(images)
+    PSI_BATCH_SECONDS.observe(seconds)
 
 
 def question_hash(question: str) -> str:

@@ -8,9 +8,11 @@ Three small classes, as vLLM's own ``llava.py`` has them:
 * :class:`SemClipDummyInputsBuilder` — the worst case for memory profiling: every
   image carries the most crops the server allows.
 * :class:`SemClipMultiModalProcessor` — per request: recover each image's question
-  from the prompt ids, select its crops with ψ, run the model's own image processor
-  on the tiles, and expand each ``<image>`` into ``(1 + k) × tokens_per_tile``
-  placeholders.
+  from the prompt ids, and either prepare ψ's views of every candidate, the question's
+  text embedding and every candidate's tile for the model to choose from in its encoder
+  step (``selection_stage="engine"``, the default; ``ENGINE_FIELDS``), or select the crops
+  with ψ here (``"processor"``); run the model's own image processor on the tiles, and
+  expand each ``<image>`` into ``(1 + k) × tokens_per_tile`` placeholders.
 
 Caching: vLLM keys processed items (and the encoder and prefix caches) by a hash of
 the image and the request's ``mm_processor_kwargs``. Crops depend on the question,
@@ -23,6 +25,7 @@ holds when the client names the image with ``multi_modal_uuids``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -45,12 +48,12 @@ from vllm.multimodal.processing.inputs import ProcessorInputs
 
 from . import timings
 from .observe import observe_selection
-from .config import SemClipConfig
+from .config import SemClipConfig, server_config
 from .crops import mean_fill
 from .images import answer_oversized_images_with_400
 from .question import QuestionExtractor
 from .relevance import check_server_psi
-from .selection import select_crops, selected_tiles
+from .selection import PsiInputs, box_tiles, prepare_psi_inputs, select_crops, selected_tiles
 
 # Internal key: the processor attaches each image's question to the processor
 # kwargs so it reaches `_call_hf_processor` for exactly the images that miss the
@@ -58,6 +61,8 @@ from .selection import select_crops, selected_tiles
 QUESTIONS_KEY = "semclip_questions"
 ITEM_IDS_KEY = "semclip_item_ids"  # each image's cache identity, carried for the selection log only
 _PRIVATE_KEYS = (QUESTIONS_KEY, ITEM_IDS_KEY)
+# What an image carries to the model in the engine stage (``SemClipConfig.selection_stage``).
+ENGINE_FIELDS = ("num_candidates", "psi_pixel_values", "psi_view_index", "psi_query", "selection_meta")
 
 
 def _without_private_keys(inputs: ProcessorInputs) -> ProcessorInputs:
@@ -78,9 +83,7 @@ class SemClipProcessingInfo(LlavaProcessingInfo):
     @cached_property
     def server_config(self) -> SemClipConfig:
         """Defaults from ``--hf-overrides`` (``semclip_config``), then ``--mm-processor-kwargs``."""
-        config = SemClipConfig.from_hf_config(self.get_hf_config(), self.ctx.model_config.model)
-        server_kwargs = self.ctx.get_mm_config().mm_processor_kwargs or {}
-        config = config.replace(server_kwargs, source="--mm-processor-kwargs")
+        config = server_config(self.ctx.model_config)
         check_server_psi(config)  # at start-up (profiling), not on the first request
         return config
 
@@ -112,7 +115,20 @@ class SemClipProcessingInfo(LlavaProcessingInfo):
 
 
 class SemClipDummyInputsBuilder(LlavaDummyInputsBuilder[SemClipProcessingInfo]):
-    """LLaVA's dummy images, processed so that each carries the most crops a request may ask for."""
+    """LLaVA's dummy images, processed so that each carries the most crops a request may ask for;
+    in the engine stage they carry a question too, so that profiling runs ψ over every candidate
+    of every image in the model's encoder step."""
+
+    DUMMY_QUESTION = " What is in the picture?"
+
+    def _profiles_psi(self) -> bool:
+        config = self.info.server_config
+        return (config.selection_stage == "engine" and config.relevance_model is not None
+                and 0 < config.max_crops <= config.num_candidates)
+
+    def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
+        text = super().get_dummy_text(mm_counts)
+        return text + self.DUMMY_QUESTION if mm_counts.get("image", 0) and self._profiles_psi() else text
 
     def get_dummy_processor_kwargs(self) -> dict[str, object]:
         config = self.info.server_config
@@ -121,6 +137,8 @@ class SemClipDummyInputsBuilder(LlavaDummyInputsBuilder[SemClipProcessingInfo]):
             return {"method": "overview", "boxes": None}
         if config.method == "all" and most == config.num_candidates:
             return {"method": "all"}
+        if self._profiles_psi():
+            return {"method": "relevance", "topk": most, "boxes": None}
         # random selection needs no question; one grid with at least `most` cells
         return {"method": "random", "topk": most, "grids": [math.ceil(math.sqrt(most))], "boxes": None}
 
@@ -201,26 +219,66 @@ class SemClipMultiModalProcessor(BaseLlavaMultiModalProcessor[SemClipProcessingI
         ids = tuple(hf_kwargs.get(ITEM_IDS_KEY, ()))
         ids = ids if len(ids) == len(images) else (None,) * len(images)
         pad_fill = self.info.pad_fill if config.pad_to_square else None
-        tiles = []
-        num_tiles = []
+        max_side = 2 * self.info.tile_size
+        engine = config.selection_stage == "engine"
+        tiles: list = []
+        num_tiles: list[int] = []
+        engine_fields: dict[str, list] = {key: [] for key in ENGINE_FIELDS}
         for image, question, item_id in zip(images, questions, ids):
             start = time.perf_counter()
-            selection = select_crops(image, question, config)
-            seconds = time.perf_counter() - start
-            observe_selection(selection, seconds, item_id=item_id, log=config.log_selections,
-                              log_question=config.log_questions)
-            if timings.enabled():
-                timings.record(time=time.time(), selection_ms=seconds * 1000, method=config.method,
-                               candidates=len(selection.candidates), crops=selection.num_crops,
-                               width=selection.image_size[0], height=selection.image_size[1])
-            image_tiles = selected_tiles(image, selection, pad_fill, max_side=2 * self.info.tile_size)
+            if engine and config.psi_in_engine and question.strip():
+                # ψ's image work waits for the model's encoder step: send every candidate
+                psi = prepare_psi_inputs(image, question, config)
+                image_tiles = box_tiles(image, psi.candidates, pad_fill, max_side)
+                num_tiles.append(1 + min(config.num_crops, len(psi.candidates)))
+                self._add_engine_fields(engine_fields, psi, item_id)
+                self._record_front_end(config, time.perf_counter() - start, len(psi.candidates), image.size)
+            else:
+                selection = select_crops(image, question, config)
+                seconds = time.perf_counter() - start
+                observe_selection(selection, seconds, item_id=item_id, log=config.log_selections,
+                                  log_question=config.log_questions)
+                if timings.enabled():
+                    timings.record(time=time.time(), stage="processor", selection_ms=seconds * 1000,
+                                   method=config.method, candidates=len(selection.candidates),
+                                   crops=selection.num_crops, width=selection.image_size[0],
+                                   height=selection.image_size[1])
+                image_tiles = selected_tiles(image, selection, pad_fill, max_side=max_side)
+                num_tiles.append(len(image_tiles))
+                if engine:
+                    self._add_engine_fields(engine_fields, None, item_id)
             tiles.extend(image_tiles)
-            num_tiles.append(len(image_tiles))
         image_processor = self.info.get_hf_processor().image_processor
         pixel_values = image_processor(tiles, return_tensors="pt")["pixel_values"]
-        return BatchFeature(
-            {"pixel_values": pixel_values.to(self.info.ctx.model_config.dtype), "num_tiles": torch.tensor(num_tiles)}
-        )
+        out = {"pixel_values": pixel_values.to(self.info.ctx.model_config.dtype), "num_tiles": torch.tensor(num_tiles)}
+        if engine:
+            out.update(engine_fields)
+            out["num_candidates"] = torch.tensor(engine_fields["num_candidates"], dtype=torch.long)
+        return BatchFeature(out)
+
+    @staticmethod
+    def _add_engine_fields(fields: dict[str, list], psi: PsiInputs | None, item_id: str | None) -> None:
+        """One image's engine-stage fields; an image ψ has nothing to do for (no question, another
+        method) carries empty ones and its tiles are already [overview, chosen crops]."""
+        if psi is None:
+            fields["num_candidates"].append(0)
+            fields["psi_pixel_values"].append(torch.zeros(0, 3, 1, 1))
+            fields["psi_view_index"].append(torch.zeros(0, 1, dtype=torch.long))
+            fields["psi_query"].append(torch.zeros(0))
+            fields["selection_meta"].append(torch.zeros(0, dtype=torch.uint8))
+            return
+        fields["num_candidates"].append(len(psi.candidates))
+        fields["psi_pixel_values"].append(psi.pixels)
+        fields["psi_view_index"].append(psi.index)
+        fields["psi_query"].append(psi.query)
+        meta = json.dumps(psi.meta(item_id)).encode("utf-8")
+        fields["selection_meta"].append(torch.frombuffer(bytearray(meta), dtype=torch.uint8))
+
+    @staticmethod
+    def _record_front_end(config: SemClipConfig, seconds: float, candidates: int, size: tuple[int, int]) -> None:
+        if timings.enabled():
+            timings.record(time=time.time(), stage="front_end", prepare_ms=seconds * 1000, method=config.method,
+                           candidates=candidates, width=size[0], height=size[1])
 
     def _get_mm_fields_config(
         self,
@@ -228,11 +286,24 @@ class SemClipMultiModalProcessor(BaseLlavaMultiModalProcessor[SemClipProcessingI
         hf_processor_mm_kwargs: Mapping[str, object],
     ) -> Mapping[str, MultiModalFieldConfig]:
         num_tiles = hf_inputs.get("num_tiles", torch.empty(0, dtype=torch.long))
-        return dict(
-            pixel_values=MultiModalFieldConfig.flat_from_sizes("image", num_tiles),
+        num_candidates = hf_inputs.get("num_candidates")
+        # engine stage: an image ψ chooses for carries its overview and every candidate's tile
+        pixel_tiles = num_tiles if num_candidates is None else torch.where(num_candidates > 0, 1 + num_candidates,
+                                                                          num_tiles)
+        fields = dict(
+            pixel_values=MultiModalFieldConfig.flat_from_sizes("image", pixel_tiles),
             num_tiles=MultiModalFieldConfig.batched("image", keep_on_cpu=True),
             image_embeds=MultiModalFieldConfig.batched("image"),
         )
+        if num_candidates is not None:
+            fields.update(
+                num_candidates=MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+                psi_pixel_values=MultiModalFieldConfig.batched("image"),
+                psi_view_index=MultiModalFieldConfig.batched("image"),
+                psi_query=MultiModalFieldConfig.batched("image"),
+                selection_meta=MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+            )
+        return fields
 
     def _get_prompt_updates(
         self,

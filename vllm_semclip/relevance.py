@@ -229,6 +229,13 @@ class RelevanceModel:
             self._text_cache.popitem(last=False)
         return emb
 
+    def text_query(self, question: str) -> torch.Tensor:
+        """:meth:`query_vector` under ψ's lock and without autograd (safe from any thread)."""
+        import torch
+
+        with self._lock, torch.inference_mode():
+            return self.query_vector(question)
+
     def _similarity(self, question: str, batch: torch.Tensor) -> torch.Tensor:
         """ψ's score of each preprocessed image in ``batch`` for the question (one forward; see the module doc)."""
         import torch
@@ -331,7 +338,8 @@ class RelevanceModel:
         if not boxes:
             return torch.empty(0)
         with self._lock, torch.inference_mode():
-            return (self.region_features(image, boxes, fit) @ self.query_vector(question)).amax(dim=1).cpu()
+            pixels, index = self.region_views(image, boxes, fit)
+            return candidate_scores(self.image_features(pixels), index, self.query_vector(question)).cpu()
 
     def region_features(self, image: Image.Image, boxes: Sequence[tuple[int, int, int, int]],
                         fit: str = "windows") -> torch.Tensor:
@@ -347,6 +355,17 @@ class RelevanceModel:
         if not crops:
             return torch.empty(0)
         return self._similarity(question, torch.stack([self.preprocess(c) for c in crops]))
+
+
+def candidate_scores(view_features: torch.Tensor, index: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """Each candidate's score: the best of its views' dot products with the query.
+
+    ``view_features`` ``[N, D]`` (normalised, :meth:`RelevanceModel.image_features`), ``index``
+    ``[R, V]`` (region ``r``'s views, :meth:`RelevanceModel.region_views`), ``query`` ``[D]``
+    (:meth:`RelevanceModel.query_vector`). The processor stage and the engine stage both score
+    with it.
+    """
+    return (view_features[index] @ query).amax(dim=1)
 
 
 def save_local_dir(model, model_cfg: dict, out_dir: Path | str, half: bool = True,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,8 +103,19 @@ def select_crops(image: Image.Image, question: str, config: SemClipConfig | None
     psi = get_relevance_model(config.require_relevance_model(), config.relevance_pretrained, config.device,
                               config.relevance_precision)
     scores = [float(s) for s in psi.score_regions(question, rgb, candidates, config.relevance_fit)]
-    ranking = rank_scores(scores, config.grids, config.relevance_norm, config.bridges, config.overlap)
-    return result(top_indices(ranking, k), scores, ranking)
+    ranking, chosen = choose_crops(scores, config)
+    return result(chosen, scores, ranking)
+
+
+def choose_crops(candidate_scores: Sequence[float], config: SemClipConfig) -> tuple[list[float], list[int]]:
+    """(ranking scores, the indices of the crops to keep, best first) from ψ's candidate scores.
+
+    The one ranking rule: ``select_crops`` (processor stage, CLI, Python API) and the model's
+    encoder step (engine stage) both call it, so the two stages keep the same crops for the
+    same scores; ties go to the earlier candidate (``crops.top_indices``), whatever the batch.
+    """
+    ranking = rank_scores(candidate_scores, config.grids, config.relevance_norm, config.bridges, config.overlap)
+    return ranking, top_indices(ranking, min(config.num_crops, len(ranking)))
 
 
 def selected_tiles(
@@ -112,16 +124,74 @@ def selected_tiles(
     pad_fill: tuple[int, int, int] | None,
     max_side: int | None = None,
 ) -> list[Image.Image]:
-    """[overview, crop_1, …, crop_k] as RGB images, padded to squares when ``pad_fill`` is given.
+    """[overview, crop_1, …, crop_k] as RGB images, padded to squares when ``pad_fill`` is given
+    (:func:`box_tiles` of the selection's boxes)."""
+    return box_tiles(image, selection.boxes, pad_fill, max_side)
+
+
+def box_tiles(
+    image: Image.Image,
+    boxes: Sequence[Box],
+    pad_fill: tuple[int, int, int] | None,
+    max_side: int | None = None,
+) -> list[Image.Image]:
+    """[overview, one tile per box] as RGB images, padded to squares when ``pad_fill`` is given.
 
     With ``max_side``, a tile larger than that is first box-reduced by an integer factor (to
     between ``max_side`` and twice it): padding a 2700-px photo and letting the CLIP image
     processor resample it all the way down costs far more than the final resize from there.
     """
     rgb = to_rgb(image)
-    tiles = [rgb, *crop_boxes(rgb, selection.boxes)]
+    tiles = [rgb, *crop_boxes(rgb, boxes)]
     if max_side is not None:
         tiles = [t.reduce(f) if (f := max(t.size) // max_side) >= 2 else t for t in tiles]
     if pad_fill is not None:
         tiles = [pad_to_square(t, pad_fill) for t in tiles]
     return tiles
+
+
+@dataclass(frozen=True)
+class PsiInputs:
+    """What the engine stage needs of one image and question to choose its crops there: ψ's views
+    of every candidate (``pixels``), which views are whose (``index``, ``[R, V]``), the question's
+    embedding (``query``) and the request's ranking settings (``config``)."""
+
+    candidates: list[Box]
+    pixels: Any  # torch.Tensor [N, 3, S, S], float32
+    index: Any  # torch.Tensor [R, V], long
+    query: Any  # torch.Tensor [D], float32
+    question: str
+    image_size: tuple[int, int]
+    config: SemClipConfig
+
+    def meta(self, item_id: str | None = None) -> dict[str, Any]:
+        """What the model needs besides tensors, as JSON: the ranking settings and what a log names."""
+        c = self.config
+        return {"id": item_id, "question": self.question, "image_size": list(self.image_size),
+                "candidates": [list(b) for b in self.candidates], "method": c.method,
+                "ranking": {"topk": c.topk, "grids": list(c.grids), "overlap": c.overlap, "bridges": c.bridges,
+                            "relevance_norm": c.relevance_norm},
+                "log": c.log_selections, "log_question": c.log_questions}
+
+
+def prepare_psi_inputs(image: Image.Image, question: str, config: SemClipConfig) -> PsiInputs:
+    """Everything of ``select_crops`` but ψ's image forward and the ranking (engine stage)."""
+    rgb = to_rgb(image)
+    candidates = candidate_boxes(rgb.size[0], rgb.size[1], config.grids, config.overlap, config.bridges)
+    psi = get_relevance_model(config.require_relevance_model(), config.relevance_pretrained, config.device,
+                              config.relevance_precision)
+    pixels, index = psi.region_views(rgb, candidates, config.relevance_fit)
+    query = psi.text_query(question.strip())
+    return PsiInputs(candidates, pixels.float(), index, query.float().cpu().clone(), question.strip(), rgb.size, config)
+
+
+def engine_selection(meta: dict[str, Any], candidate_scores: Sequence[float]) -> Selection:
+    """The engine stage's :class:`Selection` from ψ's candidate scores and :meth:`PsiInputs.meta`,
+    ranked by :func:`choose_crops` exactly as ``select_crops`` ranks."""
+    ranking_config = SemClipConfig(**{**meta["ranking"], "grids": tuple(meta["ranking"]["grids"])})
+    scores = [float(s) for s in candidate_scores]
+    ranking, chosen = choose_crops(scores, ranking_config)
+    candidates = [tuple(b) for b in meta["candidates"]]
+    return Selection(boxes=[candidates[i] for i in chosen], scores=[scores[i] for i in chosen],
+                     candidates=candidates, candidate_scores=scores, method=meta["method"],
+                     question=meta["question"], image_size=tuple(meta["image_size"]), ranking_scores=ranking)

@@ -52,6 +52,18 @@ def runtime_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def metrics_env(config, env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with ``PROMETHEUS_MULTIPROC_DIR`` set to a new empty directory when ψ runs in the engine
+    (``selection_stage``) and none is set: SemClip's metrics are then recorded in the engine-core
+    process, and prometheus_client's multiprocess mode is how vLLM's ``/metrics`` gathers them."""
+    import tempfile
+
+    out = dict(env)
+    if config.selection_stage == "engine" and "PROMETHEUS_MULTIPROC_DIR" not in out:
+        out["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="semclip-metrics-")
+    return out
+
+
 def _flag_value(args: list[str], flag: str) -> tuple[str | None, list[str]]:
     """Remove ``flag VALUE`` / ``flag=VALUE`` from ``args``; return the value and the rest."""
     rest, value, i = [], None, 0
@@ -125,7 +137,7 @@ _SERVE_FLAGS = {
     "relevance_model": "--relevance-model", "relevance_pretrained": "--relevance-pretrained",
     "relevance_precision": "--relevance-precision", "relevance_fit": "--relevance-fit",
     "relevance_norm": "--relevance-norm", "device": "--relevance-device", "seed": "--seed", "max_topk": "--max-topk",
-    "max_candidates": "--max-candidates",
+    "max_candidates": "--max-candidates", "selection_stage": "--selection-stage",
 }
 
 

@@ -11,7 +11,7 @@ supposed to pick — and differ for another crop.
 from __future__ import annotations
 
 import pytest
-from conftest import PSI, MAX_TOPK, chat_prompt
+from conftest import PSI, MAX_TOPK, chat_prompt, make_llm, stop_llm
 from vllm import SamplingParams
 
 from vllm_semclip.config import SemClipConfig, SemClipConfigError
@@ -127,3 +127,20 @@ def test_the_prompt_as_text_and_as_token_ids_is_processed_alike(llm, photo, toke
     assert as_text.prompt_token_ids == as_ids.prompt_token_ids
     assert as_text.outputs[0].token_ids == as_ids.outputs[0].token_ids
     assert _close(_first_logprobs(as_text), _first_logprobs(as_ids), tol=1e-4)
+
+
+def test_the_processor_stage_answers_as_the_engine_stage(llm, model_dir, photo):
+    """ψ in the engine (the fixture's default) or per request in the front end: the same crops, so
+    the same logprobs, for requests sent together (one engine-stage batch) — and another crop differs."""
+    (qa, box_a), (qb, box_b) = _two_questions_with_different_crops(photo)
+    requests = [_semclip_request(q, photo) for q in (qa, qb, QUESTIONS[3])]
+    engine_stage = llm.generate(requests, PARAMS)
+    front = make_llm(model_dir, selection_stage="processor")
+    try:
+        processor_stage = front.generate(requests, PARAMS)
+        other_crop = front.generate(_given_request(qa, photo, box_b), PARAMS)[0]
+    finally:
+        stop_llm(front)
+    for a, b in zip(engine_stage, processor_stage):
+        assert _close(_first_logprobs(a), _first_logprobs(b))
+    assert not _close(_first_logprobs(engine_stage[0]), _first_logprobs(other_crop), tol=1e-4)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PSI, MAX_TOPK, chat_prompt, make_processor
+from conftest import PSI, MAX_TOPK, chat_prompt, encoded_tiles, make_processor
 from PIL import Image
 from vllm.multimodal.cache import MultiModalProcessorOnlyCache
 from vllm.multimodal.processing.context import TimingContext
@@ -40,7 +40,8 @@ def _count_image_tokens(processor, out) -> int:
 
 
 def _pixel_values(out) -> torch.Tensor:
-    return torch.cat([item["pixel_values"].data for item in out["mm_kwargs"]["image"]])
+    """What reaches the vision tower: [overview, crops] per image, in either selection stage."""
+    return encoded_tiles(out)
 
 
 @pytest.mark.parametrize("num_images", [1, 2, 3])

@@ -298,6 +298,8 @@ def test_metrics_and_the_selection_log_say_what_semclip_did(server, client, serv
     assert delta("semclip:selection_seconds_sum", method="relevance") > 0
     assert delta("semclip:crops_chosen_total") == 3
     assert delta("semclip:candidates_scored_total") == 2 * 17
+    # ψ ran in the engine (the default stage): its forwards reach this endpoint from the engine process
+    assert delta("semclip:psi_batch_images_sum") == 2 and delta("semclip:psi_batch_images_count") >= 1
     lines = [json.loads(line.split("semclip selection ", 1)[1]) for line in server.log_path.read_text().splitlines()
              if "semclip selection " in line and "metrics-test-" in line]
     assert sorted(entry["id"] for entry in lines) == ["metrics-test-0", "metrics-test-1"]
@@ -307,3 +309,26 @@ def test_metrics_and_the_selection_log_say_what_semclip_did(server, client, serv
         assert entry["question_sha256"] == hashlib.sha256(question.encode()).hexdigest()[:12]
     text = server.log_path.read_text()
     assert question not in text and url[30:90] not in text
+
+
+def test_psi_batches_images_of_concurrent_requests(server, client, served_model, photo):
+    """Eight requests at once (eight questions: no cache hits): ψ's forwards in the engine take
+    several images each, where the front end would have run eight forwards one after another."""
+    import concurrent.futures
+
+    before = _metrics(server)
+    url = to_data_url(photo)
+
+    def ask(i: int):
+        content = [{"type": "image_url", "image_url": {"url": url}},
+                   {"type": "text", "text": f"Where is the object number {i} of the batching test?"}]
+        return client.chat.completions.create(model=served_model, messages=[{"role": "user", "content": content}],
+                                              max_tokens=1, temperature=0.0)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(ask, range(8)))
+    assert all(r.choices[0].finish_reason for r in replies)
+    after = _metrics(server)
+    images = after[("semclip:psi_batch_images_sum", ())] - before.get(("semclip:psi_batch_images_sum", ()), 0.0)
+    forwards = after[("semclip:psi_batch_images_count", ())] - before.get(("semclip:psi_batch_images_count", ()), 0.0)
+    assert images == 8 and 1 <= forwards < 8

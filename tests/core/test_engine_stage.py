@@ -1,0 +1,109 @@
+"""Selection in the engine stage: the processor sends every candidate, the model's encoder step runs ψ
+for the whole batch and keeps what ``select_crops`` keeps — alone or batched with other requests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import PSI, MAX_TOPK, chat_prompt, encoded_tiles, make_processor
+from PIL import Image
+from vllm.multimodal.processing.context import TimingContext
+from vllm.multimodal.processing.inputs import ProcessorInputs
+
+from vllm_semclip.config import SemClipConfig, SemClipConfigError
+from vllm_semclip.model import PsiBatch, choose_tiles, parse_psi_batch
+from vllm_semclip.processor import ENGINE_FIELDS
+from vllm_semclip.relevance import get_relevance_model
+from vllm_semclip.selection import select_crops
+
+QUESTIONS = ["What is the color of the flag?", "What is the astronaut holding?",
+             "Is the rocket on the left or right side of the woman?", "What color is the helmet?"]
+
+
+def _apply(processor, question: str, images, kwargs=None):
+    ids = processor.info.get_tokenizer()(chat_prompt(question, len(images)))["input_ids"]
+    inputs = ProcessorInputs(prompt=ids, mm_data_items=processor.info.parse_mm_data({"image": images}),
+                             hf_processor_mm_kwargs=kwargs or {})
+    return processor.apply(inputs, TimingContext(enabled=False))
+
+
+@pytest.fixture(scope="module")
+def images(photo):
+    from skimage import data
+
+    return [photo, Image.fromarray(data.coffee()), photo.crop((0, 0, 512, 200))]
+
+
+def test_the_processor_sends_every_candidate_and_psis_views(processor, photo, tokens_per_tile):
+    out = _apply(processor, QUESTIONS[0], [photo], {"topk": 2})
+    item = out["mm_kwargs"]["image"][0]
+    assert set(ENGINE_FIELDS) <= set(item)
+    assert int(item["num_candidates"].data) == 17 and int(item["num_tiles"].data) == 3
+    assert item["pixel_values"].data.shape[0] == 1 + 17  # the overview and every candidate's tile
+    views = item["psi_pixel_values"].data
+    size = get_relevance_model(PSI).image_size
+    assert views.dtype == torch.float32 and tuple(views.shape[1:]) == (3, size, size)
+    assert item["psi_view_index"].data.shape[0] == 17 and int(item["psi_view_index"].data.max()) < views.shape[0]
+    assert [r.length for r in out["mm_placeholders"]["image"]] == [3 * tokens_per_tile]  # unchanged: (1 + k) tiles
+
+
+def _batch(outputs) -> tuple[torch.Tensor, list[int], PsiBatch]:
+    """Several processed requests as one scheduled batch reaches the model."""
+    datas = [dict(o["mm_kwargs"].get_data()) for o in outputs]
+    pixel_values = torch.cat([d["pixel_values"] for d in datas])
+    num_tiles = [n for d in datas for n in d["num_tiles"].tolist()]
+    parts = [parse_psi_batch(d) for d in datas]
+    return pixel_values, num_tiles, PsiBatch(*(sum((getattr(p, f) for p in parts), []) for f in
+                                              ("num_candidates", "pixels", "view_index", "query", "meta")))
+
+
+def test_the_engine_keeps_what_select_crops_keeps_alone_and_in_any_batch(processor, images):
+    """One scoring-and-ranking rule: the crops a request gets do not depend on its batch."""
+    psi = get_relevance_model(PSI)
+    config = SemClipConfig(relevance_model=PSI, topk=2, max_topk=MAX_TOPK)
+    requests = [(q, image) for q in QUESTIONS[:2] for image in images]
+    outputs = [_apply(processor, q, [image], {"topk": 2}) for q, image in requests]
+    expected = [select_crops(image, q, config).boxes for q, image in requests]
+    alone = [choose_tiles(psi, *_batch([o]))[1][0].boxes for o in outputs]
+    batched = choose_tiles(psi, *_batch(outputs))[1]
+    assert alone == expected
+    assert [batched[i].boxes for i in range(len(requests))] == expected
+    assert len({tuple(map(tuple, b)) for b in expected}) > 1  # the check can fail: the crops differ
+
+
+def test_the_tiles_kept_are_the_chosen_candidates_tiles(processor, photo):
+    out = _apply(processor, QUESTIONS[0], [photo], {"topk": 2})
+    pixel_values, num_tiles, batch = _batch([out])
+    kept, selections, views = choose_tiles(get_relevance_model(PSI), pixel_values, num_tiles, batch)
+    chosen = [selections[0].candidates.index(b) for b in selections[0].boxes]
+    assert torch.equal(kept, pixel_values[[0] + [1 + c for c in chosen]])
+    assert views == batch.pixels[0].shape[0] and torch.equal(kept, encoded_tiles(out))
+
+
+def test_the_processor_stage_is_still_there_and_encodes_the_same_tiles(model_dir, processor, images):
+    processor_stage, _ = make_processor(model_dir, {"max_topk": MAX_TOPK, "selection_stage": "processor"})
+    for image in images:
+        engine = _apply(processor, QUESTIONS[1], [image], {"topk": 2})
+        front = _apply(processor_stage, QUESTIONS[1], [image], {"topk": 2})
+        assert not set(ENGINE_FIELDS) & set(front["mm_kwargs"]["image"][0])
+        assert torch.equal(encoded_tiles(front), encoded_tiles(engine))
+        assert front["prompt_token_ids"] == engine["prompt_token_ids"]
+
+
+def test_images_psi_has_nothing_to_do_for_pass_through(processor, photo, tokens_per_tile):
+    """No question, or a method without ψ: the tiles are already the chosen ones, in the same batch."""
+    outs = [_apply(processor, "", [photo], {"topk": 2}),
+            _apply(processor, QUESTIONS[0], [photo], {"method": "random", "topk": 2}),
+            _apply(processor, QUESTIONS[0], [photo], {"topk": 2})]
+    pixel_values, num_tiles, batch = _batch(outs)
+    assert batch.num_candidates == [0, 0, 17]
+    kept, selections, _ = choose_tiles(get_relevance_model(PSI), pixel_values, num_tiles, batch)
+    assert list(selections) == [2] and kept.shape[0] == 1 + 3 + 3
+
+
+def test_the_stage_is_fixed_by_the_server():
+    with pytest.raises(SemClipConfigError) as info:
+        SemClipConfig().replace({"selection_stage": "processor"}, request=True)
+    assert info.value.parameter == "selection_stage"
+    with pytest.raises(SemClipConfigError, match="selection_stage"):
+        SemClipConfig(selection_stage="gpu")
