@@ -12,7 +12,7 @@ HAS_GPU  := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev
 
 OPENCV_DOC := /usr/share/doc/opencv-doc/examples/data
 
-.PHONY: install models eval-photos demo test clean
+.PHONY: install models eval-photos demo test compat smoke-7b clean
 
 install: $(STAMP)
 
@@ -42,6 +42,15 @@ demo: models  # the bundled models are local: no hub lookups
 
 test: models eval-photos
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
+
+# vLLM 0.33 and 0.34 (GPU wheels, no deps): their Python sources over the installed CPU build, run the
+# plugin's processor, config, plugin, model and offline-engine tests; results in out/compat/results.json
+compat: models
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/compat.py
+
+# the real LLaVA-1.5-7B architecture and a ViT-B-16 psi, random weights, one request (slow; ~14 GiB)
+smoke-7b: models
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/smoke_llava_7b.py
 
 clean:
 	rm -rf $(VENV) out

