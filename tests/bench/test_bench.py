@@ -26,7 +26,8 @@ WHICH_CARD = TOWER_PROBE.with_name("which_card.py")
 @pytest.mark.engine
 def test_serve_benchmark_smoke(tmp_path, model_dir, tokens_per_tile):
     out = subprocess.run(
-        [sys.executable, "-m", "vllm_semclip.cli", "bench", "serve", "--configs", "semclip,hf", "--concurrency", "2",
+        [sys.executable, "-m", "vllm_semclip.cli", "bench", "serve", "--configs", "semclip,hf,standin_semclip",
+         "--concurrency", "2",
          "--num-prompts", "4", "--repeats", "1", "--workload-size", "2", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=900,
     )
@@ -40,8 +41,17 @@ def test_serve_benchmark_smoke(tmp_path, model_dir, tokens_per_tile):
         assert point["p99_e2el_ms"] >= point["p50_e2el_ms"]
     assert doc["semclip"]["2"]["visual_tokens_per_request"] == 2 * tokens_per_tile
     assert doc["hf"]["2"]["visual_tokens_per_request"] == 2 * tokens_per_tile  # same inputs, same tokens
-    assert doc["semclip"]["2"]["selection_samples"] >= 4 and doc["semclip"]["2"]["p50_selection_ms"] > 0
+    semclip = doc["semclip"]["2"]  # ψ in the engine: a sample per ψ forward, the front end's work apart
+    assert semclip["selection_samples"] >= 1 and semclip["p50_selection_ms"] > 0
+    assert semclip["psi_images_per_forward"] >= 1 and semclip["p50_front_end_ms"] > 0
     assert "semclip/hf@2" in doc["_ratios"]
+    standin = doc["standin_semclip"]["2"]  # the stand-in: 576 tokens a tile, served with random weights
+    assert standin["visual_tokens_per_request"] == 2 * 576 and standin["request_throughput"] > 0
+    assert standin["psi_images_per_forward"] >= 1
+    flops = doc["_flops_gflop_per_request"]  # ψ, tower, prefill and decode of each configuration
+    assert flops["semclip"]["psi"] > 0 and flops["hf"]["psi"] == 0
+    assert flops["semclip"]["tower"] == flops["hf"]["tower"] > 0 and flops["semclip"]["language_model"] > 0
+    assert flops["standin_semclip"]["psi"] < flops["standin_semclip"]["language_model"] < flops["semclip"]["psi"]
     assert (tmp_path / "serve_throughput.png").stat().st_size > 1000
     assert "ratios of request throughput" in out.stdout
 

@@ -4,7 +4,10 @@ Configurations, each a real server on 127.0.0.1 with the bundled model, driven b
 client (``vllm bench serve``, openai-chat backend, the custom_image dataset):
 
 1. ``overview`` — stock LLaVA architecture (plain vLLM), one image, no selection;
-2. ``semclip``  — SemClip, k=1 on the default grids;
+2. ``semclip``  — SemClip, k=1 on the default grids, ψ in the engine's encoder step (the default
+                  ``selection_stage``: batched across requests);
+   ``semclip_processor`` — the same with ψ per request in the front end (``selection_stage``
+                  ``processor``, the stage before ψ moved into the engine);
    ``semclip_bf16`` — the same with ψ in bf16 (``relevance_precision``), ψ's cheaper setting;
    ``semclip_224`` — the same with ψ at 224 px (the LLaVA tower's CLIP), the bundled ψ's 336 px
                   weighed against its cost;
@@ -40,11 +43,12 @@ from typing import Any
 
 import numpy as np
 
-CONFIGS = ("overview", "semclip", "semclip_bf16", "semclip_224", "given", "all", "hf")
+CONFIGS = ("overview", "semclip", "semclip_processor", "semclip_bf16", "semclip_224", "given", "all", "hf",
+           "standin_overview", "standin_given", "standin_semclip", "standin_all")
 METRICS = ("request_throughput", "output_throughput", "p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms",
            "p99_tpot_ms", "p50_e2el_ms", "p99_e2el_ms")
 NO_CACHE_ARGS = ["--mm-processor-cache-gb", "0", "--no-enable-prefix-caching"]
-DEFAULT_RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+DEFAULT_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"  # the repository's benchmarks/
 
 
 def _data_url(path: str | Path) -> str:
@@ -73,7 +77,41 @@ def build_workload(out: Path, n: int, seed: int) -> dict[str, Path]:
     paths = {"one": out / "one_image.jsonl", "two": out / "overview_and_crop.jsonl"}
     for key, rows in (("one", one), ("two", two)):
         paths[key].write_text("".join(json.dumps(row) + "\n" for row in rows))
+    sizes = [r.load_image().size for r in records]
+    (out / "image_sizes.json").write_text(json.dumps(sizes))
     return paths
+
+
+# config → (ψ: an open_clip name, a stand-in's reference ψ, or None; tiles through the VLM's tower)
+FLOP_SHAPES = {"overview": (None, 1), "given": (None, 2), "hf": (None, 2), "semclip": ("SemClip-ViT-T-16-336", 2),
+               "semclip_processor": ("SemClip-ViT-T-16-336", 2), "semclip_bf16": ("SemClip-ViT-T-16-336", 2),
+               "semclip_224": ("SemClip-ViT-T-16", 2), "standin_overview": (None, 1), "standin_given": (None, 2),
+               "standin_semclip": ("standin:ViT-B-16", 2)}
+
+
+def config_flops(name: str, model_dir: Path, sizes: list[tuple[int, int]]) -> dict[str, float]:
+    """GFLOP per request of ψ, the tower, the LM prefill and one decoded token for a configuration,
+    at the workload's median image size (``cost.request_flops`` on the served models' configs)."""
+    from vllm_semclip.bench.standin import STANDIN_LLAVA, STANDIN_PSI
+    from vllm_semclip.cost import LlavaArchitecture, request_flops, vision_forward_flops, windows_per_request
+    from vllm_semclip.crops import num_candidates
+    from vllm_semclip.tiny.bundled import register_model_configs
+
+    register_model_configs()
+    if name.startswith("standin_"):
+        llava = STANDIN_LLAVA
+    else:
+        llava = LlavaArchitecture.from_config(json.loads((Path(model_dir) / "config.json").read_text()),
+                                              "bundled tiny LLaVA")
+    psi, tiles = FLOP_SHAPES.get(name, (None, 1 + num_candidates((2, 3))))  # "all": every candidate
+    width = int(statistics.median(w for w, _ in sizes))
+    height = int(statistics.median(h for _, h in sizes))
+    standin_psi = psi.split(":", 1)[1] if psi and psi.startswith("standin:") else None
+    flops = request_flops(llava, tiles, None if standin_psi else psi, width, height)
+    if standin_psi:
+        per_window, _ = vision_forward_flops(json.dumps(STANDIN_PSI[standin_psi]["vision_cfg"], sort_keys=True))
+        flops["psi"] = per_window * windows_per_request(width, height) / 1e9
+    return {k: round(v, 4) for k, v in flops.items()}
 
 
 def client_argv(base_url: str, model: str, dataset: Path, concurrency: int, num_prompts: int, output_len: int,
@@ -181,12 +219,26 @@ def _median_of(runs: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def _selection_stats(records: list[dict], window: dict) -> dict[str, float]:
+    """Selection figures inside one run's time window, from the plugin's timing log: per image in
+    the processor stage; per ψ forward (and images in it) in the engine stage, with the front end's
+    preparation per image (cut, resize, text embedding: no ψ image work)."""
     inside = [t for t in records if window["start"] <= t.get("time", 0) <= window["end"]]
-    if not inside:
-        return {}
-    values = [t["selection_ms"] for t in inside]
-    return {"p50_selection_ms": float(np.percentile(values, 50)), "p99_selection_ms": float(np.percentile(values, 99)),
-            "selection_samples": len(values), "candidates": statistics.median(t["candidates"] for t in inside)}
+    out: dict[str, float] = {}
+    selections = [t for t in inside if t.get("stage", "processor") in ("processor", "engine")]
+    if selections:
+        values = [t["selection_ms"] for t in selections]
+        out.update({"p50_selection_ms": float(np.percentile(values, 50)),
+                    "p99_selection_ms": float(np.percentile(values, 99)), "selection_samples": len(values)})
+    engine = [t for t in inside if t.get("stage") == "engine"]
+    if engine:
+        out["psi_images_per_forward"] = sum(t["images"] for t in engine) / len(engine)
+    front = [t for t in inside if t.get("stage") == "front_end"]
+    if front:
+        out["p50_front_end_ms"] = float(np.percentile([t["prepare_ms"] for t in front], 50))
+    candidates = [t["candidates"] for t in inside if "candidates" in t]
+    if candidates:
+        out["candidates"] = statistics.median(candidates)
+    return out
 
 
 def plot(results: dict, path: Path, concurrency: str) -> None:
@@ -257,10 +309,21 @@ def main(argv: list[str] | None = None) -> int:
         "overview": ("stock", {}, "one"),
         "given": ("stock", {}, "two"),
         "semclip": ("semclip", {"topk": 1}, "one"),
+        "semclip_processor": ("semclip-processor", {"topk": 1, "selection_stage": "processor"}, "one"),
         "semclip_bf16": ("semclip-bf16", {"topk": 1, "relevance_precision": "bf16"}, "one"),  # ψ in bf16
         "semclip_224": ("semclip-224", {"topk": 1, "relevance_model": str(DEFAULT_TOWER_DIR)}, "one"),  # ψ at 224 px
         "all": ("semclip-all", {"method": "all"}, "one"),
+        # the FLOP-faithful stand-in of LLaVA-1.5-7B + ViT-B-16 (random weights, bench/standin.py)
+        "standin_overview": ("standin-stock", {}, "one"),
+        "standin_given": ("standin-stock", {}, "two"),
+        "standin_semclip": ("standin-semclip", {"topk": 1}, "one"),
+        "standin_all": ("standin-all", {"method": "all"}, "one"),
     }
+    standin_dir = None
+    if any(name.startswith("standin_") for name in configs):
+        from vllm_semclip.bench.standin import STANDIN_MAX_MODEL_LEN, write_standin
+
+        standin_dir = write_standin(out / "standin")
     results: dict[str, dict[str, dict[str, Any]]] = {}
     groups: dict[str, list[str]] = {}
     for name in configs:
@@ -273,18 +336,22 @@ def main(argv: list[str] | None = None) -> int:
         timings_file = runs_dir / f"timings_{server_kind}.jsonl"
         timings_file.unlink(missing_ok=True)
         env = {timings.ENV: str(timings_file)}
-        with ServerProcess(model, semclip_config, stock=server_kind == "stock", vllm_args=NO_CACHE_ARGS,
+        standin = server_kind.startswith("standin")
+        served = str(standin_dir) if standin else model
+        vllm_args = NO_CACHE_ARGS + (["--load-format", "dummy", "--max-model-len", str(STANDIN_MAX_MODEL_LEN)]
+                                     if standin else [])
+        with ServerProcess(served, semclip_config, stock=server_kind.endswith("stock"), vllm_args=vllm_args,
                            env={**os.environ, **env}, log_path=runs_dir / f"server_{server_kind}.log") as server:
             tokens = {}
             plan = []
             for name in names:
                 dataset_key = servers[name][2]
-                tokens[name] = visual_tokens(server.base_url, model, rows[dataset_key][0])  # warms up ψ too
+                tokens[name] = visual_tokens(server.base_url, served, rows[dataset_key][0])  # warms up ψ too
                 for c in concurrencies:
                     for r in range(repeats):
                         tag = f"{name}_c{c}_r{r}"
                         plan.append({"tag": tag, "name": name, "concurrency": c, "num_prompts": prompts_for(c),
-                                     "argv": client_argv(server.base_url, model, workload[dataset_key], c,
+                                     "argv": client_argv(server.base_url, served, workload[dataset_key], c,
                                                          prompts_for(c), args.output_len, runs_dir, tag)})
             done = run_vllm_client(plan, runs_dir / f"plan_{server_kind}.json", runs_dir)
             bar.update(len(plan))
@@ -316,13 +383,19 @@ def main(argv: list[str] | None = None) -> int:
         def thr(name: str) -> float | None:
             return results.get(name, {}).get(c, {}).get("request_throughput")
         for a, b in (("semclip", "given"), ("semclip", "all"), ("semclip", "hf"), ("semclip", "overview"),
+                     ("semclip", "semclip_processor"), ("semclip_processor", "given"), ("semclip_processor", "all"),
                      ("semclip_bf16", "given"), ("semclip_bf16", "semclip"), ("semclip_224", "semclip"),
-                     ("semclip_224", "all")):
+                     ("semclip_224", "all"), ("standin_semclip", "standin_given"),
+                     ("standin_semclip", "standin_all"), ("standin_semclip", "standin_overview")):
             if thr(a) and thr(b):
                 ratios[f"{a}/{b}@{c}"] = round(thr(a) / thr(b), 3)
-    doc = {**results, "_meta": {
+    sizes = [tuple(x) for x in json.loads((out / "serve_workload" / "image_sizes.json").read_text())]
+    flops = {name: config_flops(name, model_dir, sizes) for name in results}
+    doc = {**results, "_flops_gflop_per_request": flops, "_meta": {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
-        "model": f"bundled tiny LLaVA ({_tokens_per_tile(model_dir)} tokens per tile)", "output_len": args.output_len,
+        "model": f"bundled tiny LLaVA ({_tokens_per_tile(model_dir)} tokens per tile); standin_*: the FLOP-faithful "
+                 "stand-in of LLaVA-1.5-7B + ViT-B-16 (random weights, 576 tokens per tile)",
+        "output_len": args.output_len,
         "workload": f"{args.workload_size} V*-style images 1500-2700 px (seed {args.seed})",
         "client": "vllm bench serve (openai-chat, custom_image) via python -m vllm_semclip.bench.vllm_bench",
         "caches": "processor cache and prefix caching off", "repeats": repeats, "quick": args.quick,
@@ -332,14 +405,20 @@ def main(argv: list[str] | None = None) -> int:
     plot_c = str(max(concurrencies))
     plot(results, result_path.with_suffix(".png"), plot_c)
 
-    print(f"\n{'config':<13}{'conc':>5}{'req/s':>8}{'out tok/s':>10}{'ttft p50':>10}{'ttft p99':>10}"
-          f"{'e2el p50':>10}{'e2el p99':>10}{'vis tok':>8}{'sel p50':>9}{'sel p99':>9}")
+    print(f"\n{'config':<18}{'conc':>5}{'req/s':>8}{'out tok/s':>10}{'ttft p50':>10}{'ttft p99':>10}"
+          f"{'e2el p50':>10}{'e2el p99':>10}{'vis tok':>8}{'sel p50':>9}{'sel p99':>9}{'img/psi':>8}{'front':>7}")
     for name, by_c in results.items():
         for c, m in by_c.items():
-            print(f"{name:<13}{c:>5}{m['request_throughput']:>8.2f}{m['output_throughput']:>10.1f}"
+            print(f"{name:<18}{c:>5}{m['request_throughput']:>8.2f}{m['output_throughput']:>10.1f}"
                   f"{m['p50_ttft_ms']:>10.0f}{m['p99_ttft_ms']:>10.0f}{m['p50_e2el_ms']:>10.0f}{m['p99_e2el_ms']:>10.0f}"
                   f"{m.get('visual_tokens_per_request') or 0:>8}{m.get('p50_selection_ms', float('nan')):>9.1f}"
-                  f"{m.get('p99_selection_ms', float('nan')):>9.1f}")
+                  f"{m.get('p99_selection_ms', float('nan')):>9.1f}{m.get('psi_images_per_forward', float('nan')):>8.1f}"
+                  f"{m.get('p50_front_end_ms', float('nan')):>7.0f}")
+    print(f"\nGFLOP per request (median workload image): {'config':<18}{'psi':>8}{'tower':>8}{'LM prefill':>11}"
+          f"{'decode/tok':>11}")
+    for name, f in flops.items():
+        print(f"{'':<43}{name:<18}{f['psi']:>8.2f}{f['tower']:>8.2f}{f['language_model']:>11.2f}"
+              f"{f['decode_token']:>11.4f}")
     print("\nratios of request throughput:", json.dumps(ratios))
     print(f"written: {result_path} and {result_path.with_suffix('.png')} ({doc['_meta']['wall_s']} s)")
     return 0
