@@ -30,7 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vllm_semclip.eval.benchdata import CATEGORIES, load_bench
-from vllm_semclip.crops import candidate_boxes, rank_scores, to_rgb, top_indices
+from vllm_semclip.crops import candidate_boxes, rank_scores, square_windows, to_rgb, top_indices
 from vllm_semclip.eval.metrics import crop_hit
 from vllm_semclip.relevance import RelevanceModel, query_features
 from vllm_semclip.tiny.bundled import DEFAULT_RELEVANCE_DIR
@@ -40,14 +40,27 @@ RESULTS = Path(__file__).resolve().parent / "results" / "psi_hit.json"
 WAYS = {"pad": "padded", "plain": "plain cosine", "raw": "raw scores across grids", "served": "served"}
 
 
+def view_gflop(psi: RelevanceModel) -> float:
+    """GFLOP of one view through ψ's image tower (torch's FLOP counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        psi.model.encode_image(torch.zeros(1, 3, psi.image_size, psi.image_size))
+    return counter.get_total_flops() / 1e9
+
+
 def hit_rates(psi: RelevanceModel, records, grids=(2, 3), desc: str = "ψ",
               progress: bool = True) -> dict[str, dict[str, float]]:
-    """{"served" | "pad" | "plain" | "raw": {group: top-1 hit rate}} with groups = categories, "overall", "color:NAME"."""
+    """{"served" | "pad" | "plain" | "raw": {group: top-1 hit rate}} with groups = categories, "overall",
+    "color:NAME", and ψ's cost per question: "views" (forwards) and "gflop"."""
     hits: dict[str, dict[str, list[bool]]] = {way: defaultdict(list) for way in WAYS}
+    views: dict[str, list[int]] = {"windows": [], "pad": []}
     for rec in tqdm(records, desc=desc, disable=not progress):
         with Image.open(rec.image) as im:
             image = to_rgb(im).copy()  # a loaded copy: the file closes here
         boxes = candidate_boxes(*image.size, grids)
+        views["windows"].append(sum(len(square_windows(b)) for b in boxes))
+        views["pad"].append(len(boxes))
         with torch.inference_mode():
             feats = {fit: psi.region_features(image, boxes, fit) for fit in ("windows", "pad")}  # [R, V, D]
             served, plain = psi.query_vector(rec.question), query_features(psi.model, psi.tokenizer, [rec.question])[0]
@@ -62,7 +75,13 @@ def hit_rates(psi: RelevanceModel, records, grids=(2, 3), desc: str = "ψ",
                 groups.append(f"color:{rec.extra['color']}")
             for g in groups:
                 hits[way][g].append(hit)
-    return {way: {g: sum(v) / len(v) for g, v in sorted(groups.items())} for way, groups in hits.items()}
+    per_view = view_gflop(psi)
+    out = {way: {g: sum(v) / len(v) for g, v in sorted(groups.items())} for way, groups in hits.items()}
+    for way in WAYS:
+        fit = "pad" if way == "pad" else "windows"
+        out[way]["views"] = sum(views[fit]) / len(views[fit])
+        out[way]["gflop"] = out[way]["views"] * per_view
+    return out
 
 
 def plot(results: dict, path: Path) -> Path:
@@ -105,14 +124,15 @@ def main() -> None:
     results = {}
     for name in args.model:
         results[name] = hit_rates(RelevanceModel.from_pretrained(name), records, desc=Path(name).name)
-    print(f"{'ψ':<34} {'scoring':<28} {'attribute':>9} {'spatial':>8} {'overall':>8}   by colour (attribute)")
+    print(f"{'ψ':<34} {'scoring':<28} {'attribute':>9} {'spatial':>8} {'overall':>8} {'views':>6} {'GFLOP':>6}"
+          "   by colour (attribute)")
     for name, ways in results.items():
         for way in WAYS:
             r = ways[way]
             colours = " ".join(f"{g[6:]} {100 * v:.0f}" for g, v in r.items() if g.startswith("color:"))
             print(f"{Path(name).name:<34} {WAYS[way]:<28} "
                   f"{100 * r['direct_attributes']:>9.1f} {100 * r['relative_position']:>8.1f} "
-                  f"{100 * r['overall']:>8.1f}   {colours}")
+                  f"{100 * r['overall']:>8.1f} {r['views']:>6.1f} {r['gflop']:>6.2f}   {colours}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"data": args.data, "questions": len(records), "results": results}, indent=1))

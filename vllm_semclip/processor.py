@@ -262,7 +262,7 @@ class SemClipMultiModalProcessor(BaseLlavaMultiModalProcessor[SemClipProcessingI
         method) carries empty ones and its tiles are already [overview, chosen crops]."""
         if psi is None:
             fields["num_candidates"].append(0)
-            fields["psi_pixel_values"].append(torch.zeros(0, 3, 1, 1))
+            fields["psi_pixel_values"].append(torch.zeros(0, 3, 1, 1, dtype=torch.uint8))
             fields["psi_view_index"].append(torch.zeros(0, 1, dtype=torch.long))
             fields["psi_query"].append(torch.zeros(0))
             fields["selection_meta"].append(torch.zeros(0, dtype=torch.uint8))

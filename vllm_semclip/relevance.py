@@ -42,6 +42,15 @@ _models: dict[tuple[str, str | None, str, str], "RelevanceModel"] = {}
 _models_lock = threading.Lock()
 
 
+def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 images ``[..., 3, H, W]`` → float32, scaled to 0–1 and normalised by a CLIP's mean and std."""
+    import torch
+
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (pixels.float().div_(255.0) - mean_t) / std_t
+
+
 def open_clip_identifier(model_name: str) -> str:
     """A directory path becomes open_clip's ``local-dir:`` schema; names pass through."""
     if model_name.startswith(("local-dir:", "hf-hub:")):
@@ -244,10 +253,17 @@ class RelevanceModel:
             return (self.image_features(batch) @ self.query_vector(question)).cpu()
 
     def image_features(self, batch: torch.Tensor) -> torch.Tensor:
-        """Normalised float32 embeddings of preprocessed images (moved to ψ's device and input dtype)."""
+        """Normalised float32 embeddings of ψ's inputs: uint8 views (:meth:`region_pixels`, normalised
+        here) or already normalised float tensors; moved to ψ's device and input dtype."""
         import torch
 
+        if batch.dtype == torch.uint8:
+            batch = self.normalize(batch)
         return torch.nn.functional.normalize(self.model.encode_image(batch.to(self.device, self.input_dtype)).float(), dim=-1)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 views ``[N, 3, S, S]`` → ψ's float32 input (its mean and std)."""
+        return normalize_pixels(pixels, self.model.visual.image_mean, self.model.visual.image_std)
 
     @property
     def resize_mode(self) -> str:
@@ -255,14 +271,20 @@ class RelevanceModel:
         return cfg.get("resize_mode", "shortest")
 
     def region_batch(self, image: Image.Image, boxes: Sequence[tuple[int, int, int, int]], pad_to_square: bool) -> torch.Tensor:
-        """ψ's input tensors for many regions of one image, without a full-resolution crop each.
+        """ψ's normalised float32 inputs for many regions of one image (:meth:`region_pixels`, normalised)."""
+        return self.normalize(self.region_pixels(image, boxes, pad_to_square))
+
+    def region_pixels(self, image: Image.Image, boxes: Sequence[tuple[int, int, int, int]], pad_to_square: bool) -> torch.Tensor:
+        """ψ's views of many regions of one image as uint8 ``[N, 3, S, S]``, without a full-resolution crop each.
 
         The image is downscaled once — only as far as its smallest region allows, so no
         region is later upsampled from a needlessly reduced copy — and every region is
         then cut, padded and resized as a tensor slice. The result matches open_clip's
         preprocessing (resize to the model's size, bicubic with antialiasing, center
-        crop, normalise) of each region padded to a square (LLaVA-1.5's expand2square),
-        at a fraction of the cost of doing it per PIL crop on a 2000-px photo.
+        crop; a decoded image's 8 bits) of each region padded to a square (LLaVA-1.5's
+        expand2square), at a fraction of the cost of doing it per PIL crop on a 2000-px
+        photo. uint8 because these views cross from vLLM's front end to its engine
+        (a quarter of float32's bytes); :meth:`normalize` makes them ψ's input.
         """
         import torch
         import torch.nn.functional as F
@@ -278,7 +300,6 @@ class RelevanceModel:
                                  Image.BICUBIC, reducing_gap=1.0)
         pixels = pil_to_tensor(image).float().div_(255.0)
         mean = torch.tensor(self.model.visual.image_mean).view(3, 1, 1)
-        std = torch.tensor(self.model.visual.image_std).view(3, 1, 1)
         sw, sh = image.size[0] / width, image.size[1] / height
         out = []
         for x0, y0, x1, y1 in boxes:
@@ -300,13 +321,13 @@ class RelevanceModel:
             if target != (size, size):
                 top, left = (target[0] - size) // 2, (target[1] - size) // 2
                 region = region[:, top:top + size, left:left + size]
-            out.append(((region.clamp_(0, 1) - mean) / std))
+            out.append(region.clamp_(0, 1).mul_(255).round_().to(torch.uint8))
         return torch.stack(out)
 
     def region_views(self, image: Image.Image, boxes: Sequence[tuple[int, int, int, int]],
                      fit: str = "windows") -> tuple[torch.Tensor, torch.Tensor]:
         """ψ's inputs for ``boxes`` fitted to its square input by ``fit`` (``SemClipConfig.relevance_fit``):
-        ``(pixels [N, 3, S, S], index [R, V])``, region ``r``'s views being ``pixels[index[r]]``.
+        ``(pixels [N, 3, S, S] uint8, index [R, V])``, region ``r``'s views being ``pixels[index[r]]``.
 
         ``windows`` gives a region one view per square of :func:`crops.square_windows` (at most 4;
         a region with fewer views than ``V`` repeats its first, which a max ignores); ``pad`` and
@@ -321,12 +342,12 @@ class RelevanceModel:
         if fit == "windows":
             views = [square_windows(b) for b in boxes]
             flat = [w for ws in views for w in ws]
-            pixels = self.region_batch(image, flat, pad_to_square=True)  # squares: nothing to pad (only > 4:1 is)
+            pixels = self.region_pixels(image, flat, pad_to_square=True)  # squares: nothing to pad (only > 4:1 is)
             width = max(len(ws) for ws in views)
             starts = [sum(len(ws) for ws in views[:i]) for i in range(len(views))]
             index = torch.tensor([[s + j if j < len(ws) else s for j in range(width)] for s, ws in zip(starts, views)])
             return pixels, index
-        return self.region_batch(image, boxes, pad_to_square=fit == "pad"), torch.arange(len(boxes))[:, None]
+        return self.region_pixels(image, boxes, pad_to_square=fit == "pad"), torch.arange(len(boxes))[:, None]
 
     def score_regions(
         self, question: str, image: Image.Image, boxes: Sequence[tuple[int, int, int, int]], fit: str = "windows"

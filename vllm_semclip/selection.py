@@ -157,7 +157,7 @@ class PsiInputs:
     embedding (``query``) and the request's ranking settings (``config``)."""
 
     candidates: list[Box]
-    pixels: Any  # torch.Tensor [N, 3, S, S], float32
+    pixels: Any  # torch.Tensor [N, 3, S, S], uint8 (RelevanceModel.region_pixels)
     index: Any  # torch.Tensor [R, V], long
     query: Any  # torch.Tensor [D], float32
     question: str
@@ -182,7 +182,7 @@ def prepare_psi_inputs(image: Image.Image, question: str, config: SemClipConfig)
                               config.relevance_precision)
     pixels, index = psi.region_views(rgb, candidates, config.relevance_fit)
     query = psi.text_query(question.strip())
-    return PsiInputs(candidates, pixels.float(), index, query.float().cpu().clone(), question.strip(), rgb.size, config)
+    return PsiInputs(candidates, pixels, index, query.float().cpu().clone(), question.strip(), rgb.size, config)
 
 
 def engine_selection(meta: dict[str, Any], candidate_scores: Sequence[float]) -> Selection:

@@ -313,6 +313,14 @@ def test_psi_hit_runs_and_its_served_hits_are_select_crops_picks(tmp_path, model
     colours = {k for k in r["served"] if k.startswith("color:")}
     assert colours == {f"color:{rec.extra['color']}" for rec in records if rec.category == "direct_attributes"}
     assert doc["questions"] == 8 and (tmp_path / "hit.png").stat().st_size > 1000 and "raw scores across grids" in stdout
+    from vllm_semclip.cost import windows_per_request
+
+    sizes = [Image.open(rec.image).size for rec in records]
+    for way, fit in (("served", "windows"), ("pad", "pad")):  # ψ's cost: views per question and their FLOPs
+        want = sum(windows_per_request(w, h, fit=fit) for w, h in sizes) / len(sizes)
+        assert r[way]["views"] == pytest.approx(want)
+        assert r[way]["gflop"] == pytest.approx(want * r["pad"]["gflop"] / r["pad"]["views"])
+    assert r["served"]["views"] > r["pad"]["views"] == 17 and r["pad"]["gflop"] > 0.1
 
 
 SOAK = PSI_HIT.with_name("soak.py")
@@ -331,3 +339,30 @@ def test_soak_runs_both_phases_and_writes_memory_over_time(tmp_path):
     assert len(doc["memory_over_time"]) >= 2 and doc["memory_mib"]["max"] > 100
     assert (tmp_path / "soak.png").stat().st_size > 1000
     assert "light requests beside heavy ones" in stdout
+
+
+PSI_VS_PREFILL = PSI_HIT.with_name("psi_vs_prefill.py")
+
+
+@pytest.mark.engine
+def test_psi_vs_prefill_times_both_psis_and_both_prefills_on_the_standin(tmp_path):
+    """The GPU script's own code on the CPU stand-in: a median per ψ, per prefill length and per batch,
+    time ratios that are those medians' quotients, FLOP ratios from cost.py, the 1,152-token prefill
+    dearer than the 576 one, the larger ψ dearer than the smaller."""
+    from vllm_semclip.bench.standin import STANDIN_LLAVA
+    from vllm_semclip.cost import llava_prefill_flops
+
+    doc, stdout = _run_benchmark(PSI_VS_PREFILL, tmp_path / "pvp.json", "--tiny", "--device", "cpu",
+                                 "--repeats", "1", "--batch", "1", "2")
+    assert doc["tiny"] and doc["dtype"] == "float32" and doc["candidates"] == 13
+    assert set(doc["psi_ms"]) == {"ViT-B-16", "ViT-L-14-336"} and set(doc["prefill_ms"]) == {"576", "1152"}
+    for name, by_batch in doc["psi_ms"].items():
+        for b in ("1", "2"):
+            assert by_batch[b] > 0
+            ratio = doc["ratios"][f"time psi:{name} / prefill:576 @ batch {b}"]
+            assert ratio == pytest.approx(by_batch[b] / doc["prefill_ms"]["576"][b], rel=1e-3)
+    f = llava_prefill_flops(STANDIN_LLAVA, 2, doc["text_tokens"])
+    assert doc["flops_gflop"]["prefill:1152"] == pytest.approx((f["tower"] + f["language_model"]) / 1e9)
+    assert doc["flops_gflop"]["prefill:1152"] > doc["flops_gflop"]["prefill:576"]
+    assert doc["flops_gflop"]["psi:ViT-L-14-336"] > doc["flops_gflop"]["psi:ViT-B-16"]
+    assert "visual tokens" in stdout and "wrote" in stdout

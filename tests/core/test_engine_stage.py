@@ -42,7 +42,7 @@ def test_the_processor_sends_every_candidate_and_psis_views(processor, photo, to
     assert item["pixel_values"].data.shape[0] == 1 + 17  # the overview and every candidate's tile
     views = item["psi_pixel_values"].data
     size = get_relevance_model(PSI).image_size
-    assert views.dtype == torch.float32 and tuple(views.shape[1:]) == (3, size, size)
+    assert views.dtype == torch.uint8 and tuple(views.shape[1:]) == (3, size, size)  # a quarter of float32's bytes
     assert item["psi_view_index"].data.shape[0] == 17 and int(item["psi_view_index"].data.max()) < views.shape[0]
     assert [r.length for r in out["mm_placeholders"]["image"]] == [3 * tokens_per_tile]  # unchanged: (1 + k) tiles
 

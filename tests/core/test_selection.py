@@ -172,6 +172,25 @@ def test_windows_score_a_region_by_its_best_square_and_pad_sees_it_padded(model_
         psi.region_views(photo, boxes, "stretch")
 
 
+def test_psi_views_are_open_clips_preprocessing_in_eight_bits(photo):
+    """ψ's views travel as uint8 (front end → engine) and become ψ's input by its mean and std: the
+    result is open_clip's own preprocessing of the PIL crop (resize, centre crop, 8 bits, normalise)."""
+    import open_clip
+
+    psi = get_relevance_model(PSI)
+    box = (40, 60, 300, 320)  # square: open_clip's transform and ψ's path see the same region
+    pixels = psi.region_pixels(photo, [box], pad_to_square=True)
+    assert pixels.dtype == torch.uint8 and tuple(pixels.shape) == (1, 3, psi.image_size, psi.image_size)
+    transform = open_clip.image_transform(psi.image_size, is_train=False, mean=psi.model.visual.image_mean,
+                                          std=psi.model.visual.image_std)
+    want = transform(photo.crop(box))
+    got = psi.normalize(pixels)[0]
+    assert torch.equal(got, psi.region_batch(photo, [box], True)[0])
+    std = torch.tensor(psi.model.visual.image_std).view(3, 1, 1)
+    assert ((got - want).abs() * std).mean() < 2 / 255  # PIL's and torch's bicubic differ by a grey level or so
+    assert psi.image_features(pixels).allclose(psi.image_features(got[None]), atol=1e-6)
+
+
 def test_random_is_seeded_and_reproducible(photo):
     cfg = SemClipConfig(relevance_model=PSI, method="random", topk=2)
     a = select_crops(photo, "q", cfg)

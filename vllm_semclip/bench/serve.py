@@ -114,6 +114,13 @@ def config_flops(name: str, model_dir: Path, sizes: list[tuple[int, int]]) -> di
     return {k: round(v, 4) for k, v in flops.items()}
 
 
+def _bundled_tokens_per_tile(model_dir: Path) -> int:
+    from vllm_semclip.cost import LlavaArchitecture
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return LlavaArchitecture.from_config(config, "bundled tiny LLaVA").tokens_per_tile
+
+
 def client_argv(base_url: str, model: str, dataset: Path, concurrency: int, num_prompts: int, output_len: int,
                 result_dir: Path, tag: str) -> list[str]:
     """Arguments of one ``vllm bench serve`` run (openai-chat backend, custom_image dataset)."""
@@ -207,11 +214,6 @@ def run_hf(model: str, rows: list[dict], num_prompts: int, output_len: int) -> d
            for q in (50, 99)},
         "completed": num_prompts, "duration": duration, "visual_tokens_per_request": visual,
     }
-
-
-def _tokens_per_tile(model_dir: str | Path) -> int:
-    vision = json.loads((Path(model_dir) / "config.json").read_text())["vision_config"]
-    return (vision["image_size"] // vision["patch_size"]) ** 2
 
 
 def _median_of(runs: list[dict[str, Any]]) -> dict[str, float]:
@@ -393,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     flops = {name: config_flops(name, model_dir, sizes) for name in results}
     doc = {**results, "_flops_gflop_per_request": flops, "_meta": {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
-        "model": f"bundled tiny LLaVA ({_tokens_per_tile(model_dir)} tokens per tile); standin_*: the FLOP-faithful "
+        "model": f"bundled tiny LLaVA ({_bundled_tokens_per_tile(model_dir)} tokens per tile); standin_*: the FLOP-faithful "
                  "stand-in of LLaVA-1.5-7B + ViT-B-16 (random weights, 576 tokens per tile)",
         "output_len": args.output_len,
         "workload": f"{args.workload_size} V*-style images 1500-2700 px (seed {args.seed})",

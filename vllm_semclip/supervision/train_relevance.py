@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_semclip.supervision.label import helped, label_statistics, load_labels
-from vllm_semclip.relevance import TextReference, query_features
+from vllm_semclip.relevance import TextReference, normalize_pixels, query_features
 from vllm_semclip.tiny.bundled import DEFAULT_RELEVANCE_DIR, DEFAULT_TRAINED_RELEVANCE_DIR
 
 
@@ -120,7 +120,7 @@ class LabelledSet:
     gains: list[list[float]]
     best: list[int]  # the labeller's positive crop per question (``best`` of its label row)
     hits: list[list[bool]]
-    crops: Any  # [Q, C, V, 3, H, W] fp16 pixels of each crop's V views, or [Q, C, V, D] frozen features
+    crops: Any  # [Q, C, V, 3, H, W] uint8 pixels of each crop's V views, or [Q, C, V, D] frozen features
     grids: list[tuple[int, ...]]  # each question's candidate grids (its crops in ``candidate_boxes`` order)
     bridges: list[bool] | None = None  # each question's ``bridges`` (labels written before bridges: none)
 
@@ -130,7 +130,7 @@ class LabelledSet:
 
 def _crop_views(psi, rows: Sequence[dict], fit: str, progress: bool, encode=None):
     """Every labelled question's candidate crops, cut by ψ's serving path (``fit`` as served):
-    [Q, C, V, 3, H, W] fp16 pixels, or with ``encode`` (the locked image tower) [Q, C, V, D]
+    [Q, C, V, 3, H, W] uint8 pixels, or with ``encode`` (the locked image tower) [Q, C, V, D]
     features, encoded question by question. V is the most views a crop has; a crop with fewer
     repeats its first (the max over views ignores it)."""
     import torch
@@ -145,7 +145,7 @@ def _crop_views(psi, rows: Sequence[dict], fit: str, progress: bool, encode=None
         if encode is not None:
             with torch.inference_mode():
                 pixels = encode(pixels)
-        out.append((pixels.half() if encode is None else pixels)[index])
+        out.append(pixels[index])  # uint8 views, or their features when encoded here
     width = max(x.shape[1] for x in out)
     return torch.stack([torch.cat([x, x[:, :1].expand(-1, width - x.shape[1], *x.shape[2:])], dim=1) for x in out])
 
@@ -154,7 +154,8 @@ def _encode_crops(model, pixels, batch: int = 256):
     import torch
 
     flat = pixels.reshape(-1, *pixels.shape[-3:])
-    feats = torch.cat([model.encode_image(flat[i:i + batch].float(), normalize=True)
+    mean, std = model.visual.image_mean, model.visual.image_std
+    feats = torch.cat([model.encode_image(normalize_pixels(flat[i:i + batch], mean, std), normalize=True)
                        for i in range(0, flat.shape[0], batch)])
     return feats.reshape(*pixels.shape[:-3], -1)
 
