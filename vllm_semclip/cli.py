@@ -385,18 +385,18 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--seed", type=int)
         t.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
         t.add_argument("--lr", type=float, help="peak learning rate of the warm-up/cosine schedule")
+        t.add_argument("--render", choices=("legacy", "train"),
+                       help="training material: legacy (default: the first generator) or train (the randomised "
+                            "distribution's training split; held-out questions from its val split)")
+        t.add_argument("--checkpoint-every", type=int,
+                       help="steps between resumable checkpoints in --out (default 100; 0: none; the LLaVA's: in its "
+                            "image stage). Run the same command again to go on from the last one")
         t.set_defaults(handler=cmd_train)
         if what == "clip":
             c = t
             c.add_argument("--model", help="open_clip config to train (default SemClip-ViT-T-16, 224 px; "
                            "SemClip-ViT-T-16-336 with --init resizes a 224-px psi's position grid)")
             c.add_argument("--init", help="continue from this psi checkpoint directory")
-            c.add_argument("--render", choices=("legacy", "train"),
-                           help="training material: legacy (default: the first generator) or train (the randomised "
-                                "distribution's training split; held-out cards from its val split)")
-            c.add_argument("--checkpoint-every", type=int,
-                           help="steps between resumable checkpoints in --out (default 100; 0: none). Run the same "
-                                "command again to go on from the last one")
             c.add_argument("--curriculum", type=float, help="fraction of steps over which cards shrink (default 0.2)")
             c.add_argument("--position-weight", type=float,
                            help="weight of the patch-position loss at the LLaVA's feature layer (default 0: off)")

@@ -154,7 +154,8 @@ def test_clip_config_is_validated(bad):
                                  {"position_binding_weight": -0.5}, {"side_steps": -1},
                                  {"ground_spatial_fraction": 1.5}, {"align_ground_fraction": -0.1},
                                  {"word_binding_weight": -0.5}, {"word_binding_layer": -1},
-                                 {"attribute_word_binding_weight": -0.5}])
+                                 {"attribute_word_binding_weight": -0.5}, {"render": "shifted"},
+                                 {"render": "val"}, {"checkpoint_every": -1}])
 def test_vlm_config_is_validated(bad):
     with pytest.raises(ValueError):
         VlmTrainConfig(**bad)
@@ -948,3 +949,53 @@ def test_a_stopped_clip_run_goes_on_from_its_checkpoint_as_if_it_had_not_stopped
     a = load_file(str(tmp_path / "whole" / "open_clip_model.safetensors"))
     b = load_file(str(tmp_path / "stopped" / "open_clip_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.engine
+def test_a_stopped_vlm_run_on_the_randomised_material_goes_on_as_if_it_had_not_stopped(tmp_path, monkeypatch):
+    """``semclip train vlm --render train``: its tiles and scenes come from the randomised training
+    split (a scene of the legacy generator is never drawn), its held-out figures from ``val``; a run
+    stopped after its step-2 checkpoint and started again ends with the very weights of a run that
+    never stopped; a checkpoint of another configuration is refused; a finished run leaves none."""
+    from safetensors.torch import load_file
+
+    from vllm_semclip.eval import benchdata
+    from vllm_semclip.tiny import train_vlm as trainer
+    from vllm_semclip.tiny.bundled import DEFAULT_TOWER_DIR
+
+    splits = []
+    real_record = benchdata.make_record
+
+    def spy(category, index, seed, split="legacy", scale=1.0):
+        splits.append(split)
+        return real_record(category, index, seed, split, scale)
+
+    monkeypatch.setattr(trainer, "make_record", spy)
+    config = VlmTrainConfig(steps=4, batch_size=2, align_fraction=0.25, scene_fraction=1.0, warmup=1, eval_questions=2,
+                            render="train", checkpoint_every=2, threads=1)
+    whole = trainer.train_vlm(config, DEFAULT_TOWER_DIR, tmp_path / "whole", progress=False)
+    assert whole["resumed_at_step"] is None and whole["eval_split"] == "val"
+    assert set(splits) == {"train", "val"} and splits.count("train") == 3 * 2  # 3 scene steps of 2; val: held out
+    assert not (tmp_path / "whole" / trainer.CHECKPOINT).exists()
+
+    real_batch, calls = trainer._batch, []
+
+    def stop_at_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_batch(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_batch", stop_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train_vlm(config, DEFAULT_TOWER_DIR, tmp_path / "stopped", progress=False)
+    assert (tmp_path / "stopped" / trainer.CHECKPOINT).is_file()
+    monkeypatch.setattr(trainer, "_batch", real_batch)
+    with pytest.raises(ValueError, match="another configuration.*steps"):
+        trainer.train_vlm(VlmTrainConfig(**{**config.__dict__, "steps": 6}), DEFAULT_TOWER_DIR, tmp_path / "stopped",
+                          progress=False)
+    again = trainer.train_vlm(config, DEFAULT_TOWER_DIR, tmp_path / "stopped", progress=False)
+    assert again["resumed_at_step"] == 2
+    a, b = (load_file(next((tmp_path / d).glob("*.safetensors"))) for d in ("whole", "stopped"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert whole["visible_attribute_accuracy"] == again["visible_attribute_accuracy"]

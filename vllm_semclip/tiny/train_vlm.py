@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from vllm_semclip.eval.benchdata import make_attribute, make_spatial
+from vllm_semclip.eval.benchdata import make_record
 from vllm_semclip.tiny.cards import (
     CROP_SIDE_RANGE,
     VISIBLE_SIDE_RANGE,
@@ -67,7 +67,8 @@ from vllm_semclip.eval.metrics import oracle_index
 from vllm_semclip.eval.harness import prompt_for
 from vllm_semclip.tiny.scenes import COLORS, SHAPES, Placed
 from vllm_semclip.selection import select_crops, selected_tiles
-from vllm_semclip.tiny.train_clip import card_patch_labels, warmup_cosine
+from vllm_semclip.tiny.render import RenderDistribution
+from vllm_semclip.tiny.train_clip import card_patch_labels, material, warmup_cosine
 from vllm_semclip.tiny.bundled import DEFAULT_MODEL_DIR, DEFAULT_TOWER_DIR
 from vllm_semclip.tiny.build import TinyLlavaSpec, build_tiny_llava
 
@@ -107,10 +108,18 @@ class VlmTrainConfig:
     seed: int = 0
     threads: int = 0
     eval_questions: int = 400
+    # the material: "legacy" (the first generator) or "train" (RenderDistribution's training split: tiles and
+    # scenes; held-out questions then come from its "val" split)
+    render: str = "legacy"
+    checkpoint_every: int = 100  # image-stage steps between resumable checkpoints (out_dir/checkpoint.pt); 0 = none
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be at least 1")
+        if self.render not in ("legacy", "train"):
+            raise ValueError(f"render must be legacy or train, got {self.render!r}")
+        if self.checkpoint_every < 0:
+            raise ValueError("checkpoint_every must be non-negative")
         if not 0 < self.lr < 1 or self.weight_decay < 0 or self.warmup < 0:
             raise ValueError("lr must be in (0, 1), weight_decay and warmup non-negative")
         for name in ("align_fraction", "scene_fraction", "spatial_fraction", "side_fraction", "ground_spatial_fraction",
@@ -131,6 +140,11 @@ class VlmTrainConfig:
             raise ValueError("text_steps must be non-negative (0: no text pretraining)")
         if self.side_steps < 0:
             raise ValueError("side_steps must be non-negative (0: no grounding stage)")
+
+    @property
+    def held_out_split(self) -> str:
+        """Where held-out questions come from: ``val`` for the randomised material, else ``legacy``."""
+        return "val" if self.render == "train" else "legacy"
 
     @property
     def align_steps(self) -> int:
@@ -166,10 +180,11 @@ class Sample:
 
 
 def tile_sample(rng: random.Random, *, n_cards: int, spatial: bool, side_range=CROP_SIDE_RANGE,
-                size: int = 224) -> Sample:
+                size: int = 224, render: RenderDistribution | None = None) -> Sample:
     """A ``size``-px tile (the tower's input size: drawn at the detail the tower gets) with
-    ``n_cards`` cards (distinct shapes) and a question about it."""
-    tile = card_tile(rng, size, n_cards=n_cards, side_range=side_range, min_dx=spatial)
+    ``n_cards`` cards (distinct shapes) and a question about it; ``render``: drawn from that
+    distribution (None: the legacy generator)."""
+    tile = card_tile(rng, size, n_cards=n_cards, side_range=side_range, min_dx=spatial, render=render)
     if spatial:
         a, b = tile.cards[0], tile.cards[1]
         left = a.center[0] < b.center[0]
@@ -236,11 +251,11 @@ def text_sample(rng: random.Random, *, n_cards: int, span: int = 48) -> Sample:
 
 
 def side_sample(rng: random.Random, *, n_cards: int, side_range=CROP_SIDE_RANGE, margin: float = 0.1,
-                size: int = 224) -> Sample:
+                size: int = 224, render: RenderDistribution | None = None) -> Sample:
     """A tile with ``n_cards`` cards and "Is the {shape} on the left or right side of the image?"
     about one of them, whose centre is at least ``margin`` of the tile off the middle."""
     while True:
-        tile = card_tile(rng, size, n_cards=n_cards, side_range=side_range)
+        tile = card_tile(rng, size, n_cards=n_cards, side_range=side_range, render=render)
         target = rng.choice(tile.cards)
         x = target.center[0] / tile.image.width
         if abs(x - 0.5) >= margin:
@@ -263,8 +278,10 @@ def scene_tiles(image: Image.Image, targets: list[tuple[int, int, int, int]], cr
 
 
 def scene_sample(rng: random.Random, index: int, *, spatial: bool, scale: float, crops: int,
-                 pad_fill: tuple[int, int, int], tile_size: int, seed: int = TRAIN_SCENE_SEED) -> Sample:
-    image, rec = (make_spatial if spatial else make_attribute)(index, seed, scale=scale)
+                 pad_fill: tuple[int, int, int], tile_size: int, seed: int = TRAIN_SCENE_SEED,
+                 split: str = "legacy") -> Sample:
+    """A benchmark scene of ``split``'s generator as the plugin sends it: [overview, ``crops`` crops]."""
+    image, rec = make_record("relative_position" if spatial else "direct_attributes", index, seed, split, scale)
     if crops:
         tiles = scene_tiles(image, rec.target_boxes, crops, rng, pad_fill, tile_size)
     else:
@@ -570,32 +587,38 @@ def accuracy(trainer: LlavaTrainer, samples: list[Sample]) -> float:
     return sum(max(range(len(s)), key=s.__getitem__) == 0 for s in scores) / len(samples)
 
 
-def held_out_sets(n: int, seed: int, pad_fill, tile_size: int) -> dict[str, list[Sample]]:
+def held_out_sets(n: int, seed: int, pad_fill, tile_size: int, split: str = "legacy") -> dict[str, list[Sample]]:
     """The issue's three held-out conditions and the side-of-the-image rung, ``n`` questions each,
-    from seeds training never uses."""
+    from seeds training never uses, drawn by ``split``'s generator (``legacy``, or a
+    :class:`RenderDistribution` split: ``val`` for models trained on ``train``)."""
     rng = random.Random(seed + EVAL_SEED_OFFSET)
+    render = material(split)
     return {
         "visible_attribute": [tile_sample(rng, n_cards=rng.randint(1, 3), spatial=False, side_range=VISIBLE_SIDE_RANGE,
-                                          size=tile_size) for _ in range(n)],
+                                          size=tile_size, render=render) for _ in range(n)],
         "visible_spatial": [tile_sample(rng, n_cards=rng.randint(2, 3), spatial=True, side_range=VISIBLE_SIDE_RANGE,
-                                        size=tile_size) for _ in range(n)],
+                                        size=tile_size, render=render) for _ in range(n)],
         # full-size benchmark scenes (1500-2700 px) shrunk whole to one tile: the detail should be lost
         "overview_attribute": [scene_sample(rng, i, spatial=False, scale=1.0, crops=0, pad_fill=pad_fill,
-                                            tile_size=tile_size, seed=seed + EVAL_SEED_OFFSET) for i in range(n)],
+                                            tile_size=tile_size, seed=seed + EVAL_SEED_OFFSET, split=split)
+                               for i in range(n)],
         # the one-card rung below the spatial question: a card's side of the image (after the rest: same draws)
-        "visible_side": [side_sample(rng, n_cards=rng.randint(1, 3), side_range=VISIBLE_SIDE_RANGE, size=tile_size)
-                         for _ in range(n)],
+        "visible_side": [side_sample(rng, n_cards=rng.randint(1, 3), side_range=VISIBLE_SIDE_RANGE, size=tile_size,
+                                     render=render) for _ in range(n)],
     }
 
 
-def evaluate(model_dir: Path | str, n: int = 400, seed: int = 0, progress: bool = True) -> dict:
-    """Held-out accuracies of a saved tiny LLaVA (likelihood protocol, Hugging Face forward)."""
+def evaluate(model_dir: Path | str, n: int = 400, seed: int = 0, progress: bool = True,
+             split: str = "legacy") -> dict:
+    """Held-out accuracies of a saved tiny LLaVA on ``split``'s material (likelihood protocol, Hugging Face forward)."""
     trainer = LlavaTrainer.from_pretrained(model_dir)
-    sets = held_out_sets(n, seed, trainer.pad_fill, trainer.tile_size)
-    return {f"{name}_accuracy": accuracy(trainer, samples) for name, samples in sets.items()} | {"eval_questions": n}
+    sets = held_out_sets(n, seed, trainer.pad_fill, trainer.tile_size, split)
+    return ({f"{name}_accuracy": accuracy(trainer, samples) for name, samples in sets.items()}
+            | {"eval_questions": n, "eval_split": split})
 
 
-def grounding_sample(rng: random.Random, spatial_fraction: float, tile_size: int) -> Sample:
+def grounding_sample(rng: random.Random, spatial_fraction: float, tile_size: int,
+                     render: RenderDistribution | None = None) -> Sample:
     """A sample of the grounding stage: "Is the {shape} on the left or right side of the image?"
     (1–3 cards), or, with probability ``spatial_fraction``, the benchmark's two-card
     "Is the {a} on the left or right side of the {b}?" (2–3 cards).
@@ -604,8 +627,8 @@ def grounding_sample(rng: random.Random, spatial_fraction: float, tile_size: int
     image alone mostly answers the two-card question, so a model that reads where one card is
     could answer it with the same look (``benchmarks/research/which_card.py`` checks whether it does)."""
     if spatial_fraction and rng.random() < spatial_fraction:
-        return tile_sample(rng, n_cards=rng.randint(2, 3), spatial=True, size=tile_size)
-    return side_sample(rng, n_cards=rng.randint(1, 3), size=tile_size)
+        return tile_sample(rng, n_cards=rng.randint(2, 3), spatial=True, size=tile_size, render=render)
+    return side_sample(rng, n_cards=rng.randint(1, 3), size=tile_size, render=render)
 
 
 def _batch(rng: random.Random, config: VlmTrainConfig, step: int, trainer: LlavaTrainer, counter: list[int]) -> list[Sample]:
@@ -613,10 +636,11 @@ def _batch(rng: random.Random, config: VlmTrainConfig, step: int, trainer: Llava
     similar lengths in a batch, so little compute goes to padding. Alignment samples are one-card
     colour questions, or (``align_ground_fraction``) grounding samples, so that what a grounding
     stage taught is still asked while the projector learns colour."""
+    render = material(config.render)
     if step < config.align_steps:
-        return [grounding_sample(rng, config.ground_spatial_fraction, trainer.tile_size)
+        return [grounding_sample(rng, config.ground_spatial_fraction, trainer.tile_size, render)
                 if config.align_ground_fraction and rng.random() < config.align_ground_fraction
-                else tile_sample(rng, n_cards=1, spatial=False, size=trainer.tile_size)
+                else tile_sample(rng, n_cards=1, spatial=False, size=trainer.tile_size, render=render)
                 for _ in range(config.batch_size)]
     if rng.random() < config.scene_fraction:
         crops = rng.choice((1, 1, 2))
@@ -625,16 +649,17 @@ def _batch(rng: random.Random, config: VlmTrainConfig, step: int, trainer: Llava
             counter[0] += 1
             out.append(scene_sample(rng, counter[0], spatial=rng.random() < config.spatial_fraction,
                                     scale=config.scene_scale, crops=crops, pad_fill=trainer.pad_fill,
-                                    tile_size=trainer.tile_size, seed=TRAIN_SCENE_SEED + config.seed))
+                                    tile_size=trainer.tile_size, seed=TRAIN_SCENE_SEED + config.seed,
+                                    split=config.render))
         return out
     out = []
     for _ in range(config.batch_size):
         n_cards = rng.randint(1, 3)
         if config.side_fraction and rng.random() < config.side_fraction:
-            out.append(side_sample(rng, n_cards=n_cards, size=trainer.tile_size))
+            out.append(side_sample(rng, n_cards=n_cards, size=trainer.tile_size, render=render))
         else:
             sample = tile_sample(rng, n_cards=n_cards, spatial=n_cards > 1 and rng.random() < config.spatial_fraction,
-                                 size=trainer.tile_size)
+                                 size=trainer.tile_size, render=render)
             out.append(add_turns(rng, sample, config.turns))
     return out
 
@@ -739,7 +764,8 @@ def ground_side(trainer: LlavaTrainer, config: VlmTrainConfig, probes: dict[str,
     def step_loss() -> torch.Tensor:
         fraction = ground_spatial_share(config, step[0])
         step[0] += 1
-        batch = [grounding_sample(rng, fraction, trainer.tile_size) for _ in range(config.batch_size)]
+        batch = [grounding_sample(rng, fraction, trainer.tile_size, material(config.render))
+                 for _ in range(config.batch_size)]
         return trainer.loss(batch, rng, position_binding_weight=config.position_binding_weight,
                             binding_layer=config.binding_layer, word_binding_weight=config.word_binding_weight,
                             word_binding_layer=config.word_binding_layer)
@@ -800,20 +826,34 @@ def train_vlm(config: VlmTrainConfig = VlmTrainConfig(), relevance_dir: Path | s
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     probe_rng = random.Random(config.seed + EVAL_SEED_OFFSET + 1)
+    held_out = material(config.held_out_split)
     probe = {
-        "attr": [tile_sample(probe_rng, n_cards=probe_rng.randint(1, 3), spatial=False, size=trainer.tile_size) for _ in range(64)],
-        "spatial": [tile_sample(probe_rng, n_cards=2, spatial=True, size=trainer.tile_size) for _ in range(64)],
-        "side": [side_sample(probe_rng, n_cards=probe_rng.randint(1, 3), size=trainer.tile_size) for _ in range(64)],
+        "attr": [tile_sample(probe_rng, n_cards=probe_rng.randint(1, 3), spatial=False, size=trainer.tile_size,
+                             render=held_out) for _ in range(64)],
+        "spatial": [tile_sample(probe_rng, n_cards=2, spatial=True, size=trainer.tile_size, render=held_out)
+                    for _ in range(64)],
+        "side": [side_sample(probe_rng, n_cards=probe_rng.randint(1, 3), size=trainer.tile_size, render=held_out)
+                 for _ in range(64)],
     }
     start = time.time()
-    text_accuracy = pretrain_text(trainer, config, progress) if config.text_steps else None
-    grounding = ground_side(trainer, config, {k: probe[k] for k in ("side", "spatial")}, progress) \
-        if config.side_steps else {}
-    counter = [0]
-    running = None
-    bar = tqdm(range(config.steps), desc="train vlm", disable=not progress, mininterval=5)
-    if config.align_projector_only:
+    resumed = resume_checkpoint(out, config, model, opt, sched, rng)
+    if resumed is None:  # a fresh run: the stages before the image stage (a stop inside them restarts them)
+        first, running, spent, counter = 0, None, 0.0, [0]
+        text_accuracy = pretrain_text(trainer, config, progress) if config.text_steps else None
+        grounding = ground_side(trainer, config, {k: probe[k] for k in ("side", "spatial")}, progress) \
+            if config.side_steps else {}
+        spent = time.time() - start
+        stages = {"text_accuracy": text_accuracy, "grounding": grounding}
+    else:
+        first, running, spent, counter, stages = resumed
+        text_accuracy, grounding = stages["text_accuracy"], stages["grounding"]
+    start = time.time() - spent
+    bar = tqdm(range(first, config.steps), desc="train vlm", disable=not progress, mininterval=5,
+               initial=first, total=config.steps)
+    if config.align_projector_only and first < config.align_steps:
         trainer.set_language_model_trainable(False)
+    if config.tower_lr and first > config.align_steps:
+        trainer.unfreeze_tower()
     for step in bar:
         if step == config.align_steps:
             if config.tower_lr:
@@ -827,6 +867,9 @@ def train_vlm(config: VlmTrainConfig = VlmTrainConfig(), relevance_dir: Path | s
         bar.set_postfix(loss=f"{running:.3f}", refresh=False)
         if progress and (step + 1) % 200 == 0:
             bar.write(f"step {step + 1}: loss {running:.3f}, " + _format(_probe_accuracies(trainer, probe)))
+        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            save_checkpoint(out, config, step + 1, model, opt, sched, rng, running, time.time() - start, counter,
+                            stages)
     train_seconds = time.time() - start
     model.eval()
     weights = {k: v.detach().float() for k, v in model.state_dict().items()}
@@ -836,6 +879,44 @@ def train_vlm(config: VlmTrainConfig = VlmTrainConfig(), relevance_dir: Path | s
         text[f"grounding_{k}_accuracy"] = round(v, 4)
     report = {"config": asdict(config), "spec": asdict(spec), "train_seconds": round(train_seconds, 1), **text,
               "final_loss": round(running or 0.0, 4), "torch_threads": torch.get_num_threads(),
-              **evaluate(out, config.eval_questions, config.seed, progress)}
+              "resumed_at_step": (resumed[0] if resumed else None) or None,
+              **evaluate(out, config.eval_questions, config.seed, progress, config.held_out_split)}
     (out / "train_report.json").write_text(json.dumps(report, indent=2))
+    (out / CHECKPOINT).unlink(missing_ok=True)  # finished: nothing to go on from
     return report
+
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def save_checkpoint(out: Path, config: VlmTrainConfig, step: int, model, opt, sched, rng: random.Random,
+                    running: float | None, seconds: float, counter: list[int], stages: dict) -> None:
+    """Everything a stopped run needs to go on as if it had not stopped (written atomically): the
+    model, optimiser, schedule, the material's random state and the earlier stages' results."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = {"config": asdict(config), "step": step, "model": model.state_dict(), "opt": opt.state_dict(),
+             "sched": sched.state_dict(), "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
+             "running": running, "seconds": seconds, "counter": list(counter), "stages": stages}
+    tmp = out / (CHECKPOINT + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(out / CHECKPOINT)
+
+
+def resume_checkpoint(out: Path, config: VlmTrainConfig, model, opt, sched, rng: random.Random):
+    """Load ``out``'s checkpoint into the run if there is one: (first step, running loss, seconds
+    spent, scene counter, earlier stages' results); None without one. A checkpoint of another
+    configuration is refused rather than mixed in."""
+    path = out / CHECKPOINT
+    if not path.is_file():
+        return None
+    state = torch.load(path, weights_only=False)
+    if state["config"] != asdict(config):
+        changed = sorted(k for k in state["config"] if state["config"][k] != asdict(config).get(k))
+        raise ValueError(f"{path} is a checkpoint of another configuration (differs in {', '.join(changed)}); "
+                         "give another output directory or delete it")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    rng.setstate(state["rng"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"], state["running"], state["seconds"], list(state["counter"]), state["stages"]
