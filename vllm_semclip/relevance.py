@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-_models: dict[tuple[str, str | None, str, str], "RelevanceModel"] = {}
+_models: dict[tuple[str, str | None, str, str, bool], "RelevanceModel"] = {}
 _models_lock = threading.Lock()
 
 
@@ -186,6 +186,15 @@ class RelevanceModel:
         # open_clip's "bf16" keeps embeddings and layer norms fp32, so ask the first conv/linear)
         self.input_dtype = next(m.weight.dtype for m in model.visual.modules()
                                 if isinstance(m, (nn.Conv2d, nn.Linear)))
+        self.has_image_tower = True
+
+    def drop_image_tower(self) -> None:
+        """Free the image tower's weights (moved to torch's ``meta`` device), keeping what preparing
+        ψ's inputs reads — input size, mean and std, resize mode — and the text tower. For vLLM's
+        front end in the engine stage: there ψ only cuts views and embeds the question, and the
+        engine holds the image tower (ViT-L-14-336's is 1.2 GB in fp32)."""
+        self.model.visual.to("meta")
+        self.has_image_tower = False
 
     @classmethod
     def from_pretrained(
@@ -257,6 +266,9 @@ class RelevanceModel:
         here) or already normalised float tensors; moved to ψ's device and input dtype."""
         import torch
 
+        if not self.has_image_tower:
+            raise RuntimeError("this ψ's image tower was dropped (a front end of the engine stage prepares ψ's "
+                               "inputs only); load ψ with image_tower=True to score images")
         if batch.dtype == torch.uint8:
             batch = self.normalize(batch)
         return torch.nn.functional.normalize(self.model.encode_image(batch.to(self.device, self.input_dtype)).float(), dim=-1)
@@ -415,13 +427,17 @@ def save_local_dir(model, model_cfg: dict, out_dir: Path | str, half: bool = Tru
 
 
 def get_relevance_model(
-    model_name: str, pretrained: str | None = None, device: str = "cpu", precision: str = "fp32"
+    model_name: str, pretrained: str | None = None, device: str = "cpu", precision: str = "fp32",
+    image_tower: bool = True,
 ) -> RelevanceModel:
-    """Process-wide cache: ψ is loaded once per (model, weights, device, precision)."""
-    key = (model_name, pretrained, device, precision)
+    """Process-wide cache: ψ is loaded once per (model, weights, device, precision, image tower);
+    ``image_tower=False`` gives one that prepares inputs only (:meth:`RelevanceModel.drop_image_tower`)."""
+    key = (model_name, pretrained, device, precision, image_tower)
     with _models_lock:
         model = _models.get(key)
         if model is None:
             model = RelevanceModel.from_pretrained(model_name, pretrained, device, precision)
+            if not image_tower:
+                model.drop_image_tower()
             _models[key] = model
         return model

@@ -179,7 +179,7 @@ def prepare_psi_inputs(image: Image.Image, question: str, config: SemClipConfig)
     rgb = to_rgb(image)
     candidates = candidate_boxes(rgb.size[0], rgb.size[1], config.grids, config.overlap, config.bridges)
     psi = get_relevance_model(config.require_relevance_model(), config.relevance_pretrained, config.device,
-                              config.relevance_precision)
+                              config.relevance_precision, image_tower=False)  # the engine holds the image tower
     pixels, index = psi.region_views(rgb, candidates, config.relevance_fit)
     query = psi.text_query(question.strip())
     return PsiInputs(candidates, pixels, index, query.float().cpu().clone(), question.strip(), rgb.size, config)

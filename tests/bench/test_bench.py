@@ -366,3 +366,23 @@ def test_psi_vs_prefill_times_both_psis_and_both_prefills_on_the_standin(tmp_pat
     assert doc["flops_gflop"]["prefill:1152"] > doc["flops_gflop"]["prefill:576"]
     assert doc["flops_gflop"]["psi:ViT-L-14-336"] > doc["flops_gflop"]["psi:ViT-B-16"]
     assert "visual tokens" in stdout and "wrote" in stdout
+
+
+def test_serve_flops_follow_each_configs_psi_and_fit(model_dir):
+    """GFLOP per request as ``semclip bench serve`` stores them: ψ's share is its views times one view's
+    FLOPs — every square window for ``semclip_224``, one view per candidate for ``semclip_224_pad`` —
+    and the configurations without ψ have none; the tower's grows with the tiles sent."""
+    from vllm_semclip.bench.serve import config_flops
+    from vllm_semclip.cost import image_forward_flops, windows_per_request
+    from vllm_semclip.tiny.bundled import register_model_configs
+
+    register_model_configs()
+    sizes = [(2400, 1200), (2000, 1500), (1800, 1800)]
+    per_view = image_forward_flops("SemClip-ViT-T-16")[0] / 1e9
+    windows, pad = (config_flops(n, model_dir, sizes) for n in ("semclip_224", "semclip_224_pad"))
+    assert pad["psi"] == pytest.approx(17 * per_view, rel=1e-3)
+    assert windows["psi"] == pytest.approx(windows_per_request(2000, 1500) * per_view, rel=1e-3)
+    assert windows["psi"] > pad["psi"]
+    overview, given = (config_flops(n, model_dir, sizes) for n in ("overview", "given"))
+    assert overview["psi"] == given["psi"] == 0 and given["tower"] == pytest.approx(2 * overview["tower"], rel=1e-3)
+    assert given["tower"] == pytest.approx(pad["tower"], rel=1e-3)

@@ -47,6 +47,27 @@ def test_the_processor_sends_every_candidate_and_psis_views(processor, photo, to
     assert [r.length for r in out["mm_placeholders"]["image"]] == [3 * tokens_per_tile]  # unchanged: (1 + k) tiles
 
 
+def test_the_front_end_holds_psis_text_tower_and_preprocessing_only(photo):
+    """In the engine stage the front end cuts ψ's views and embeds the question; ψ's image tower is
+    the engine's. Its ψ has the image weights freed (torch's meta device), prepares exactly what a
+    whole ψ prepares, and refuses to score an image with a message saying why."""
+    from vllm_semclip.selection import prepare_psi_inputs
+
+    config = SemClipConfig(relevance_model=PSI)
+    prepared = prepare_psi_inputs(photo, QUESTIONS[0], config)
+    front = get_relevance_model(PSI, image_tower=False)
+    whole = get_relevance_model(PSI)
+    assert front is not whole and whole.has_image_tower and not front.has_image_tower
+    assert {p.device.type for p in front.model.visual.parameters()} == {"meta"}
+    assert "meta" not in {p.device.type for p in whole.model.visual.parameters()}
+    assert "meta" not in {p.device.type for p in front.model.transformer.parameters()}  # the text tower
+    pixels, index = whole.region_views(photo, prepared.candidates, config.relevance_fit)
+    assert torch.equal(pixels, prepared.pixels) and torch.equal(index, prepared.index)
+    assert torch.allclose(whole.text_query(QUESTIONS[0]), prepared.query)
+    with pytest.raises(RuntimeError, match="dropped"):
+        front.image_features(prepared.pixels)
+
+
 def _batch(outputs) -> tuple[torch.Tensor, list[int], PsiBatch]:
     """Several processed requests as one scheduled batch reaches the model."""
     datas = [dict(o["mm_kwargs"].get_data()) for o in outputs]

@@ -10,7 +10,8 @@ client (``vllm bench serve``, openai-chat backend, the custom_image dataset):
                   ``processor``, the stage before ψ moved into the engine);
    ``semclip_bf16`` — the same with ψ in bf16 (``relevance_precision``), ψ's cheaper setting;
    ``semclip_224`` — the same with ψ at 224 px (the LLaVA tower's CLIP), the bundled ψ's 336 px
-                  weighed against its cost;
+                  weighed against its cost; ``semclip_224_pad`` — and one view per candidate
+                  (``relevance_fit="pad"``) instead of its square windows;
 3. ``given``    — stock LLaVA, the client sends the overview and the very crop SemClip picks as
                   two images: SemClip's tokens without its selection work (its ceiling);
 4. ``all``      — SemClip with every candidate crop (AnyRes-like);
@@ -43,8 +44,8 @@ from typing import Any
 
 import numpy as np
 
-CONFIGS = ("overview", "semclip", "semclip_processor", "semclip_bf16", "semclip_224", "given", "all", "hf",
-           "standin_overview", "standin_given", "standin_semclip", "standin_all")
+CONFIGS = ("overview", "semclip", "semclip_processor", "semclip_bf16", "semclip_224", "semclip_224_pad", "given", "all",
+           "hf", "standin_overview", "standin_given", "standin_semclip", "standin_all")
 METRICS = ("request_throughput", "output_throughput", "p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms",
            "p99_tpot_ms", "p50_e2el_ms", "p99_e2el_ms")
 NO_CACHE_ARGS = ["--mm-processor-cache-gb", "0", "--no-enable-prefix-caching"]
@@ -85,8 +86,9 @@ def build_workload(out: Path, n: int, seed: int) -> dict[str, Path]:
 # config → (ψ: an open_clip name, a stand-in's reference ψ, or None; tiles through the VLM's tower)
 FLOP_SHAPES = {"overview": (None, 1), "given": (None, 2), "hf": (None, 2), "semclip": ("SemClip-ViT-T-16-336", 2),
                "semclip_processor": ("SemClip-ViT-T-16-336", 2), "semclip_bf16": ("SemClip-ViT-T-16-336", 2),
-               "semclip_224": ("SemClip-ViT-T-16", 2), "standin_overview": (None, 1), "standin_given": (None, 2),
-               "standin_semclip": ("standin:ViT-B-16", 2)}
+               "semclip_224": ("SemClip-ViT-T-16", 2), "semclip_224_pad": ("SemClip-ViT-T-16", 2),
+               "standin_overview": (None, 1), "standin_given": (None, 2), "standin_semclip": ("standin:ViT-B-16", 2)}
+FLOP_FIT = {"semclip_224_pad": "pad"}  # ψ's relevance_fit where it is not the default "windows"
 
 
 def config_flops(name: str, model_dir: Path, sizes: list[tuple[int, int]]) -> dict[str, float]:
@@ -107,7 +109,7 @@ def config_flops(name: str, model_dir: Path, sizes: list[tuple[int, int]]) -> di
     width = int(statistics.median(w for w, _ in sizes))
     height = int(statistics.median(h for _, h in sizes))
     standin_psi = psi.split(":", 1)[1] if psi and psi.startswith("standin:") else None
-    flops = request_flops(llava, tiles, None if standin_psi else psi, width, height)
+    flops = request_flops(llava, tiles, None if standin_psi else psi, width, height, fit=FLOP_FIT.get(name, "windows"))
     if standin_psi:
         per_window, _ = vision_forward_flops(json.dumps(STANDIN_PSI[standin_psi]["vision_cfg"], sort_keys=True))
         flops["psi"] = per_window * windows_per_request(width, height) / 1e9
@@ -314,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         "semclip_processor": ("semclip-processor", {"topk": 1, "selection_stage": "processor"}, "one"),
         "semclip_bf16": ("semclip-bf16", {"topk": 1, "relevance_precision": "bf16"}, "one"),  # ψ in bf16
         "semclip_224": ("semclip-224", {"topk": 1, "relevance_model": str(DEFAULT_TOWER_DIR)}, "one"),  # ψ at 224 px
+        "semclip_224_pad": ("semclip-224-pad", {"topk": 1, "relevance_model": str(DEFAULT_TOWER_DIR),
+                                                "relevance_fit": "pad"}, "one"),  # … one view per candidate
         "all": ("semclip-all", {"method": "all"}, "one"),
         # the FLOP-faithful stand-in of LLaVA-1.5-7B + ViT-B-16 (random weights, bench/standin.py)
         "standin_overview": ("standin-stock", {}, "one"),
@@ -387,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         for a, b in (("semclip", "given"), ("semclip", "all"), ("semclip", "hf"), ("semclip", "overview"),
                      ("semclip", "semclip_processor"), ("semclip_processor", "given"), ("semclip_processor", "all"),
                      ("semclip_bf16", "given"), ("semclip_bf16", "semclip"), ("semclip_224", "semclip"),
-                     ("semclip_224", "all"), ("standin_semclip", "standin_given"),
+                     ("semclip_224", "all"), ("semclip_224_pad", "given"), ("semclip_224_pad", "all"), ("standin_semclip", "standin_given"),
                      ("standin_semclip", "standin_all"), ("standin_semclip", "standin_overview")):
             if thr(a) and thr(b):
                 ratios[f"{a}/{b}@{c}"] = round(thr(a) / thr(b), 3)
