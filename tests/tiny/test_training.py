@@ -914,6 +914,19 @@ def test_a_few_steps_of_the_binding_loss_move_the_heads_attention_onto_the_asked
     assert float(combined.detach()) > float(plain.detach())  # the binding term is added, never negative
 
 
+def _stopping_at_third_call(real):
+    """``real``, except that its third call raises KeyboardInterrupt: a run stopped by hand."""
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    return wrapper
+
+
 @pytest.mark.engine
 def test_a_stopped_clip_run_goes_on_from_its_checkpoint_as_if_it_had_not_stopped(tmp_path, monkeypatch):
     """Seeded and resumable, on the randomised material: a run stopped after its step-2 checkpoint and
@@ -929,15 +942,8 @@ def test_a_stopped_clip_run_goes_on_from_its_checkpoint_as_if_it_had_not_stopped
     assert whole["resumed_at_step"] is None and whole["config"]["render"] == "train"
     assert not (tmp_path / "whole" / trainer.CHECKPOINT).exists()  # a finished run leaves none
 
-    real, calls = trainer.sample_blocks, []
-
-    def stop_at_step_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "sample_blocks", stop_at_step_3)
+    real = trainer.sample_blocks
+    monkeypatch.setattr(trainer, "sample_blocks", _stopping_at_third_call(real))  # a stop at step 3
     with pytest.raises(KeyboardInterrupt):
         train_clip(config, tmp_path / "stopped", progress=False)
     assert (tmp_path / "stopped" / trainer.CHECKPOINT).is_file()
@@ -978,15 +984,8 @@ def test_a_stopped_vlm_run_on_the_randomised_material_goes_on_as_if_it_had_not_s
     assert set(splits) == {"train", "val"} and splits.count("train") == 3 * 2  # 3 scene steps of 2; val: held out
     assert not (tmp_path / "whole" / trainer.CHECKPOINT).exists()
 
-    real_batch, calls = trainer._batch, []
-
-    def stop_at_step_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_batch(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "_batch", stop_at_step_3)
+    real_batch = trainer._batch
+    monkeypatch.setattr(trainer, "_batch", _stopping_at_third_call(real_batch))  # a stop at step 3
     with pytest.raises(KeyboardInterrupt):
         trainer.train_vlm(config, DEFAULT_TOWER_DIR, tmp_path / "stopped", progress=False)
     assert (tmp_path / "stopped" / trainer.CHECKPOINT).is_file()

@@ -391,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         for a, b in (("semclip", "given"), ("semclip", "all"), ("semclip", "hf"), ("semclip", "overview"),
                      ("semclip", "semclip_processor"), ("semclip_processor", "given"), ("semclip_processor", "all"),
                      ("semclip_bf16", "given"), ("semclip_bf16", "semclip"), ("semclip_224", "semclip"),
-                     ("semclip_224", "all"), ("semclip_224_pad", "given"), ("semclip_224_pad", "all"), ("standin_semclip", "standin_given"),
+                     ("semclip_224", "all"), ("semclip_224_pad", "given"), ("semclip_224_pad", "all"),
+                     ("standin_semclip", "standin_given"),
                      ("standin_semclip", "standin_all"), ("standin_semclip", "standin_overview")):
             if thr(a) and thr(b):
                 ratios[f"{a}/{b}@{c}"] = round(thr(a) / thr(b), 3)

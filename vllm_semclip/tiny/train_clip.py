@@ -627,37 +627,51 @@ def train_clip(config: ClipTrainConfig = ClipTrainConfig(), out_dir: Path | str 
 CHECKPOINT = "checkpoint.pt"
 
 
-def save_checkpoint(out: Path, config: ClipTrainConfig, step: int, model, heads: dict, opt, sched,
-                    rng: random.Random, running: float | None, seconds: float) -> None:
-    """Everything a stopped run needs to go on as if it had not stopped (written atomically)."""
+def write_checkpoint(out: Path, config, step: int, model, opt, sched, rng: random.Random, **extra) -> None:
+    """Write ``out/checkpoint.pt`` atomically: the run's configuration and step, model, optimiser,
+    schedule, the material's and torch's random state, and whatever else the trainer needs (``extra``)."""
     out.mkdir(parents=True, exist_ok=True)
-    state = {"config": asdict(config), "step": step, "model": model.state_dict(),
-             "heads": {k: h.state_dict() for k, h in heads.items() if h is not None},
-             "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": rng.getstate(),
-             "torch_rng": torch.get_rng_state(), "running": running, "seconds": seconds}
+    state = {"config": asdict(config), "step": step, "model": model.state_dict(), "opt": opt.state_dict(),
+             "sched": sched.state_dict(), "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), **extra}
     tmp = out / (CHECKPOINT + ".tmp")
     torch.save(state, tmp)
     tmp.replace(out / CHECKPOINT)
 
 
-def resume_checkpoint(out: Path, config: ClipTrainConfig, model, heads: dict, opt, sched,
-                      rng: random.Random) -> tuple[int, float | None, float]:
-    """Load ``out``'s checkpoint into the run if there is one: (first step, running loss, seconds
-    spent). A checkpoint of another configuration is refused rather than mixed in."""
+def read_checkpoint(out: Path, config, model, opt, sched, rng: random.Random) -> dict | None:
+    """Restore what :func:`write_checkpoint` wrote into the run and return the whole state; None
+    without a checkpoint. A checkpoint of another configuration is refused rather than mixed in."""
     path = out / CHECKPOINT
     if not path.is_file():
-        return 0, None, 0.0
+        return None
     state = torch.load(path, weights_only=False)
     if state["config"] != asdict(config):
         changed = sorted(k for k in state["config"] if state["config"][k] != asdict(config).get(k))
         raise ValueError(f"{path} is a checkpoint of another configuration (differs in {', '.join(changed)}); "
                          "give another output directory or delete it")
     model.load_state_dict(state["model"])
-    for name, head in heads.items():
-        if head is not None:
-            head.load_state_dict(state["heads"][name])
     opt.load_state_dict(state["opt"])
     sched.load_state_dict(state["sched"])
     rng.setstate(state["rng"])
     torch.set_rng_state(state["torch_rng"])
+    return state
+
+
+def save_checkpoint(out: Path, config: ClipTrainConfig, step: int, model, heads: dict, opt, sched,
+                    rng: random.Random, running: float | None, seconds: float) -> None:
+    """Everything a stopped run needs to go on as if it had not stopped (written atomically)."""
+    write_checkpoint(out, config, step, model, opt, sched, rng, running=running, seconds=seconds,
+                     heads={k: h.state_dict() for k, h in heads.items() if h is not None})
+
+
+def resume_checkpoint(out: Path, config: ClipTrainConfig, model, heads: dict, opt, sched,
+                      rng: random.Random) -> tuple[int, float | None, float]:
+    """Load ``out``'s checkpoint into the run if there is one: (first step, running loss, seconds
+    spent). A checkpoint of another configuration is refused rather than mixed in."""
+    state = read_checkpoint(out, config, model, opt, sched, rng)
+    if state is None:
+        return 0, None, 0.0
+    for name, head in heads.items():
+        if head is not None:
+            head.load_state_dict(state["heads"][name])
     return state["step"], state["running"], state["seconds"]

@@ -68,7 +68,14 @@ from vllm_semclip.eval.harness import prompt_for
 from vllm_semclip.tiny.scenes import COLORS, SHAPES, Placed
 from vllm_semclip.selection import select_crops, selected_tiles
 from vllm_semclip.tiny.render import RenderDistribution
-from vllm_semclip.tiny.train_clip import card_patch_labels, material, warmup_cosine
+from vllm_semclip.tiny.train_clip import (
+    CHECKPOINT,
+    card_patch_labels,
+    material,
+    read_checkpoint,
+    warmup_cosine,
+    write_checkpoint,
+)
 from vllm_semclip.tiny.bundled import DEFAULT_MODEL_DIR, DEFAULT_TOWER_DIR
 from vllm_semclip.tiny.build import TinyLlavaSpec, build_tiny_llava
 
@@ -886,37 +893,19 @@ def train_vlm(config: VlmTrainConfig = VlmTrainConfig(), relevance_dir: Path | s
     return report
 
 
-CHECKPOINT = "checkpoint.pt"
-
-
 def save_checkpoint(out: Path, config: VlmTrainConfig, step: int, model, opt, sched, rng: random.Random,
                     running: float | None, seconds: float, counter: list[int], stages: dict) -> None:
     """Everything a stopped run needs to go on as if it had not stopped (written atomically): the
     model, optimiser, schedule, the material's random state and the earlier stages' results."""
-    out.mkdir(parents=True, exist_ok=True)
-    state = {"config": asdict(config), "step": step, "model": model.state_dict(), "opt": opt.state_dict(),
-             "sched": sched.state_dict(), "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
-             "running": running, "seconds": seconds, "counter": list(counter), "stages": stages}
-    tmp = out / (CHECKPOINT + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(out / CHECKPOINT)
+    write_checkpoint(out, config, step, model, opt, sched, rng, running=running, seconds=seconds,
+                     counter=list(counter), stages=stages)
 
 
 def resume_checkpoint(out: Path, config: VlmTrainConfig, model, opt, sched, rng: random.Random):
     """Load ``out``'s checkpoint into the run if there is one: (first step, running loss, seconds
     spent, scene counter, earlier stages' results); None without one. A checkpoint of another
     configuration is refused rather than mixed in."""
-    path = out / CHECKPOINT
-    if not path.is_file():
+    state = read_checkpoint(out, config, model, opt, sched, rng)
+    if state is None:
         return None
-    state = torch.load(path, weights_only=False)
-    if state["config"] != asdict(config):
-        changed = sorted(k for k in state["config"] if state["config"][k] != asdict(config).get(k))
-        raise ValueError(f"{path} is a checkpoint of another configuration (differs in {', '.join(changed)}); "
-                         "give another output directory or delete it")
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["opt"])
-    sched.load_state_dict(state["sched"])
-    rng.setstate(state["rng"])
-    torch.set_rng_state(state["torch_rng"])
     return state["step"], state["running"], state["seconds"], list(state["counter"]), state["stages"]
