@@ -17,7 +17,7 @@ def test_windows_are_what_select_crops_cuts():
 
 
 def test_psi_flops_are_counted_per_window_and_scale_with_the_candidates():
-    per_window, size = image_forward_flops("SemClip-ViT-T-16-336")  # the bundled ψ's config (conftest registers it)
+    per_window, size = image_forward_flops("SemClip-ViT-T-16-336")  # the legacy ψ's config (conftest registers it)
     small, size_224 = image_forward_flops("SemClip-ViT-T-16")
     assert (size, size_224) == (336, 224) and per_window > 2 * small > 0  # 441 tokens against 196
     rows = psi_cost_table(["SemClip-ViT-T-16-336"], 2000, 1500)

@@ -28,7 +28,7 @@ def test_local_dir_and_named_config_with_checkpoint_agree_up_to_the_reference(mo
     reference_mean = torch.stack([by_name.score(t, crops) for t in CAPTIONS]).mean(dim=0)  # v·mean(r) = mean(v·r)
     assert plain.shape == (3,) and (plain.abs() <= 1.0001).all()
     assert torch.allclose(by_dir.score(question, crops), plain - reference_mean, atol=1e-5)
-    assert by_dir.image_size == 336  # SemClip-ViT-T-16-336, as ViT-L-14-336 for real LLaVA-1.5
+    assert by_dir.image_size == 224  # SemClip-ViT-T-16: the tower's config, retrained on the randomised material
 
 
 def test_reference_texts_round_trip_and_are_validated(tmp_path):
@@ -172,13 +172,18 @@ def test_windows_score_a_region_by_its_best_square_and_pad_sees_it_padded(model_
         psi.region_views(photo, boxes, "stretch")
 
 
-def test_psi_views_are_open_clips_preprocessing_in_eight_bits(photo):
+@pytest.mark.parametrize("scale", [0.9, 2.0])
+def test_psi_views_are_open_clips_preprocessing_in_eight_bits(photo, scale):
     """ψ's views travel as uint8 (front end → engine) and become ψ's input by its mean and std: the
-    result is open_clip's own preprocessing of the PIL crop (resize, centre crop, 8 bits, normalise)."""
+    result is open_clip's own preprocessing of the PIL crop (resize, centre crop, 8 bits, normalise),
+    for a region smaller than ψ's input (upsampled) and one twice its size (the photo downscaled
+    once, by 1/2, before the cut; at other factors the cut lands within a pixel of the reduced copy)."""
     import open_clip
 
     psi = get_relevance_model(PSI)
-    box = (40, 60, 300, 320)  # square: open_clip's transform and ψ's path see the same region
+    side = int(psi.image_size * scale)
+    assert 60 + side <= min(photo.size)
+    box = (40, 60, 40 + side, 60 + side)  # square: open_clip's transform and ψ's path see the same region
     pixels = psi.region_pixels(photo, [box], pad_to_square=True)
     assert pixels.dtype == torch.uint8 and tuple(pixels.shape) == (1, 3, psi.image_size, psi.image_size)
     transform = open_clip.image_transform(psi.image_size, is_train=False, mean=psi.model.visual.image_mean,

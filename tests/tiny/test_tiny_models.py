@@ -6,7 +6,13 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from vllm_semclip.tiny.bundled import DEFAULT_RELEVANCE_DIR, DEFAULT_TOWER_DIR, RELEVANCE_MODEL_NAME
+from vllm_semclip.tiny.bundled import (
+    DEFAULT_MODEL_DIR,
+    DEFAULT_RELEVANCE_DIR,
+    DEFAULT_TOWER_DIR,
+    LEGACY_RELEVANCE_DIR,
+    LEGACY_RELEVANCE_MODEL_NAME,
+)
 from vllm_semclip.tiny.build import TinyLlavaSpec, build_tiny_llava, build_tiny_relevance, update_llava_tower
 
 
@@ -163,9 +169,9 @@ def test_update_llava_tower_takes_a_clips_unread_layers_and_refuses_one_that_cha
     assert torch.equal(_feature_layer_tokens(str(llava_dir), pixels)[0], before)  # the refused one wrote nothing
 
 
-def test_bundled_psi_is_the_tower_clip_at_336_px():
-    """ψ's default is the tower's CLIP with its position grid resized to 336 px, nothing else
-    changed: rebuilt from the tower's weights, it is byte-identical to the bundled ψ."""
+def test_legacy_psi_is_the_tower_clip_at_336_px():
+    """The legacy ψ is the tower's CLIP with its position grid resized to 336 px, nothing else
+    changed: rebuilt from the tower's weights, it is byte-identical to the bundled one."""
     import tempfile
 
     from safetensors.torch import load_file
@@ -173,18 +179,40 @@ def test_bundled_psi_is_the_tower_clip_at_336_px():
     from vllm_semclip.relevance import RelevanceModel
     from vllm_semclip.tiny.train_clip import resize_local_dir
 
-    assert RelevanceModel.from_pretrained(str(DEFAULT_RELEVANCE_DIR)).image_size == 336
+    assert RelevanceModel.from_pretrained(str(LEGACY_RELEVANCE_DIR)).image_size == 336
     with tempfile.TemporaryDirectory() as tmp:
-        rebuilt = resize_local_dir(DEFAULT_TOWER_DIR, RELEVANCE_MODEL_NAME, tmp)
+        rebuilt = resize_local_dir(DEFAULT_TOWER_DIR, LEGACY_RELEVANCE_MODEL_NAME, tmp)
         assert (rebuilt / "open_clip_model.safetensors").read_bytes() == \
-            (DEFAULT_RELEVANCE_DIR / "open_clip_model.safetensors").read_bytes()
+            (LEGACY_RELEVANCE_DIR / "open_clip_model.safetensors").read_bytes()
         # and the reference texts (the CLIP's training captions) come along
         assert (rebuilt / "semclip_relevance.json").read_bytes() == \
-            (DEFAULT_RELEVANCE_DIR / "semclip_relevance.json").read_bytes()
-    psi, tower = (load_file(str(d / "open_clip_model.safetensors")) for d in (DEFAULT_RELEVANCE_DIR, DEFAULT_TOWER_DIR))
+            (LEGACY_RELEVANCE_DIR / "semclip_relevance.json").read_bytes()
+    psi, tower = (load_file(str(d / "open_clip_model.safetensors")) for d in (LEGACY_RELEVANCE_DIR, DEFAULT_TOWER_DIR))
     assert psi.keys() == tower.keys()
     assert [k for k in psi if psi[k].shape != tower[k].shape or not (psi[k] == tower[k]).all()] == \
         ["visual.positional_embedding"]
+
+
+def test_bundled_psi_is_the_tower_clip_fine_tuned_on_randomised_material():
+    """The default ψ — the one the bundled LLaVA's config names — is the tower's architecture at
+    224 px, started from the tower's weights and trained on the randomised ``train`` material by
+    the recipe its report records (docs/tiny-models.md); every weight of its image tower moved."""
+    import torch
+    from safetensors.torch import load_file
+
+    from vllm_semclip.relevance import RelevanceModel
+
+    config = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    assert (DEFAULT_MODEL_DIR / config["semclip_config"]["relevance_model"]).resolve() == DEFAULT_RELEVANCE_DIR
+    assert RelevanceModel.from_pretrained(str(DEFAULT_RELEVANCE_DIR)).image_size == 224
+    report = json.loads((DEFAULT_RELEVANCE_DIR / "train_report.json").read_text())
+    assert report["render"] == "train" and report["config"]["render"] == "train"
+    assert Path(report["config"]["init"]).name == DEFAULT_TOWER_DIR.name and not report["config"]["lock_image"]
+    psi, tower = (load_file(str(d / "open_clip_model.safetensors")) for d in (DEFAULT_RELEVANCE_DIR, DEFAULT_TOWER_DIR))
+    assert psi.keys() == tower.keys()
+    assert all(psi[k].shape == tower[k].shape for k in psi)
+    unchanged = [k for k in psi if k.startswith("visual.") and torch.equal(psi[k].float(), tower[k].float())]
+    assert unchanged == []
 
 
 def _scene_inputs(index: int, spatial: bool):

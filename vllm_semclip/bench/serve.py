@@ -9,8 +9,8 @@ client (``vllm bench serve``, openai-chat backend, the custom_image dataset):
    ``semclip_processor`` — the same with ψ per request in the front end (``selection_stage``
                   ``processor``, the stage before ψ moved into the engine);
    ``semclip_bf16`` — the same with ψ in bf16 (``relevance_precision``), ψ's cheaper setting;
-   ``semclip_224`` — the same with ψ at 224 px (the LLaVA tower's CLIP), the bundled ψ's 336 px
-                  weighed against its cost; ``semclip_224_pad`` — and one view per candidate
+   ``semclip_224`` — the same with the LLaVA tower's CLIP (legacy material, 224 px) as ψ;
+                  ``semclip_224_pad`` — and one view per candidate
                   (``relevance_fit="pad"``) instead of its square windows;
 3. ``given``    — stock LLaVA, the client sends the overview and the very crop SemClip picks as
                   two images: SemClip's tokens without its selection work (its ceiling);
@@ -43,6 +43,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from vllm_semclip.tiny.bundled import RELEVANCE_MODEL_NAME
 
 CONFIGS = ("overview", "semclip", "semclip_processor", "semclip_bf16", "semclip_224", "semclip_224_pad", "given", "all",
            "hf", "standin_overview", "standin_given", "standin_semclip", "standin_all")
@@ -84,8 +86,8 @@ def build_workload(out: Path, n: int, seed: int) -> dict[str, Path]:
 
 
 # config → (ψ: an open_clip name, a stand-in's reference ψ, or None; tiles through the VLM's tower)
-FLOP_SHAPES = {"overview": (None, 1), "given": (None, 2), "hf": (None, 2), "semclip": ("SemClip-ViT-T-16-336", 2),
-               "semclip_processor": ("SemClip-ViT-T-16-336", 2), "semclip_bf16": ("SemClip-ViT-T-16-336", 2),
+FLOP_SHAPES = {"overview": (None, 1), "given": (None, 2), "hf": (None, 2), "semclip": (RELEVANCE_MODEL_NAME, 2),
+               "semclip_processor": (RELEVANCE_MODEL_NAME, 2), "semclip_bf16": (RELEVANCE_MODEL_NAME, 2),
                "semclip_224": ("SemClip-ViT-T-16", 2), "semclip_224_pad": ("SemClip-ViT-T-16", 2),
                "standin_overview": (None, 1), "standin_given": (None, 2), "standin_semclip": ("standin:ViT-B-16", 2)}
 FLOP_FIT = {"semclip_224_pad": "pad"}  # ψ's relevance_fit where it is not the default "windows"

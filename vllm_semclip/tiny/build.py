@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,7 +30,8 @@ from .bundled import (
     DEFAULT_MODEL_DIR,
     DEFAULT_RELEVANCE_DIR,
     DEFAULT_TOWER_DIR,
-    RELEVANCE_MODEL_NAME,
+    LEGACY_RELEVANCE_DIR,
+    LEGACY_RELEVANCE_MODEL_NAME,
     TOWER_MODEL_NAME,
     register_model_configs,
 )
@@ -336,13 +338,15 @@ def build_tiny_relevance(out_dir: Path | str = DEFAULT_TOWER_DIR, seed: int = 0)
 
 def ensure_default_models(force: bool = False) -> tuple[Path, Path]:
     """Build random stand-ins for the bundled models that are missing (seconds on a CPU):
-    the LLaVA, its tower's CLIP and ψ (the same weights at 336 px, as the bundled pair)."""
+    the LLaVA, its tower's CLIP, ψ (a copy of that CLIP) and the legacy ψ (its weights at 336 px)."""
     if force or not (DEFAULT_MODEL_DIR / "model.safetensors").is_file():
         build_tiny_llava(DEFAULT_MODEL_DIR)
     if force or not (DEFAULT_TOWER_DIR / "open_clip_model.safetensors").is_file():
         build_tiny_relevance(DEFAULT_TOWER_DIR)
     if force or not (DEFAULT_RELEVANCE_DIR / "open_clip_model.safetensors").is_file():
+        shutil.copytree(DEFAULT_TOWER_DIR, DEFAULT_RELEVANCE_DIR, dirs_exist_ok=True)
+    if force or not (LEGACY_RELEVANCE_DIR / "open_clip_model.safetensors").is_file():
         from vllm_semclip.tiny.train_clip import resize_local_dir
 
-        resize_local_dir(DEFAULT_TOWER_DIR, RELEVANCE_MODEL_NAME, DEFAULT_RELEVANCE_DIR)
+        resize_local_dir(DEFAULT_TOWER_DIR, LEGACY_RELEVANCE_MODEL_NAME, LEGACY_RELEVANCE_DIR)
     return DEFAULT_MODEL_DIR, DEFAULT_RELEVANCE_DIR
