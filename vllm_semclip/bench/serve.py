@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from vllm_semclip.tiny.bundled import RELEVANCE_MODEL_NAME
+from vllm_semclip.tiny.bundled import RELEVANCE_MODEL_NAME, TOWER_MODEL_NAME
 
 CONFIGS = ("overview", "semclip", "semclip_processor", "semclip_bf16", "semclip_224", "semclip_224_pad", "given", "all",
            "hf", "standin_overview", "standin_given", "standin_semclip", "standin_all")
@@ -88,7 +88,7 @@ def build_workload(out: Path, n: int, seed: int) -> dict[str, Path]:
 # config → (ψ: an open_clip name, a stand-in's reference ψ, or None; tiles through the VLM's tower)
 FLOP_SHAPES = {"overview": (None, 1), "given": (None, 2), "hf": (None, 2), "semclip": (RELEVANCE_MODEL_NAME, 2),
                "semclip_processor": (RELEVANCE_MODEL_NAME, 2), "semclip_bf16": (RELEVANCE_MODEL_NAME, 2),
-               "semclip_224": ("SemClip-ViT-T-16", 2), "semclip_224_pad": ("SemClip-ViT-T-16", 2),
+               "semclip_224": (TOWER_MODEL_NAME, 2), "semclip_224_pad": (TOWER_MODEL_NAME, 2),
                "standin_overview": (None, 1), "standin_given": (None, 2), "standin_semclip": ("standin:ViT-B-16", 2)}
 FLOP_FIT = {"semclip_224_pad": "pad"}  # ψ's relevance_fit where it is not the default "windows"
 

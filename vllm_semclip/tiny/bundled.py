@@ -1,8 +1,8 @@
 """Where the bundled tiny models live, and their open_clip config names.
 
 The tiny LLaVA, its tower's CLIP (224 px, legacy material) and ψ (that CLIP fine-tuned on the
-randomised material, ``tiny/render.py``, also 224 px) ship inside this package for ``make demo``, the tests and
-``semclip serve`` without a model. Nothing in the plugin core depends on these paths: the
+randomised material, ``tiny/render.py``, also 224 px) ship inside this package for ``make demo``,
+the tests and ``semclip serve`` without a model. Nothing in the plugin core depends on these paths: the
 LLaVA's own ``config.json`` names its ψ (``semclip_config.relevance_model``, relative to
 the LLaVA's directory).
 """
