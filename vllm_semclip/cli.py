@@ -16,6 +16,7 @@ import traceback
 from typing import Any
 
 from vllm_semclip.crops import RELEVANCE_FITS, RELEVANCE_NORMS  # light: numpy and PIL
+from vllm_semclip.supervision.train_relevance import RELEVANCE_LOSSES  # light: torch is imported lazily
 
 SELECTION_FLAGS = ("topk", "grids", "overlap", "bridges", "method", "relevance_model", "relevance_pretrained",
                    "relevance_precision", "relevance_fit", "relevance_norm", "seed")
@@ -243,7 +244,7 @@ def cmd_train_relevance(args: argparse.Namespace) -> int:
 
     fields = {"init": args.init, "init_pretrained": args.init_pretrained, "epochs": args.epochs,
               "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "threads": args.threads,
-              "fit": args.fit, "norm": args.norm}
+              "fit": args.fit, "norm": args.norm, "loss": args.loss, "rank_scale": args.rank_scale}
     config = RelevanceTrainConfig(labels=args.labels, lock_image=not args.unlock_image, keep_best=not args.keep_last,
                                   **{k: v for k, v in fields.items() if v is not None})
     out = args.out or str(DEFAULT_TRAINED_RELEVANCE_DIR)
@@ -368,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how psi sees a non-square crop, as it will be served (default windows)")
     p.add_argument("--norm", choices=RELEVANCE_NORMS,
                    help="how validation ranks the candidates, as they will be served (default grid)")
+    p.add_argument("--loss", choices=RELEVANCE_LOSSES,
+                   help="rank: each question's own candidates ranked as served (default); contrastive: "
+                        "text-to-crop InfoNCE over every crop of the batch")
+    p.add_argument("--rank-scale", type=float, help="temperature of the rank loss's standardised scores (default 8)")
     p.add_argument("--keep-last", action="store_true",
                    help="save the last epoch (default: the epoch with the best validation gain, maybe the start)")
     p.add_argument("--seed", type=int)

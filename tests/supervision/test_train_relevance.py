@@ -8,13 +8,14 @@ import torch
 from safetensors.torch import load_file
 
 from vllm_semclip.eval.benchdata import load_bench, write_bench
-from vllm_semclip.crops import candidate_boxes
+from vllm_semclip.crops import candidate_boxes, candidate_groups, rank_scores
 from vllm_semclip.eval.metrics import oracle_index
 from vllm_semclip.supervision.label import label_row, write_shard
 from vllm_semclip.relevance import query_features
 from vllm_semclip.tiny.bundled import DEFAULT_TOWER_DIR, TOWER_MODEL_NAME
 from vllm_semclip.supervision.train_relevance import (
     CropContrastiveLoss,
+    GridRankLoss,
     RelevanceTrainConfig,
     _crop_views,
     _encode_crops,
@@ -57,6 +58,35 @@ def test_a_crops_logit_is_its_best_views():
     logits = (scale * torch.einsum("id,jcvd->ijcv", text, views)).amax(-1).reshape(b, b * c)
     by_hand = torch.nn.functional.cross_entropy(logits, torch.arange(b) * c + positives)
     assert torch.allclose(loss(text, views, positives, scale, qids), by_hand)
+
+
+def test_rank_loss_is_cross_entropy_over_the_scores_serving_ranks_by():
+    """Each question's own candidates, standardised within their grids exactly as ``rank_scores``
+    ranks them when serving (bridges in the group of the nearest grid), then softmax towards the best."""
+    g = torch.Generator().manual_seed(3)
+    grids, d = (2, 3), 8
+    groups = candidate_groups(grids, bridges=True)
+    b, c, v = 3, len(groups), 2
+    text = torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=-1)
+    views = torch.nn.functional.normalize(torch.randn(b, c, v, d, generator=g), dim=-1)
+    views[2, :4] = views[2, :1]  # question 2's 2x2 cells all alike: their standardised scores are 0
+    positives = torch.tensor([0, 5, 13])
+    loss = GridRankLoss("grid", scale=4.0)(text, views, positives, torch.tensor(50.0),
+                                           torch.tensor([groups] * b))
+    expected = 0.0
+    for i in range(b):
+        raw = torch.einsum("d,cvd->cv", text[i], views[i]).amax(-1).tolist()
+        served = torch.tensor(rank_scores(raw, grids, "grid", True))
+        expected += -torch.log_softmax(4.0 * served, 0)[positives[i]]
+    assert loss.item() == pytest.approx(expected.item() / b, rel=1e-5)
+    # ranked as norm="none" serves: the raw scores at CLIP's logit scale, nothing standardised
+    none = GridRankLoss("none")(text, views, positives, torch.tensor(50.0), torch.tensor([groups] * b))
+    raw = torch.einsum("bd,bcvd->bcv", text, views).amax(-1)
+    assert none.item() == pytest.approx(torch.nn.functional.cross_entropy(50.0 * raw, positives).item(), rel=1e-5)
+    # the gradient reaches the text: training can move the ranking
+    text.requires_grad_(True)
+    GridRankLoss()(text, views, positives, torch.tensor(1.0), torch.tensor([groups] * b)).backward()
+    assert torch.isfinite(text.grad).all() and text.grad.abs().sum() > 0
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +177,16 @@ def test_a_run_that_never_beats_its_start_says_it_kept_the_start(perfect_labels,
     assert torch.allclose(served, objective, atol=1e-6)
     assert not torch.allclose(served, query_features(trained.model, trained.tokenizer,
                                                      ["What is the color of the circle?"])[0], atol=1e-3)
+
+
+def test_the_contrastive_loss_still_trains(perfect_labels, plain_tower, tmp_path):
+    config = RelevanceTrainConfig(labels=str(perfect_labels / "labels"), init=str(plain_tower), epochs=4,
+                                  batch_size=6, lr=1e-3, warmup=2, val_fraction=0.25, loss="contrastive")
+    report = train_relevance(config, tmp_path / "psi", progress=False)
+    losses = [h["loss"] for h in report["history"][1:]]
+    assert report["config"]["loss"] == "contrastive" and losses[-1] < losses[0]
+    with pytest.raises(ValueError, match="loss must be one of"):
+        RelevanceTrainConfig(labels="x", loss="hinge")
 
 
 def test_the_checkpoint_is_safetensors_and_open_clip_loads_it(tiny_run, perfect_labels, plain_tower):

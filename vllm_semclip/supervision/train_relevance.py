@@ -25,6 +25,15 @@ CLIP's text→image InfoNCE (open_clip's ``ClipLoss`` with one positive per row)
 negatives made explicit; the batch gathering of ``open_clip.loss.gather_features`` is not
 needed on one process and is left out.
 
+That loss (``loss="contrastive"``) compares crops on one scale across images and grids; serving
+does neither: it ranks one image's candidates, each standardised within its grid
+(:func:`crops.rank_scores`). :class:`GridRankLoss` (``loss="rank"``, the default) trains that
+ranking itself: per question, the scores of its own candidates, standardised within each grid
+as served (``norm="grid"``; with ``norm="none"`` the raw scores times the logit scale), then
+cross-entropy towards the best crop::
+
+    loss = mean_i  −log softmax_c(τ · z_i)[best_i]      z_i = rank_scores(<t_i, v_{i,c}>)
+
 ``lock_image`` (open_clip's name, on by default) freezes the image tower — its crop
 embeddings are computed once — and tunes the text tower and logit scale: a few hundred
 labelled questions teach ψ what a question asks for, not to see anew. The crops are cut
@@ -55,6 +64,9 @@ from vllm_semclip.tiny.bundled import DEFAULT_RELEVANCE_DIR, DEFAULT_TRAINED_REL
 
 
 
+RELEVANCE_LOSSES: tuple[str, ...] = ("rank", "contrastive")
+
+
 @dataclass(frozen=True)
 class RelevanceTrainConfig:
     """Hyper-parameters of ``semclip train-relevance`` (defaults reproduce the bundled trained ψ)."""
@@ -70,6 +82,8 @@ class RelevanceTrainConfig:
     lock_image: bool = True
     fit: str = "windows"  # how ψ fits a candidate to its input, as served (SemClipConfig.relevance_fit)
     norm: str = "grid"  # how validation ranks the candidates, as served (SemClipConfig.relevance_norm)
+    loss: str = "rank"  # "rank": GridRankLoss, the serving rule's ranking; "contrastive": CropContrastiveLoss
+    rank_scale: float = 8.0  # τ of GridRankLoss (z-scores of a grid span a few units); 8 beat 4 on val
     keep_best: bool = True  # save the epoch with the best validation gain (else the last epoch)
     min_gain: float = 0.05
     val_fraction: float = 0.2
@@ -81,6 +95,10 @@ class RelevanceTrainConfig:
             raise ValueError("epochs must be at least 1 and batch_size at least 2")
         if not 0 < self.lr < 1 or self.weight_decay < 0 or self.warmup < 0:
             raise ValueError("lr must be in (0, 1), weight_decay and warmup non-negative")
+        if self.loss not in RELEVANCE_LOSSES:
+            raise ValueError(f"loss must be one of {RELEVANCE_LOSSES}, got {self.loss!r}")
+        if self.rank_scale <= 0:
+            raise ValueError("rank_scale must be positive")
         if not 0 < self.val_fraction < 1:
             raise ValueError("val_fraction must be in (0, 1)")
         from vllm_semclip.crops import RELEVANCE_FITS, RELEVANCE_NORMS
@@ -110,6 +128,41 @@ class CropContrastiveLoss:
         logits = logits.masked_fill(same_text & other_image, float("-inf"))
         target = torch.arange(b, device=logits.device) * c + positives
         return torch.nn.functional.cross_entropy(logits, target)
+
+
+class GridRankLoss:
+    """Cross-entropy over each question's own candidates, scored as served (see module doc)."""
+
+    def __init__(self, norm: str = "grid", scale: float = 8.0) -> None:
+        self.norm, self.scale = norm, scale
+
+    def __call__(self, text_features, crop_features, positives, logit_scale, groups):
+        """``text_features`` [B, D], ``crop_features`` [B, C, D] or [B, C, V, D] (normalised; a crop's score is
+        its best view's), ``positives`` [B] crop index, ``groups`` [B, C] each candidate's rank group
+        (:func:`crops.candidate_groups`)."""
+        import torch
+
+        if crop_features.dim() == 3:
+            crop_features = crop_features[:, :, None]
+        scores = torch.einsum("bd,bcvd->bcv", text_features, crop_features).amax(-1)  # [B, C]
+        if self.norm == "none":
+            return torch.nn.functional.cross_entropy(logit_scale * scores, positives)
+        return torch.nn.functional.cross_entropy(self.scale * standardise_within(scores, groups), positives)
+
+
+def standardise_within(scores, groups):
+    """``rank_scores``'s ``grid`` rule on a batch, differentiable: each score less its group's mean,
+    over the group's (population) standard deviation; 0 where a group's scores are equal."""
+    import torch
+
+    member = torch.nn.functional.one_hot(groups, int(groups.max()) + 1).to(scores.dtype)  # [B, C, G]
+    count = member.sum(1).clamp_min(1)
+    mean = torch.einsum("bc,bcg->bg", scores, member) / count
+    centred = scores - torch.einsum("bg,bcg->bc", mean, member)
+    var = torch.einsum("bg,bcg->bc", torch.einsum("bc,bcg->bg", centred ** 2, member) / count, member)
+    flat = var <= 1e-24  # std <= 1e-12, as rank_scores; no sqrt of 0 (its gradient is infinite)
+    std = torch.where(flat, torch.ones_like(var), var).sqrt()
+    return torch.where(flat, torch.zeros_like(centred), centred / std)
 
 
 @dataclass
@@ -241,9 +294,15 @@ def train_relevance(config: RelevanceTrainConfig, out_dir: Path | str = DEFAULT_
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     sched = warmup_cosine(opt, config.warmup, config.epochs * steps_per_epoch)
-    loss_fn = CropContrastiveLoss()
     text_ids = {q: i for i, q in enumerate(sorted(set(train_set.questions)))}
     positives = torch.tensor(train_set.best)
+    if config.loss == "rank":
+        loss_fn = GridRankLoss(config.norm, config.rank_scale)
+        from vllm_semclip.crops import candidate_groups
+
+        groups = torch.tensor([candidate_groups(g, b) for g, b in zip(train_set.grids, train_set.bridges)])
+    else:
+        loss_fn = CropContrastiveLoss()
     history = [{"epoch": 0, "loss": None,
                 **validate(model, tokenizer, val_set, config.lock_image, psi.reference, config.norm)}]
     best_state, best = {k: v.detach().clone() for k, v in model.state_dict().items()}, history[0]
@@ -262,8 +321,11 @@ def train_relevance(config: RelevanceTrainConfig, out_dir: Path | str = DEFAULT_
                 continue
             texts = query_features(model, tokenizer, [train_set.questions[i] for i in idx], psi.reference)
             crops = train_set.crops[idx] if config.lock_image else _encode_crops(model, train_set.crops[idx])
-            qids = torch.tensor([text_ids[train_set.questions[i]] for i in idx])
-            loss = loss_fn(texts, crops, positives[idx], model.logit_scale.exp(), qids)
+            if config.loss == "rank":
+                loss = loss_fn(texts, crops, positives[idx], model.logit_scale.exp(), groups[idx])
+            else:
+                qids = torch.tensor([text_ids[train_set.questions[i]] for i in idx])
+                loss = loss_fn(texts, crops, positives[idx], model.logit_scale.exp(), qids)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
