@@ -33,7 +33,7 @@ def main() -> None:
     from vllm_semclip.config import SemClipConfig
     from vllm_semclip.tiny.scenes import load_photo as sample_photo
     from vllm_semclip.selection import select_crops
-    from vllm_semclip.tiny.bundled import DEFAULT_RELEVANCE_DIR, DEFAULT_TOWER_DIR, RELEVANCE_MODEL_NAME
+    from vllm_semclip.tiny.bundled import DEFAULT_RELEVANCE_DIR, LEGACY_TOWER_DIR, RELEVANCE_MODEL_NAME
     from vllm_semclip.tiny.build import ensure_default_models
 
     p = argparse.ArgumentParser()
@@ -51,7 +51,7 @@ def main() -> None:
     psi = SemClipConfig(relevance_model=str(DEFAULT_RELEVANCE_DIR))  # the bundled ψ
     configs = {"relevance k=1": psi.replace({"topk": 1}),
                "relevance k=1 bf16": psi.replace({"topk": 1, "relevance_precision": "bf16"}),
-               "relevance k=1 224px": psi.replace({"topk": 1, "relevance_model": str(DEFAULT_TOWER_DIR)}),
+               "relevance k=1 224px": psi.replace({"topk": 1, "relevance_model": str(LEGACY_TOWER_DIR)}),
                "relevance k=1 pad": psi.replace({"topk": 1, "relevance_fit": "pad"}),
                "all": psi.replace({"method": "all"}), "overview": psi.replace({"method": "overview"})}
     for config in configs.values():  # load ψ (each precision) once, outside the timings

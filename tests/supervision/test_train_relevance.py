@@ -137,7 +137,7 @@ def plain_tower(tmp_path_factory) -> Path:
 def tiny_run(perfect_labels, plain_tower):
     out = perfect_labels / "psi"
     config = RelevanceTrainConfig(labels=str(perfect_labels / "labels"), init=str(plain_tower), epochs=12,
-                                  batch_size=6, lr=1e-3, warmup=2, val_fraction=0.25)
+                                  batch_size=6, lr=1e-3, warmup=2, val_fraction=0.25, loss="contrastive")
     return out, train_relevance(config, out, progress=False)
 
 
@@ -179,12 +179,12 @@ def test_a_run_that_never_beats_its_start_says_it_kept_the_start(perfect_labels,
                                                      ["What is the color of the circle?"])[0], atol=1e-3)
 
 
-def test_the_contrastive_loss_still_trains(perfect_labels, plain_tower, tmp_path):
+def test_the_rank_loss_trains(perfect_labels, plain_tower, tmp_path):
     config = RelevanceTrainConfig(labels=str(perfect_labels / "labels"), init=str(plain_tower), epochs=4,
-                                  batch_size=6, lr=1e-3, warmup=2, val_fraction=0.25, loss="contrastive")
+                                  batch_size=6, lr=1e-3, warmup=2, val_fraction=0.25)
     report = train_relevance(config, tmp_path / "psi", progress=False)
     losses = [h["loss"] for h in report["history"][1:]]
-    assert report["config"]["loss"] == "contrastive" and losses[-1] < losses[0]
+    assert report["config"]["loss"] == "rank" and losses[-1] < losses[0]
     with pytest.raises(ValueError, match="loss must be one of"):
         RelevanceTrainConfig(labels="x", loss="hinge")
 

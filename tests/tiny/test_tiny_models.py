@@ -12,6 +12,7 @@ from vllm_semclip.tiny.bundled import (
     DEFAULT_TOWER_DIR,
     LEGACY_RELEVANCE_DIR,
     LEGACY_RELEVANCE_MODEL_NAME,
+    LEGACY_TOWER_DIR,
 )
 from vllm_semclip.tiny.build import TinyLlavaSpec, build_tiny_llava, build_tiny_relevance, update_llava_tower
 
@@ -77,11 +78,17 @@ def test_build_is_reproducible(tmp_path, model_dir):
 
 
 def test_llava_tower_is_the_bundled_tiny_clip(model_dir):
-    """The LLaVA vision tower and the tiny CLIP's ViT are one model: same features on the same pixels."""
+    """The LLaVA vision tower and ψ's ViT are one model: same features on the same pixels. The
+    bundled LLaVA was rebuilt on that tower and trained on the randomised material (issue 32)."""
     import torch
     from transformers import LlavaForConditionalGeneration
 
     from vllm_semclip.relevance import RelevanceModel
+
+    build = json.loads((Path(model_dir) / "semclip_build.json").read_text())
+    report = json.loads((Path(model_dir) / "train_report.json").read_text())
+    assert build["vision_tower_from"] == DEFAULT_TOWER_DIR.name == DEFAULT_RELEVANCE_DIR.name
+    assert report["config"]["render"] == "train" and report["config"]["tower_lr"] == 0
 
     clip = RelevanceModel.from_pretrained(str(DEFAULT_TOWER_DIR))
     oc = clip.model.float()
@@ -169,9 +176,9 @@ def test_update_llava_tower_takes_a_clips_unread_layers_and_refuses_one_that_cha
     assert torch.equal(_feature_layer_tokens(str(llava_dir), pixels)[0], before)  # the refused one wrote nothing
 
 
-def test_legacy_psi_is_the_tower_clip_at_336_px():
-    """The legacy ψ is the tower's CLIP with its position grid resized to 336 px, nothing else
-    changed: rebuilt from the tower's weights, it is byte-identical to the bundled one."""
+def test_legacy_psi_is_the_legacy_clip_at_336_px():
+    """The legacy ψ is the legacy CLIP (the LLaVA's tower before issue 32) with its position grid
+    resized to 336 px, nothing else changed: rebuilt from that CLIP, it is byte-identical to the bundled one."""
     import tempfile
 
     from safetensors.torch import load_file
@@ -181,22 +188,23 @@ def test_legacy_psi_is_the_tower_clip_at_336_px():
 
     assert RelevanceModel.from_pretrained(str(LEGACY_RELEVANCE_DIR)).image_size == 336
     with tempfile.TemporaryDirectory() as tmp:
-        rebuilt = resize_local_dir(DEFAULT_TOWER_DIR, LEGACY_RELEVANCE_MODEL_NAME, tmp)
+        rebuilt = resize_local_dir(LEGACY_TOWER_DIR, LEGACY_RELEVANCE_MODEL_NAME, tmp)
         assert (rebuilt / "open_clip_model.safetensors").read_bytes() == \
             (LEGACY_RELEVANCE_DIR / "open_clip_model.safetensors").read_bytes()
         # and the reference texts (the CLIP's training captions) come along
         assert (rebuilt / "semclip_relevance.json").read_bytes() == \
             (LEGACY_RELEVANCE_DIR / "semclip_relevance.json").read_bytes()
-    psi, tower = (load_file(str(d / "open_clip_model.safetensors")) for d in (LEGACY_RELEVANCE_DIR, DEFAULT_TOWER_DIR))
+    psi, tower = (load_file(str(d / "open_clip_model.safetensors")) for d in (LEGACY_RELEVANCE_DIR, LEGACY_TOWER_DIR))
     assert psi.keys() == tower.keys()
     assert [k for k in psi if psi[k].shape != tower[k].shape or not (psi[k] == tower[k]).all()] == \
         ["visual.positional_embedding"]
 
 
-def test_bundled_psi_is_the_tower_clip_fine_tuned_on_randomised_material():
-    """The default ψ — the one the bundled LLaVA's config names — is the tower's architecture at
-    224 px, started from the tower's weights and trained on the randomised ``train`` material by
-    the recipe its report records (docs/tiny-models.md); every weight of its image tower moved."""
+def test_bundled_psi_is_the_legacy_clip_fine_tuned_on_randomised_material():
+    """The default ψ — the one the bundled LLaVA's config names, and its vision tower — is the
+    legacy CLIP's architecture at 224 px, started from its weights and trained on the randomised
+    ``train`` material by the recipe its report records (docs/tiny-models.md); every weight of its
+    image tower moved."""
     import torch
     from safetensors.torch import load_file
 
@@ -207,8 +215,9 @@ def test_bundled_psi_is_the_tower_clip_fine_tuned_on_randomised_material():
     assert RelevanceModel.from_pretrained(str(DEFAULT_RELEVANCE_DIR)).image_size == 224
     report = json.loads((DEFAULT_RELEVANCE_DIR / "train_report.json").read_text())
     assert report["render"] == "train" and report["config"]["render"] == "train"
-    assert Path(report["config"]["init"]).name == DEFAULT_TOWER_DIR.name and not report["config"]["lock_image"]
-    psi, tower = (load_file(str(d / "open_clip_model.safetensors")) for d in (DEFAULT_RELEVANCE_DIR, DEFAULT_TOWER_DIR))
+    assert Path(report["config"]["init"]).name == LEGACY_TOWER_DIR.name and not report["config"]["lock_image"]
+    assert DEFAULT_TOWER_DIR == DEFAULT_RELEVANCE_DIR
+    psi, tower = (load_file(str(d / "open_clip_model.safetensors")) for d in (DEFAULT_RELEVANCE_DIR, LEGACY_TOWER_DIR))
     assert psi.keys() == tower.keys()
     assert all(psi[k].shape == tower[k].shape for k in psi)
     unchanged = [k for k in psi if k.startswith("visual.") and torch.equal(psi[k].float(), tower[k].float())]
@@ -278,3 +287,21 @@ def test_vllm_greedy_answers_match_transformers(llm, model_dir, tokens_per_tile)
         assert vllm_ids[step] in top2.indices.tolist(), (rec.question, tok.decode(vllm_ids), tok.decode(hf_ids))
         assert float(top2.values[0] - top2.values[1]) < 0.1, (rec.question, float(top2.values[0] - top2.values[1]))
     assert full_matches >= 4
+
+
+def test_bundled_trained_psi_is_psi_with_a_text_tower_trained_on_crop_labels():
+    """``--method trained`` serves ψ after distant supervision: started from the bundled ψ, image
+    tower locked (every visual weight equal to ψ's), the text tower moved, the ranking loss."""
+    import torch
+    from safetensors.torch import load_file
+
+    from vllm_semclip.tiny.bundled import DEFAULT_TRAINED_RELEVANCE_DIR
+
+    config = json.loads((DEFAULT_TRAINED_RELEVANCE_DIR / "train_config.json").read_text())
+    assert Path(config["init"]).name == DEFAULT_RELEVANCE_DIR.name
+    assert config["lock_image"] and config["loss"] == "rank" and config["norm"] == "grid"
+    trained, psi = (load_file(str(d / "open_clip_model.safetensors")) for d in (DEFAULT_TRAINED_RELEVANCE_DIR,
+                                                                                 DEFAULT_RELEVANCE_DIR))
+    assert trained.keys() == psi.keys()
+    assert all(torch.equal(trained[k], psi[k]) for k in psi if k.startswith("visual."))
+    assert any(not torch.equal(trained[k], psi[k]) for k in psi if not k.startswith("visual."))

@@ -9,7 +9,7 @@ client (``vllm bench serve``, openai-chat backend, the custom_image dataset):
    ``semclip_processor`` — the same with ψ per request in the front end (``selection_stage``
                   ``processor``, the stage before ψ moved into the engine);
    ``semclip_bf16`` — the same with ψ in bf16 (``relevance_precision``), ψ's cheaper setting;
-   ``semclip_224`` — the same with the LLaVA tower's CLIP (legacy material, 224 px) as ψ;
+   ``semclip_224`` — the same with the legacy CLIP (224 px, ψ's starting point) as ψ;
                   ``semclip_224_pad`` — and one view per candidate
                   (``relevance_fit="pad"``) instead of its square windows;
 3. ``given``    — stock LLaVA, the client sends the overview and the very crop SemClip picks as
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from vllm_semclip import timings
     from vllm_semclip.server import ServerProcess
-    from vllm_semclip.tiny.bundled import DEFAULT_TOWER_DIR
+    from vllm_semclip.tiny.bundled import LEGACY_TOWER_DIR
     from vllm_semclip.tiny.build import ensure_default_models
 
     p = argparse.ArgumentParser(prog="semclip bench serve", description=__doc__.splitlines()[0])
@@ -317,8 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         "semclip": ("semclip", {"topk": 1}, "one"),
         "semclip_processor": ("semclip-processor", {"topk": 1, "selection_stage": "processor"}, "one"),
         "semclip_bf16": ("semclip-bf16", {"topk": 1, "relevance_precision": "bf16"}, "one"),  # ψ in bf16
-        "semclip_224": ("semclip-224", {"topk": 1, "relevance_model": str(DEFAULT_TOWER_DIR)}, "one"),  # ψ at 224 px
-        "semclip_224_pad": ("semclip-224-pad", {"topk": 1, "relevance_model": str(DEFAULT_TOWER_DIR),
+        "semclip_224": ("semclip-224", {"topk": 1, "relevance_model": str(LEGACY_TOWER_DIR)}, "one"),  # ψ at 224 px
+        "semclip_224_pad": ("semclip-224-pad", {"topk": 1, "relevance_model": str(LEGACY_TOWER_DIR),
                                                 "relevance_fit": "pad"}, "one"),  # … one view per candidate
         "all": ("semclip-all", {"method": "all"}, "one"),
         # the FLOP-faithful stand-in of LLaVA-1.5-7B + ViT-B-16 (random weights, bench/standin.py)

@@ -32,6 +32,7 @@ from .bundled import (
     DEFAULT_TOWER_DIR,
     LEGACY_RELEVANCE_DIR,
     LEGACY_RELEVANCE_MODEL_NAME,
+    LEGACY_TOWER_DIR,
     TOWER_MODEL_NAME,
     register_model_configs,
 )
@@ -337,16 +338,17 @@ def build_tiny_relevance(out_dir: Path | str = DEFAULT_TOWER_DIR, seed: int = 0)
 
 
 def ensure_default_models(force: bool = False) -> tuple[Path, Path]:
-    """Build random stand-ins for the bundled models that are missing (seconds on a CPU):
-    the LLaVA, its tower's CLIP, ψ (a copy of that CLIP) and the legacy ψ (its weights at 336 px)."""
-    if force or not (DEFAULT_MODEL_DIR / "model.safetensors").is_file():
-        build_tiny_llava(DEFAULT_MODEL_DIR)
-    if force or not (DEFAULT_TOWER_DIR / "open_clip_model.safetensors").is_file():
-        build_tiny_relevance(DEFAULT_TOWER_DIR)
+    """Build random stand-ins for the bundled models that are missing (seconds on a CPU): the
+    legacy CLIP, ψ (a copy of it; its ViT is the LLaVA's tower), the LLaVA on that tower and the
+    legacy ψ (the legacy CLIP's weights at 336 px)."""
+    if force or not (LEGACY_TOWER_DIR / "open_clip_model.safetensors").is_file():
+        build_tiny_relevance(LEGACY_TOWER_DIR)
     if force or not (DEFAULT_RELEVANCE_DIR / "open_clip_model.safetensors").is_file():
-        shutil.copytree(DEFAULT_TOWER_DIR, DEFAULT_RELEVANCE_DIR, dirs_exist_ok=True)
+        shutil.copytree(LEGACY_TOWER_DIR, DEFAULT_RELEVANCE_DIR, dirs_exist_ok=True)
+    if force or not (DEFAULT_MODEL_DIR / "model.safetensors").is_file():
+        build_tiny_llava(DEFAULT_MODEL_DIR, relevance_dir=DEFAULT_TOWER_DIR)
     if force or not (LEGACY_RELEVANCE_DIR / "open_clip_model.safetensors").is_file():
         from vllm_semclip.tiny.train_clip import resize_local_dir
 
-        resize_local_dir(DEFAULT_TOWER_DIR, LEGACY_RELEVANCE_MODEL_NAME, LEGACY_RELEVANCE_DIR)
+        resize_local_dir(LEGACY_TOWER_DIR, LEGACY_RELEVANCE_MODEL_NAME, LEGACY_RELEVANCE_DIR)
     return DEFAULT_MODEL_DIR, DEFAULT_RELEVANCE_DIR

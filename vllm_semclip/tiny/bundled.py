@@ -1,7 +1,8 @@
 """Where the bundled tiny models live, and their open_clip config names.
 
-The tiny LLaVA, its tower's CLIP (224 px, legacy material) and ψ (that CLIP fine-tuned on the
-randomised material, ``tiny/render.py``, also 224 px) ship inside this package for ``make demo``,
+The tiny LLaVA, ψ (a 224-px CLIP fine-tuned on the randomised material, ``tiny/render.py``; its
+ViT is also the LLaVA's vision tower), the CLIP it started from (legacy material) and the legacy ψ
+ship inside this package for ``make demo``,
 the tests and ``semclip serve`` without a model. Nothing in the plugin core depends on these paths: the
 LLaVA's own ``config.json`` names its ψ (``semclip_config.relevance_model``, relative to
 the LLaVA's directory).
@@ -16,15 +17,19 @@ MODELS_DIR = TINY_DIR / "models"
 MODEL_CONFIG_DIR = TINY_DIR / "model_configs"
 
 DEFAULT_MODEL_DIR = MODELS_DIR / "semclip-tiny-llava"
-DEFAULT_TOWER_DIR = MODELS_DIR / "semclip-vit-t-16"
-TOWER_MODEL_NAME = "SemClip-ViT-T-16"
 DEFAULT_RELEVANCE_DIR = MODELS_DIR / "semclip-vit-t-16-psi"
+# the CLIP whose ViT is the LLaVA's vision tower: ψ's (the LLaVA was rebuilt on it, issue 32)
+DEFAULT_TOWER_DIR = DEFAULT_RELEVANCE_DIR
+TOWER_MODEL_NAME = "SemClip-ViT-T-16"
 RELEVANCE_MODEL_NAME = TOWER_MODEL_NAME
-# the previous default ψ: the tower's CLIP with its position grid resized to 336 px (open_clip-style
-# name, as ViT-L-14 → ViT-L-14-336); the trained ψ below was distilled from it
+# the CLIP trained on legacy material only: ψ's starting point and the legacy ψ's weights
+LEGACY_TOWER_DIR = MODELS_DIR / "semclip-vit-t-16"
+# the previous default ψ: that CLIP with its position grid resized to 336 px (open_clip-style
+# name, as ViT-L-14 → ViT-L-14-336)
 LEGACY_RELEVANCE_DIR = MODELS_DIR / "semclip-vit-t-16-336"
 LEGACY_RELEVANCE_MODEL_NAME = "SemClip-ViT-T-16-336"
-DEFAULT_TRAINED_RELEVANCE_DIR = MODELS_DIR / "semclip-vit-t-16-336-trained"
+# ψ after distant supervision on the LLaVA's crop labels (``semclip train-relevance``), what ``--method trained`` serves
+DEFAULT_TRAINED_RELEVANCE_DIR = MODELS_DIR / "semclip-vit-t-16-psi-trained"
 
 _registered = False
 
