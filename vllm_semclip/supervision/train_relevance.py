@@ -294,15 +294,18 @@ def train_relevance(config: RelevanceTrainConfig, out_dir: Path | str = DEFAULT_
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     sched = warmup_cosine(opt, config.warmup, config.epochs * steps_per_epoch)
-    text_ids = {q: i for i, q in enumerate(sorted(set(train_set.questions)))}
     positives = torch.tensor(train_set.best)
+    # each loss's last argument, per question, computed once: the rank groups of its candidates
+    # (GridRankLoss) or an id equal for equal question texts (CropContrastiveLoss)
     if config.loss == "rank":
-        loss_fn = GridRankLoss(config.norm, config.rank_scale)
         from vllm_semclip.crops import candidate_groups
 
-        groups = torch.tensor([candidate_groups(g, b) for g, b in zip(train_set.grids, train_set.bridges)])
+        loss_fn = GridRankLoss(config.norm, config.rank_scale)
+        keys = torch.tensor([candidate_groups(g, b) for g, b in zip(train_set.grids, train_set.bridges)])
     else:
         loss_fn = CropContrastiveLoss()
+        text_ids = {q: i for i, q in enumerate(sorted(set(train_set.questions)))}
+        keys = torch.tensor([text_ids[q] for q in train_set.questions])
     history = [{"epoch": 0, "loss": None,
                 **validate(model, tokenizer, val_set, config.lock_image, psi.reference, config.norm)}]
     best_state, best = {k: v.detach().clone() for k, v in model.state_dict().items()}, history[0]
@@ -321,11 +324,7 @@ def train_relevance(config: RelevanceTrainConfig, out_dir: Path | str = DEFAULT_
                 continue
             texts = query_features(model, tokenizer, [train_set.questions[i] for i in idx], psi.reference)
             crops = train_set.crops[idx] if config.lock_image else _encode_crops(model, train_set.crops[idx])
-            if config.loss == "rank":
-                loss = loss_fn(texts, crops, positives[idx], model.logit_scale.exp(), groups[idx])
-            else:
-                qids = torch.tensor([text_ids[train_set.questions[i]] for i in idx])
-                loss = loss_fn(texts, crops, positives[idx], model.logit_scale.exp(), qids)
+            loss = loss_fn(texts, crops, positives[idx], model.logit_scale.exp(), keys[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
