@@ -104,21 +104,22 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     width, height = (int(v) for v in args.size.split("x"))
     model_dir, _ = ensure_default_models()
-    tmp = Path(tempfile.mkdtemp(prefix="front_end_cost_"))
-    models = {"bundled": Path(model_dir), "standin ViT-B-16": write_standin(tmp / "standin")}
-    image, _ = make_record("direct_attributes", 0, seed=7, split="val")  # a benchmark scene, resized
-    image = image.convert("RGB").resize((width, height))
-    results: dict[str, dict[str, dict[str, float]]] = {}
-    for name, directory in models.items():
-        config = SemClipConfig.from_hf_config(AutoConfig.from_pretrained(directory), directory)
-        processor = CLIPImageProcessor.from_pretrained(directory)
-        dtype = torch.bfloat16 if name.startswith("standin") else torch.float32
-        time_request(image, "What is the colour of the star?", config, processor, dtype, engine=True)  # load ψ
-        for kind, engine in (("semclip", True), ("given", False)):
-            runs = [time_request(image, f"What is the colour of the star? ({i})", config, processor, dtype, engine)
-                    for i in tqdm(range(args.repeats), desc=f"{name}: {kind}")]
-            results.setdefault(name, {})[kind] = {k: round(statistics.median(r[k] for r in runs), 2)
-                                                  for k in (*STAGES, "total", "tiles_sent", "megabytes_sent")}
+    with tempfile.TemporaryDirectory(prefix="front_end_cost_") as tmp_name:  # the stand-in, written and removed
+        tmp = Path(tmp_name)
+        models = {"bundled": Path(model_dir), "standin ViT-B-16": write_standin(tmp / "standin")}
+        image, _ = make_record("direct_attributes", 0, seed=7, split="val")  # a benchmark scene, resized
+        image = image.convert("RGB").resize((width, height))
+        results: dict[str, dict[str, dict[str, float]]] = {}
+        for name, directory in models.items():
+            config = SemClipConfig.from_hf_config(AutoConfig.from_pretrained(directory), directory)
+            processor = CLIPImageProcessor.from_pretrained(directory)
+            dtype = torch.bfloat16 if name.startswith("standin") else torch.float32
+            time_request(image, "What is the colour of the star?", config, processor, dtype, engine=True)  # load ψ
+            for kind, engine in (("semclip", True), ("given", False)):
+                runs = [time_request(image, f"What is the colour of the star? ({i})", config, processor, dtype, engine)
+                        for i in tqdm(range(args.repeats), desc=f"{name}: {kind}")]
+                results.setdefault(name, {})[kind] = {k: round(statistics.median(r[k] for r in runs), 2)
+                                                      for k in (*STAGES, "total", "tiles_sent", "megabytes_sent")}
     ratios = {name: round(r["semclip"]["total"] / r["given"]["total"], 2) for name, r in results.items()}
     doc = {"meta": {"image": f"{width}x{height}", "torch_threads": args.threads, "repeats": args.repeats,
                     "unit": "ms per request (medians); decoding the request's image not included"},
