@@ -62,8 +62,6 @@ from vllm_semclip.supervision.label import helped, label_statistics, load_labels
 from vllm_semclip.relevance import TextReference, normalize_pixels, query_features
 from vllm_semclip.tiny.bundled import DEFAULT_RELEVANCE_DIR, DEFAULT_TRAINED_RELEVANCE_DIR
 
-
-
 RELEVANCE_LOSSES: tuple[str, ...] = ("rank", "contrastive")
 
 

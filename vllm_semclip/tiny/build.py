@@ -324,8 +324,9 @@ def update_llava_tower(llava_dir: Path | str, clip_dir: Path | str) -> list[str]
     return differ
 
 
-def build_tiny_relevance(out_dir: Path | str = DEFAULT_TOWER_DIR, seed: int = 0) -> Path:
-    """Write a randomly initialised (seeded) ``SemClip-ViT-T-16`` in open_clip's local-dir format."""
+def build_tiny_relevance(out_dir: Path | str = LEGACY_TOWER_DIR, seed: int = 0) -> Path:
+    """Write a randomly initialised (seeded) ``SemClip-ViT-T-16`` in open_clip's local-dir format
+    (by default the stand-in of the legacy CLIP, never over the trained ψ and tower)."""
     import open_clip
     import torch
 
