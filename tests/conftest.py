@@ -142,9 +142,10 @@ def photo() -> Image.Image:
     return sample_photo("astronaut")
 
 
-def encoded_tiles(processed):
+def encoded_tiles(processed, processor):
     """The tiles a processor output sends through the vision tower: in the engine stage, the overview
-    and the crops the model chooses (``model.choose_tiles``, with the bundled ψ), else its pixel values."""
+    and the crops the model chooses and cuts (``model.choose_tiles``, with the processor's ψ and
+    image processor), else its pixel values."""
     from vllm_semclip.model import choose_tiles, parse_psi_batch
     from vllm_semclip.relevance import get_relevance_model
 
@@ -152,7 +153,9 @@ def encoded_tiles(processed):
     batch = parse_psi_batch(data)
     if batch is None:
         return data["pixel_values"]
-    kept, _, _ = choose_tiles(get_relevance_model(PSI), data["pixel_values"], data["num_tiles"].tolist(), batch)
+    psi = get_relevance_model(processor.info.server_config.relevance_model or PSI)
+    kept, _, _ = choose_tiles(psi, data["pixel_values"], data["num_tiles"].tolist(), batch,
+                              processor.info.get_hf_processor().image_processor)
     return kept
 
 

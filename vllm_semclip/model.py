@@ -6,12 +6,13 @@ input side differs: each image arrives as tiles (``pixel_values`` is flat over a
 goes through the vision tower and projector in one batch, and an image's embedding is its
 tiles' tokens one after the other — the overview's first.
 
-In the engine stage (``SemClipConfig.selection_stage``) an image arrives with its overview
-and every candidate's tile, ψ's views of the candidates and the question's embedding; the
-model runs ψ's image tower once for all images of the scheduled batch, scores each image's
+In the engine stage (``SemClipConfig.selection_stage``) an image arrives with its overview's
+tile, ψ's views of the candidates, the question's embedding and the decoded image; the model
+runs ψ's image tower once for all images of the scheduled batch, scores each image's
 candidates (``relevance.candidate_scores``), keeps the top-k (``selection.choose_crops``, the
-rule ``select_crops`` ranks by) and encodes [overview + chosen tiles]. The token count per
-image is (1 + k) × tokens-per-tile either way, fixed before scheduling.
+rule ``select_crops`` ranks by), cuts only those crops from the image with the processor's own
+functions (``processor.crop_pixel_values``) and encodes [overview + chosen tiles]. The token
+count per image is (1 + k) × tokens-per-tile either way, fixed before scheduling.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Annotated, Literal
 
 import torch
@@ -33,7 +35,8 @@ from vllm.utils.tensor_schema import TensorSchema, TensorShape
 from . import timings
 from .config import server_config
 from .observe import observe_psi_batch, observe_selection
-from .processor import SemClipDummyInputsBuilder, SemClipMultiModalProcessor, SemClipProcessingInfo
+from .processor import (SemClipDummyInputsBuilder, SemClipMultiModalProcessor, SemClipProcessingInfo,
+                        crop_pixel_values)
 from .relevance import RelevanceModel, candidate_scores
 from .selection import Selection, engine_selection
 
@@ -53,13 +56,15 @@ class SemClipImagePixelInputs(TensorSchema):
 @dataclass
 class PsiBatch:
     """The engine stage's per-image inputs (lists over the batch's images; empty where an image's
-    tiles are already chosen): candidates, ψ's views, view index, query and selection settings."""
+    tiles are already chosen): candidates, ψ's views, view index, query, selection settings and
+    the decoded image the chosen crops are cut from."""
 
     num_candidates: list[int]
     pixels: list[torch.Tensor]
     view_index: list[torch.Tensor]
     query: list[torch.Tensor]
     meta: list[dict | None]
+    images: list[torch.Tensor]
 
 
 def _per_item(value) -> list:
@@ -74,20 +79,21 @@ def parse_psi_batch(kwargs: dict) -> PsiBatch | None:
     ``None`` when the batch came from the processor stage."""
     num_candidates = kwargs.pop("num_candidates", None)
     fields = {key: _per_item(kwargs.pop(key, None))
-              for key in ("psi_pixel_values", "psi_view_index", "psi_query", "selection_meta")}
+              for key in ("psi_pixel_values", "psi_view_index", "psi_query", "selection_meta", "source_image")}
     if num_candidates is None:
         return None
     meta = [json.loads(bytes(m.to(torch.uint8).cpu().tolist()).decode("utf-8")) if m.numel() else None
             for m in fields["selection_meta"]]
     return PsiBatch([int(n) for n in _per_item(num_candidates)], fields["psi_pixel_values"],
-                    fields["psi_view_index"], fields["psi_query"], meta)
+                    fields["psi_view_index"], fields["psi_query"], meta, fields["source_image"])
 
 
 def choose_tiles(psi: RelevanceModel | None, pixel_values: torch.Tensor, num_tiles: Sequence[int],
-                 batch: PsiBatch) -> tuple[torch.Tensor, dict[int, Selection], int]:
+                 batch: PsiBatch, image_processor) -> tuple[torch.Tensor, dict[int, Selection], int]:
     """The tiles that reach the language model — [overview + chosen crops] of every image — with the
     selections made and the number of ψ views run: ψ over all the batch's views in one forward,
-    then each image's candidates scored and ranked as ``select_crops`` scores and ranks them."""
+    then each image's candidates scored and ranked as ``select_crops`` scores and ranks them, and
+    its chosen crops cut from its image by the LLaVA's ``image_processor``."""
     todo = [i for i, n in enumerate(batch.num_candidates) if n > 0]
     selections: dict[int, Selection] = {}
     views = 0
@@ -105,19 +111,22 @@ def choose_tiles(psi: RelevanceModel | None, pixel_values: torch.Tensor, num_til
                                       batch.query[i].to(features.device, torch.float32))
             offset += n
             selections[i] = engine_selection(batch.meta[i], scores.cpu().tolist())
-    keep: list[int] = []
+    parts: list[torch.Tensor] = []
     start = 0
     for i, tiles in enumerate(num_tiles):
-        if i in selections:
-            position = {tuple(box): c for c, box in enumerate(selections[i].candidates)}
-            keep += [start] + [start + 1 + position[tuple(box)] for box in selections[i].boxes]
-            start += 1 + batch.num_candidates[i]
+        if i in selections:  # the overview arrived; the chosen crops are cut here
+            parts.append(pixel_values[start:start + 1])
+            if selections[i].boxes:
+                crops = crop_pixel_values(batch.images[i], selections[i].boxes, batch.meta[i]["tiles"],
+                                          image_processor, pixel_values.dtype)
+                parts.append(crops.to(pixel_values.device))
+            start += 1
         else:
-            keep += list(range(start, start + tiles))
+            parts.append(pixel_values[start:start + tiles])
             start += tiles
     if start != pixel_values.shape[0]:
         raise ValueError(f"{pixel_values.shape[0]} tiles arrived for the {start} the images declare")
-    return pixel_values[torch.as_tensor(keep, device=pixel_values.device)], selections, views
+    return (torch.cat(parts) if len(parts) != 1 else parts[0]), selections, views
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -134,6 +143,7 @@ class SemClipLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         # ψ is held outside the module tree: its weights come from open_clip, not from the LLaVA
         # checkpoint, so vLLM's weight loaders (dummy included) must neither fill nor expect them.
         self.__dict__["_psi"] = self._load_psi()
+        self._model_config = vllm_config.model_config
 
     def _load_psi(self) -> RelevanceModel | None:
         config = self.semclip_config
@@ -152,6 +162,13 @@ class SemClipLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def psi(self) -> RelevanceModel | None:
         """ψ, loaded with the model on its device (engine stage), else ``None``."""
         return self.__dict__["_psi"]
+
+    @cached_property
+    def image_processor(self):
+        """The LLaVA's image processor, as the front end loads it: the engine stage tiles the chosen crops."""
+        from vllm.transformers_utils.processor import cached_image_processor_from_config
+
+        return cached_image_processor_from_config(self._model_config)
 
     def _parse_and_validate_image_input(self, **kwargs: object) -> SemClipImagePixelInputs | LlavaImageEmbeddingInputs | None:
         pixel_values = kwargs.pop("pixel_values", None)
@@ -175,7 +192,7 @@ class SemClipLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     def _choose_tiles(self, pixel_values: torch.Tensor, num_tiles: Sequence[int], batch: PsiBatch) -> torch.Tensor:
         start = time.perf_counter()
-        kept, selections, views = choose_tiles(self.psi, pixel_values, num_tiles, batch)
+        kept, selections, views = choose_tiles(self.psi, pixel_values, num_tiles, batch, self.image_processor)
         if not selections:
             return kept
         seconds = time.perf_counter() - start

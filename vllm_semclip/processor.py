@@ -9,10 +9,11 @@ Three small classes, as vLLM's own ``llava.py`` has them:
   image carries the most crops the server allows.
 * :class:`SemClipMultiModalProcessor` — per request: recover each image's question
   from the prompt ids, and either prepare ψ's views of every candidate, the question's
-  text embedding and every candidate's tile for the model to choose from in its encoder
-  step (``selection_stage="engine"``, the default; ``ENGINE_FIELDS``), or select the crops
-  with ψ here (``"processor"``); run the model's own image processor on the tiles, and
-  expand each ``<image>`` into ``(1 + k) × tokens_per_tile`` placeholders.
+  text embedding, the overview's tile and the decoded image for the model, which chooses
+  in its encoder step and cuts only the chosen crops (``selection_stage="engine"``, the
+  default; ``ENGINE_FIELDS``, :func:`crop_pixel_values`), or select the crops with ψ here
+  (``"processor"``); run the model's own image processor on the tiles, and expand each
+  ``<image>`` into ``(1 + k) × tokens_per_tile`` placeholders.
 
 Caching: vLLM keys processed items (and the encoder and prefix caches) by a hash of
 the image and the request's ``mm_processor_kwargs``. Crops depend on the question,
@@ -30,8 +31,11 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from functools import cached_property
+from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from transformers import BatchFeature
 
 from vllm.model_executor.models.llava import (
@@ -49,7 +53,7 @@ from vllm.multimodal.processing.inputs import ProcessorInputs
 from . import timings
 from .observe import observe_selection
 from .config import SemClipConfig, server_config
-from .crops import mean_fill
+from .crops import Box, mean_fill, to_rgb
 from .images import answer_oversized_images_with_400
 from .question import QuestionExtractor
 from .relevance import check_server_psi
@@ -62,7 +66,25 @@ QUESTIONS_KEY = "semclip_questions"
 ITEM_IDS_KEY = "semclip_item_ids"  # each image's cache identity, carried for the selection log only
 _PRIVATE_KEYS = (QUESTIONS_KEY, ITEM_IDS_KEY)
 # What an image carries to the model in the engine stage (``SemClipConfig.selection_stage``).
-ENGINE_FIELDS = ("num_candidates", "psi_pixel_values", "psi_view_index", "psi_query", "selection_meta")
+ENGINE_FIELDS = ("num_candidates", "psi_pixel_values", "psi_view_index", "psi_query", "selection_meta",
+                 "source_image")
+
+
+def tile_pixel_values(image_processor, tiles: Sequence[Image.Image], dtype: torch.dtype) -> torch.Tensor:
+    """The LLaVA's image processor over tiles, as the vision tower takes them (``[N, 3, S, S]``)."""
+    return image_processor(list(tiles), return_tensors="pt")["pixel_values"].to(dtype)
+
+
+def crop_pixel_values(source_image: torch.Tensor, boxes: Sequence[Box], tiles: Mapping[str, Any],
+                      image_processor, dtype: torch.dtype) -> torch.Tensor:
+    """The engine stage's chosen crops, cut from the decoded image the processor sent (``[H, W, 3]``
+    uint8) by the very functions the processor stage cuts them with (``box_tiles``, the image
+    processor), so a crop's pixels do not depend on the stage. ``tiles`` is the image's
+    ``selection_meta["tiles"]``: the pad colour (or ``None``) and ``max_side``."""
+    image = Image.fromarray(source_image.cpu().numpy(), mode="RGB")
+    fill = tiles["pad_fill"]
+    crops = box_tiles(image, boxes, tuple(fill) if fill is not None else None, tiles["max_side"], overview=False)
+    return tile_pixel_values(image_processor, crops, dtype)
 
 
 def _without_private_keys(inputs: ProcessorInputs) -> ProcessorInputs:
@@ -227,11 +249,13 @@ class SemClipMultiModalProcessor(BaseLlavaMultiModalProcessor[SemClipProcessingI
         for image, question, item_id in zip(images, questions, ids):
             start = time.perf_counter()
             if engine and config.psi_in_engine and question.strip():
-                # ψ's image work waits for the model's encoder step: send every candidate
+                # ψ's image work waits for the model's encoder step, and so does cutting the crops
+                # it chooses: send ψ's views, the overview's tile and the decoded image
                 psi = prepare_psi_inputs(image, question, config)
-                image_tiles = box_tiles(image, psi.candidates, pad_fill, max_side)
+                image_tiles = box_tiles(image, [], pad_fill, max_side)
                 num_tiles.append(1 + min(config.num_crops, len(psi.candidates)))
-                self._add_engine_fields(engine_fields, psi, item_id)
+                tiles_spec = {"pad_fill": list(pad_fill) if pad_fill is not None else None, "max_side": max_side}
+                self._add_engine_fields(engine_fields, psi, item_id, image, tiles_spec)
                 self._record_front_end(config, time.perf_counter() - start, len(psi.candidates), image.size)
             else:
                 selection = select_crops(image, question, config)
@@ -249,30 +273,34 @@ class SemClipMultiModalProcessor(BaseLlavaMultiModalProcessor[SemClipProcessingI
                     self._add_engine_fields(engine_fields, None, item_id)
             tiles.extend(image_tiles)
         image_processor = self.info.get_hf_processor().image_processor
-        pixel_values = image_processor(tiles, return_tensors="pt")["pixel_values"]
-        out = {"pixel_values": pixel_values.to(self.info.ctx.model_config.dtype), "num_tiles": torch.tensor(num_tiles)}
+        pixel_values = tile_pixel_values(image_processor, tiles, self.info.ctx.model_config.dtype)
+        out = {"pixel_values": pixel_values, "num_tiles": torch.tensor(num_tiles)}
         if engine:
             out.update(engine_fields)
             out["num_candidates"] = torch.tensor(engine_fields["num_candidates"], dtype=torch.long)
         return BatchFeature(out)
 
     @staticmethod
-    def _add_engine_fields(fields: dict[str, list], psi: PsiInputs | None, item_id: str | None) -> None:
+    def _add_engine_fields(fields: dict[str, list], psi: PsiInputs | None, item_id: str | None,
+                           image: Image.Image | None = None, tiles: Mapping[str, Any] | None = None) -> None:
         """One image's engine-stage fields; an image ψ has nothing to do for (no question, another
-        method) carries empty ones and its tiles are already [overview, chosen crops]."""
-        if psi is None:
+        method) carries empty ones and its tiles are already [overview, chosen crops]. An image ψ
+        chooses for carries itself, decoded (``[H, W, 3]`` uint8), and how its crops are tiled."""
+        if psi is None or image is None:
             fields["num_candidates"].append(0)
             fields["psi_pixel_values"].append(torch.zeros(0, 3, 1, 1, dtype=torch.uint8))
             fields["psi_view_index"].append(torch.zeros(0, 1, dtype=torch.long))
             fields["psi_query"].append(torch.zeros(0))
             fields["selection_meta"].append(torch.zeros(0, dtype=torch.uint8))
+            fields["source_image"].append(torch.zeros(0, 0, 3, dtype=torch.uint8))
             return
         fields["num_candidates"].append(len(psi.candidates))
         fields["psi_pixel_values"].append(psi.pixels)
         fields["psi_view_index"].append(psi.index)
         fields["psi_query"].append(psi.query)
-        meta = json.dumps(psi.meta(item_id)).encode("utf-8")
+        meta = json.dumps({**psi.meta(item_id), "tiles": dict(tiles or {})}).encode("utf-8")
         fields["selection_meta"].append(torch.frombuffer(bytearray(meta), dtype=torch.uint8))
+        fields["source_image"].append(torch.from_numpy(np.array(to_rgb(image))))
 
     @staticmethod
     def _record_front_end(config: SemClipConfig, seconds: float, candidates: int, size: tuple[int, int]) -> None:
@@ -287,9 +315,8 @@ class SemClipMultiModalProcessor(BaseLlavaMultiModalProcessor[SemClipProcessingI
     ) -> Mapping[str, MultiModalFieldConfig]:
         num_tiles = hf_inputs.get("num_tiles", torch.empty(0, dtype=torch.long))
         num_candidates = hf_inputs.get("num_candidates")
-        # engine stage: an image ψ chooses for carries its overview and every candidate's tile
-        pixel_tiles = num_tiles if num_candidates is None else torch.where(num_candidates > 0, 1 + num_candidates,
-                                                                          num_tiles)
+        # engine stage: an image ψ chooses for carries its overview's tile only (the model cuts the crops)
+        pixel_tiles = num_tiles if num_candidates is None else torch.where(num_candidates > 0, 1, num_tiles)
         fields = dict(
             pixel_values=MultiModalFieldConfig.flat_from_sizes("image", pixel_tiles),
             num_tiles=MultiModalFieldConfig.batched("image", keep_on_cpu=True),
@@ -302,6 +329,7 @@ class SemClipMultiModalProcessor(BaseLlavaMultiModalProcessor[SemClipProcessingI
                 psi_view_index=MultiModalFieldConfig.batched("image"),
                 psi_query=MultiModalFieldConfig.batched("image"),
                 selection_meta=MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+                source_image=MultiModalFieldConfig.batched("image", keep_on_cpu=True),  # Pillow cuts it
             )
         return fields
 

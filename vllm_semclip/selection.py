@@ -134,15 +134,17 @@ def box_tiles(
     boxes: Sequence[Box],
     pad_fill: tuple[int, int, int] | None,
     max_side: int | None = None,
+    overview: bool = True,
 ) -> list[Image.Image]:
-    """[overview, one tile per box] as RGB images, padded to squares when ``pad_fill`` is given.
+    """[overview, one tile per box] as RGB images, padded to squares when ``pad_fill`` is given
+    (without the overview when ``overview`` is false: the engine stage cuts only the chosen crops).
 
     With ``max_side``, a tile larger than that is first box-reduced by an integer factor (to
     between ``max_side`` and twice it): padding a 2700-px photo and letting the CLIP image
     processor resample it all the way down costs far more than the final resize from there.
     """
     rgb = to_rgb(image)
-    tiles = [rgb, *crop_boxes(rgb, boxes)]
+    tiles = [rgb, *crop_boxes(rgb, boxes)] if overview else crop_boxes(rgb, boxes)
     if max_side is not None:
         tiles = [t.reduce(f) if (f := max(t.size) // max_side) >= 2 else t for t in tiles]
     if pad_fill is not None:

@@ -393,16 +393,16 @@ def test_serve_flops_follow_each_configs_psi_and_fit(model_dir):
 
 @pytest.mark.engine
 def test_front_end_cost_times_each_stage_of_both_models(tmp_path):
-    from vllm_semclip.crops import num_candidates
-
     doc, stdout = _run_benchmark(FRONT_END_COST, tmp_path / "front.json", "--repeats", "1", "--size", "900x600")
     assert set(doc["results"]) == {"bundled", "standin ViT-B-16"}
     for by_kind in doc["results"].values():
         semclip, given = by_kind["semclip"], by_kind["given"]
-        assert semclip["tiles_sent"] == 1 + num_candidates((2, 3)) and given["tiles_sent"] == 2
+        assert semclip["tiles_sent"] == 1 and given["tiles_sent"] == 2  # the engine cuts SemClip's crops
         assert semclip["psi_views"] > 0 and given["psi_views"] == 0  # given has no ψ to prepare
-        assert semclip["megabytes_sent"] > given["megabytes_sent"] > 0
+        assert semclip["source_image"] > 0 and given["source_image"] == given["engine_crop"] == 0
+        assert semclip["engine_crop"] > 0
+        assert semclip["megabytes_sent"] > 900 * 600 * 3 / 1e6 and given["megabytes_sent"] > 0  # the image itself
         assert abs(semclip["total"] - sum(semclip[s] for s in ("psi_views", "tiles", "image_processor",
-                                                                "serialise"))) < 0.1
+                                                                "source_image", "serialise"))) < 0.1
     assert set(doc["semclip_over_given"]) == set(doc["results"]) and "semclip ÷ given" in stdout
     assert (tmp_path / "front.png").stat().st_size > 1000

@@ -36,7 +36,7 @@ def test_vllm_processes_a_request_at_the_real_tower_resolution(tmp_path, photo):
     inputs = ProcessorInputs(prompt=ids, mm_data_items=info.parse_mm_data({"image": [photo]}),
                              hf_processor_mm_kwargs={"topk": 2})
     result = processor.apply(inputs, TimingContext(enabled=False))
-    assert tuple(encoded_tiles(result).shape) == (3, 3, 336, 336)  # the overview and 2 crops reach the tower
+    assert tuple(encoded_tiles(result, processor).shape) == (3, 3, 336, 336)  # the overview and 2 crops reach the tower
     image_token = info.get_hf_config().image_token_index
     assert sum(t == image_token for t in result["prompt_token_ids"]) == 3 * 576
 

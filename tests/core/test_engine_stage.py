@@ -1,8 +1,11 @@
-"""Selection in the engine stage: the processor sends every candidate, the model's encoder step runs ψ
-for the whole batch and keeps what ``select_crops`` keeps — alone or batched with other requests."""
+"""Selection in the engine stage: the processor sends ψ's views of every candidate, the overview's tile
+and the decoded image; the model's encoder step runs ψ for the whole batch, keeps what ``select_crops``
+keeps — alone or batched with other requests — and cuts only those crops, pixel for pixel as the
+processor stage cuts them."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import PSI, MAX_TOPK, chat_prompt, encoded_tiles, make_processor
@@ -12,9 +15,9 @@ from vllm.multimodal.processing.inputs import ProcessorInputs
 
 from vllm_semclip.config import SemClipConfig, SemClipConfigError
 from vllm_semclip.model import PsiBatch, choose_tiles, parse_psi_batch
-from vllm_semclip.processor import ENGINE_FIELDS
+from vllm_semclip.processor import ENGINE_FIELDS, tile_pixel_values
 from vllm_semclip.relevance import get_relevance_model
-from vllm_semclip.selection import select_crops
+from vllm_semclip.selection import select_crops, selected_tiles
 
 QUESTIONS = ["What is the color of the flag?", "What is the astronaut holding?",
              "Is the rocket on the left or right side of the woman?", "What color is the helmet?"]
@@ -34,12 +37,14 @@ def images(photo):
     return [photo, Image.fromarray(data.coffee()), photo.crop((0, 0, 512, 200))]
 
 
-def test_the_processor_sends_every_candidate_and_psis_views(processor, photo, tokens_per_tile):
+def test_the_processor_sends_psis_views_the_overview_and_the_image(processor, photo, tokens_per_tile):
     out = _apply(processor, QUESTIONS[0], [photo], {"topk": 2})
     item = out["mm_kwargs"]["image"][0]
     assert set(ENGINE_FIELDS) <= set(item)
     assert int(item["num_candidates"].data) == 17 and int(item["num_tiles"].data) == 3
-    assert item["pixel_values"].data.shape[0] == 1 + 17  # the overview and every candidate's tile
+    assert item["pixel_values"].data.shape[0] == 1  # the overview's tile; the crops are cut in the engine
+    source = item["source_image"].data
+    assert source.dtype == torch.uint8 and torch.equal(source, torch.from_numpy(np.array(photo.convert("RGB"))))
     views = item["psi_pixel_values"].data
     size = get_relevance_model(PSI).image_size
     assert views.dtype == torch.uint8 and tuple(views.shape[1:]) == (3, size, size)  # a quarter of float32's bytes
@@ -68,14 +73,15 @@ def test_the_front_end_holds_psis_text_tower_and_preprocessing_only(photo):
         front.image_features(prepared.pixels)
 
 
-def _batch(outputs) -> tuple[torch.Tensor, list[int], PsiBatch]:
-    """Several processed requests as one scheduled batch reaches the model."""
+def _batch(outputs, processor) -> tuple[torch.Tensor, list[int], PsiBatch, object]:
+    """Several processed requests as one scheduled batch reaches the model, and its image processor."""
     datas = [dict(o["mm_kwargs"].get_data()) for o in outputs]
     pixel_values = torch.cat([d["pixel_values"] for d in datas])
     num_tiles = [n for d in datas for n in d["num_tiles"].tolist()]
     parts = [parse_psi_batch(d) for d in datas]
-    return pixel_values, num_tiles, PsiBatch(*(sum((getattr(p, f) for p in parts), []) for f in
-                                              ("num_candidates", "pixels", "view_index", "query", "meta")))
+    batch = PsiBatch(*(sum((getattr(p, f) for p in parts), []) for f in
+                       ("num_candidates", "pixels", "view_index", "query", "meta", "images")))
+    return pixel_values, num_tiles, batch, processor.info.get_hf_processor().image_processor
 
 
 def test_the_engine_keeps_what_select_crops_keeps_alone_and_in_any_batch(processor, images):
@@ -85,20 +91,21 @@ def test_the_engine_keeps_what_select_crops_keeps_alone_and_in_any_batch(process
     requests = [(q, image) for q in QUESTIONS[:2] for image in images]
     outputs = [_apply(processor, q, [image], {"topk": 2}) for q, image in requests]
     expected = [select_crops(image, q, config).boxes for q, image in requests]
-    alone = [choose_tiles(psi, *_batch([o]))[1][0].boxes for o in outputs]
-    batched = choose_tiles(psi, *_batch(outputs))[1]
+    alone = [choose_tiles(psi, *_batch([o], processor))[1][0].boxes for o in outputs]
+    batched = choose_tiles(psi, *_batch(outputs, processor))[1]
     assert alone == expected
     assert [batched[i].boxes for i in range(len(requests))] == expected
     assert len({tuple(map(tuple, b)) for b in expected}) > 1  # the check can fail: the crops differ
 
 
-def test_the_tiles_kept_are_the_chosen_candidates_tiles(processor, photo):
+def test_the_tiles_kept_are_the_overview_and_the_chosen_candidates_tiles(processor, photo):
     out = _apply(processor, QUESTIONS[0], [photo], {"topk": 2})
-    pixel_values, num_tiles, batch = _batch([out])
-    kept, selections, views = choose_tiles(get_relevance_model(PSI), pixel_values, num_tiles, batch)
-    chosen = [selections[0].candidates.index(b) for b in selections[0].boxes]
-    assert torch.equal(kept, pixel_values[[0] + [1 + c for c in chosen]])
-    assert views == batch.pixels[0].shape[0] and torch.equal(kept, encoded_tiles(out))
+    pixel_values, num_tiles, batch, image_processor = _batch([out], processor)
+    kept, selections, views = choose_tiles(get_relevance_model(PSI), pixel_values, num_tiles, batch, image_processor)
+    expected = tile_pixel_values(image_processor, selected_tiles(photo, selections[0], processor.info.pad_fill,
+                                                                 2 * processor.info.tile_size), pixel_values.dtype)
+    assert len(selections[0].boxes) == 2 and torch.equal(kept, expected)
+    assert views == batch.pixels[0].shape[0] and torch.equal(kept, encoded_tiles(out, processor))
 
 
 def test_the_processor_stage_is_still_there_and_encodes_the_same_tiles(model_dir, processor, images):
@@ -107,7 +114,7 @@ def test_the_processor_stage_is_still_there_and_encodes_the_same_tiles(model_dir
         engine = _apply(processor, QUESTIONS[1], [image], {"topk": 2})
         front = _apply(processor_stage, QUESTIONS[1], [image], {"topk": 2})
         assert not set(ENGINE_FIELDS) & set(front["mm_kwargs"]["image"][0])
-        assert torch.equal(encoded_tiles(front), encoded_tiles(engine))
+        assert torch.equal(encoded_tiles(front, processor_stage), encoded_tiles(engine, processor))
         assert front["prompt_token_ids"] == engine["prompt_token_ids"]
 
 
@@ -116,10 +123,11 @@ def test_images_psi_has_nothing_to_do_for_pass_through(processor, photo, tokens_
     outs = [_apply(processor, "", [photo], {"topk": 2}),
             _apply(processor, QUESTIONS[0], [photo], {"method": "random", "topk": 2}),
             _apply(processor, QUESTIONS[0], [photo], {"topk": 2})]
-    pixel_values, num_tiles, batch = _batch(outs)
-    assert batch.num_candidates == [0, 0, 17]
-    kept, selections, _ = choose_tiles(get_relevance_model(PSI), pixel_values, num_tiles, batch)
+    pixel_values, num_tiles, batch, image_processor = _batch(outs, processor)
+    assert batch.num_candidates == [0, 0, 17] and pixel_values.shape[0] == 1 + 3 + 1
+    kept, selections, _ = choose_tiles(get_relevance_model(PSI), pixel_values, num_tiles, batch, image_processor)
     assert list(selections) == [2] and kept.shape[0] == 1 + 3 + 3
+    assert torch.equal(kept[:4], pixel_values[:4]) and torch.equal(kept[4], pixel_values[4])
 
 
 def test_the_stage_is_fixed_by_the_server():

@@ -39,9 +39,9 @@ def _count_image_tokens(processor, out) -> int:
     return sum(1 for t in out["prompt_token_ids"] if t == image_token_id)
 
 
-def _pixel_values(out) -> torch.Tensor:
+def _pixel_values(out, processor) -> torch.Tensor:
     """What reaches the vision tower: [overview, crops] per image, in either selection stage."""
-    return encoded_tiles(out)
+    return encoded_tiles(out, processor)
 
 
 @pytest.mark.parametrize("num_images", [1, 2, 3])
@@ -52,7 +52,7 @@ def test_placeholders_per_request_kwargs(processor, photo, tokens_per_tile, num_
     assert _count_image_tokens(processor, out) == num_images * (1 + topk) * tokens_per_tile
     ranges = out["mm_placeholders"]["image"]
     assert [r.length for r in ranges] == [(1 + topk) * tokens_per_tile] * num_images
-    assert _pixel_values(out).shape[0] == num_images * (1 + topk)
+    assert _pixel_values(out, processor).shape[0] == num_images * (1 + topk)
 
 
 @pytest.mark.parametrize("topk", [0, 2])
@@ -69,7 +69,7 @@ def test_placeholders_init_time_vs_per_request(model_dir, photo, tokens_per_tile
     for out in outs:
         assert _count_image_tokens(via_request, out) == (1 + topk) * tokens_per_tile
     assert outs[0]["prompt_token_ids"] == outs[1]["prompt_token_ids"] == outs[2]["prompt_token_ids"]
-    assert torch.equal(_pixel_values(outs[0]), _pixel_values(outs[2]))
+    assert torch.equal(_pixel_values(outs[0], via_hf_overrides), _pixel_values(outs[2], via_request))
 
 
 @pytest.mark.parametrize("method, grids, expected", [("all", [2, 3], 17), ("all", [2], 4), ("overview", [2, 3], 0), ("random", [2], 1)])
@@ -89,7 +89,7 @@ def test_tiles_are_exactly_select_crops(processor, photo):
     assert selection.num_crops == 2
     tiles = selected_tiles(photo, selection, processor.info.pad_fill, 2 * processor.info.tile_size)
     expected = processor.info.get_hf_processor().image_processor(tiles, return_tensors="pt")["pixel_values"]
-    assert torch.allclose(_pixel_values(out).float(), expected.to(torch.bfloat16).float())
+    assert torch.allclose(_pixel_values(out, processor).float(), expected.to(torch.bfloat16).float())
 
 
 def test_cached_and_uncached_processing_agree(model_dir, photo):
@@ -106,7 +106,7 @@ def test_cached_and_uncached_processing_agree(model_dir, photo):
     for out in (first, second):
         assert out["prompt_token_ids"] == uncached["prompt_token_ids"]
         assert out["mm_hashes"] == uncached["mm_hashes"]
-        assert torch.equal(_pixel_values(out), _pixel_values(uncached))
+        assert torch.equal(_pixel_values(out, processor), _pixel_values(uncached, processor))
         assert out["mm_placeholders"] == uncached["mm_placeholders"]
 
 
@@ -149,7 +149,7 @@ def test_each_image_gets_its_own_selection(processor, tokens_per_tile):
     question = "What is the color of the cup?"
     out = _apply(processor, chat_prompt(question, 2), images, {"topk": 1})
     config = SemClipConfig(relevance_model=PSI, max_topk=MAX_TOPK)
-    pv = _pixel_values(out)
+    pv = _pixel_values(out, processor)
     ip = processor.info.get_hf_processor().image_processor
     for i, image in enumerate(images):
         tiles = selected_tiles(image, select_crops(image, question, config), processor.info.pad_fill,
@@ -169,7 +169,7 @@ def test_odd_images_degrade_gracefully(processor, tokens_per_tile, size, mode):
     image = Image.new("RGB", size, (200, 30, 30)).convert(mode) if mode != "I;16" else Image.new("I;16", size, 40000)
     out = _apply(processor, chat_prompt("What is the color of the square?"), [image], {"topk": 2})
     assert _count_image_tokens(processor, out) == 3 * tokens_per_tile
-    assert torch.isfinite(_pixel_values(out).float()).all()
+    assert torch.isfinite(_pixel_values(out, processor).float()).all()
 
 
 @pytest.mark.parametrize(
