@@ -46,9 +46,10 @@ def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[
     """uint8 images ``[..., 3, H, W]`` → float32, scaled to 0–1 and normalised by a CLIP's mean and std."""
     import torch
 
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (pixels.float().div_(255.0) - mean_t) / std_t
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    # in place on the one float copy: the same arithmetic as out of place, without two more tensors
+    return pixels.float().div_(255.0).sub_(mean_t).div_(std_t)
 
 
 def open_clip_identifier(model_name: str) -> str:
@@ -269,8 +270,8 @@ class RelevanceModel:
         if not self.has_image_tower:
             raise RuntimeError("this ψ's image tower was dropped (a front end of the engine stage prepares ψ's "
                                "inputs only); load ψ with image_tower=True to score images")
-        if batch.dtype == torch.uint8:
-            batch = self.normalize(batch)
+        if batch.dtype == torch.uint8:  # on ψ's device: a quarter of float32's bytes to move
+            batch = self.normalize(batch.to(self.device))
         return torch.nn.functional.normalize(self.model.encode_image(batch.to(self.device, self.input_dtype)).float(), dim=-1)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -191,6 +191,10 @@ def test_psi_views_are_open_clips_preprocessing_in_eight_bits(photo, scale):
     want = transform(photo.crop(box))
     got = psi.normalize(pixels)[0]
     assert torch.equal(got, psi.region_batch(photo, [box], True)[0])
+    # open_clip's own arithmetic on these 8 bits (ToTensor's x / 255, then Normalize), bit for bit
+    from torchvision.transforms.functional import normalize
+
+    assert torch.equal(got, normalize(pixels[0].float().div(255), psi.model.visual.image_mean, psi.model.visual.image_std))
     std = torch.tensor(psi.model.visual.image_std).view(3, 1, 1)
     assert ((got - want).abs() * std).mean() < 2 / 255  # PIL's and torch's bicubic differ by a grey level or so
     assert psi.image_features(pixels).allclose(psi.image_features(got[None]), atol=1e-6)
