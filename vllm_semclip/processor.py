@@ -81,7 +81,7 @@ def crop_pixel_values(source_image: torch.Tensor, boxes: Sequence[Box], tiles: M
     uint8) by the very functions the processor stage cuts them with (``box_tiles``, the image
     processor), so a crop's pixels do not depend on the stage. ``tiles`` is the image's
     ``selection_meta["tiles"]``: the pad colour (or ``None``) and ``max_side``."""
-    image = Image.fromarray(source_image.cpu().numpy(), mode="RGB")
+    image = Image.fromarray(source_image.cpu().numpy())  # [H, W, 3] uint8: RGB
     fill = tiles["pad_fill"]
     crops = box_tiles(image, boxes, tuple(fill) if fill is not None else None, tiles["max_side"], overview=False)
     return tile_pixel_values(image_processor, crops, dtype)
