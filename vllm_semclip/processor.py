@@ -248,6 +248,7 @@ class SemClipMultiModalProcessor(BaseLlavaMultiModalProcessor[SemClipProcessingI
         engine_fields: dict[str, list] = {key: [] for key in ENGINE_FIELDS}
         for image, question, item_id in zip(images, questions, ids):
             start = time.perf_counter()
+            image = to_rgb(image)  # once: ψ's views, the tiles and the engine's copy all read RGB
             if engine and config.psi_in_engine and question.strip():
                 # ψ's image work waits for the model's encoder step, and so does cutting the crops
                 # it chooses: send ψ's views, the overview's tile and the decoded image
@@ -285,7 +286,7 @@ class SemClipMultiModalProcessor(BaseLlavaMultiModalProcessor[SemClipProcessingI
                            image: Image.Image | None = None, tiles: Mapping[str, Any] | None = None) -> None:
         """One image's engine-stage fields; an image ψ has nothing to do for (no question, another
         method) carries empty ones and its tiles are already [overview, chosen crops]. An image ψ
-        chooses for carries itself, decoded (``[H, W, 3]`` uint8), and how its crops are tiled."""
+        chooses for carries itself (RGB, as ``[H, W, 3]`` uint8) and how its crops are tiled."""
         if psi is None or image is None:
             fields["num_candidates"].append(0)
             fields["psi_pixel_values"].append(torch.zeros(0, 3, 1, 1, dtype=torch.uint8))
@@ -300,7 +301,7 @@ class SemClipMultiModalProcessor(BaseLlavaMultiModalProcessor[SemClipProcessingI
         fields["psi_query"].append(psi.query)
         meta = json.dumps({**psi.meta(item_id), "tiles": dict(tiles or {})}).encode("utf-8")
         fields["selection_meta"].append(torch.frombuffer(bytearray(meta), dtype=torch.uint8))
-        fields["source_image"].append(torch.from_numpy(np.array(to_rgb(image))))
+        fields["source_image"].append(torch.from_numpy(np.array(image)))
 
     @staticmethod
     def _record_front_end(config: SemClipConfig, seconds: float, candidates: int, size: tuple[int, int]) -> None:
