@@ -306,7 +306,7 @@ def test_the_plugin_serves_a_trained_psi(tiny_run, perfect_labels, model_dir):
     from vllm import SamplingParams
 
     from vllm_semclip.config import SemClipConfig
-    from vllm_semclip.eval.harness import make_engine, prompt_for
+    from vllm_semclip.eval.harness import ENGINE_MM_CACHE_GB, make_engine, prompt_for
     from vllm_semclip.selection import select_crops
 
     psi_dir = str(tiny_run[0])
@@ -321,6 +321,8 @@ def test_the_plugin_serves_a_trained_psi(tiny_run, perfect_labels, model_dir):
     cases = cases[:3]
     llm = make_engine(model_dir, {"method": "relevance", "max_topk": 1, "relevance_model": psi_dir})
     try:
+        # a small multimodal cache: two labelling engines with vLLM's default outgrew a 24 GiB host
+        assert llm.llm_engine.vllm_config.model_config.multimodal_config.mm_processor_cache_gb == ENGINE_MM_CACHE_GB
         tok = llm.get_tokenizer()
         prompts = []
         for rec, image, t, z in cases:

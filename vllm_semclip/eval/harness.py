@@ -279,6 +279,12 @@ def plot_accuracy_vs_tokens(results: Sequence[dict], path: Path | str) -> Path:
     return path
 
 
+# the multimodal cache only has to keep one question's image while its options are scored (they are
+# submitted together); vLLM's default (4 GiB in the front end and as much again in the engine) fills
+# with decoded images in the engine stage and put two labelling engines past a 24 GiB host
+ENGINE_MM_CACHE_GB = 1.0
+
+
 def make_engine(model: str, server_config: dict[str, Any], max_model_len: int = 8192):
     """An offline vLLM engine with the SemClip architecture and ``server_config`` as its defaults."""
     from vllm import LLM
@@ -287,7 +293,7 @@ def make_engine(model: str, server_config: dict[str, Any], max_model_len: int = 
 
     return LLM(model=model, hf_overrides={"architectures": [ARCHITECTURE], "semclip_config": server_config},
                dtype="bfloat16", enforce_eager=True, max_model_len=max_model_len,
-               limit_mm_per_prompt={"image": 1}, seed=0)
+               limit_mm_per_prompt={"image": 1}, mm_processor_cache_gb=ENGINE_MM_CACHE_GB, seed=0)
 
 
 def run(data: str | Path, methods: Sequence[str], out: str | Path, *, model: str | None = None,
