@@ -406,3 +406,14 @@ def test_front_end_cost_times_each_stage_of_both_models(tmp_path):
                                                                 "source_image", "serialise"))) < 0.1
     assert set(doc["semclip_over_given"]) == set(doc["results"]) and "semclip ÷ given" in stdout
     assert (tmp_path / "front.png").stat().st_size > 1000
+
+
+def test_standin_stages_are_costed_alike():
+    """ψ in the front end or in the engine: the same stand-in, the same work per request (only where it runs differs)."""
+    from vllm_semclip.bench.serve import CONFIGS, config_flops
+
+    assert {"standin_semclip", "standin_semclip_processor"} <= set(CONFIGS)
+    engine = config_flops("standin_semclip", Path("."), [(2000, 1500)])
+    front = config_flops("standin_semclip_processor", Path("."), [(2000, 1500)])
+    assert engine == front and engine["psi"] > 0
+    assert engine["tower"] == config_flops("standin_given", Path("."), [(2000, 1500)])["tower"]

@@ -16,7 +16,9 @@ client (``vllm bench serve``, openai-chat backend, the custom_image dataset):
                   two images: SemClip's tokens without its selection work (its ceiling);
 4. ``all``      — SemClip with every candidate crop (AnyRes-like);
 5. ``hf``       — the overview+crop inputs answered by Hugging Face transformers ``generate``,
-                  one request at a time, as research code does.
+                  one request at a time, as research code does;
+6. ``standin_*`` — ``overview``, ``given``, ``semclip``, ``semclip_processor`` and ``all`` on the
+                  FLOP-faithful stand-in of LLaVA-1.5-7B + ViT-B-16 (:mod:`vllm_semclip.bench.standin`).
 
 The workload is a fixed set of high-resolution benchmark images and their questions (from
 :mod:`vllm_semclip.eval.benchdata`). Every server runs with the multimodal processor cache and
@@ -47,7 +49,8 @@ import numpy as np
 from vllm_semclip.tiny.bundled import RELEVANCE_MODEL_NAME, TOWER_MODEL_NAME
 
 CONFIGS = ("overview", "semclip", "semclip_processor", "semclip_bf16", "semclip_224", "semclip_224_pad", "given", "all",
-           "hf", "standin_overview", "standin_given", "standin_semclip", "standin_all")
+           "hf", "standin_overview", "standin_given", "standin_semclip", "standin_semclip_processor",
+           "standin_all")
 METRICS = ("request_throughput", "output_throughput", "p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms",
            "p99_tpot_ms", "p50_e2el_ms", "p99_e2el_ms")
 NO_CACHE_ARGS = ["--mm-processor-cache-gb", "0", "--no-enable-prefix-caching"]
@@ -89,7 +92,8 @@ def build_workload(out: Path, n: int, seed: int) -> dict[str, Path]:
 FLOP_SHAPES = {"overview": (None, 1), "given": (None, 2), "hf": (None, 2), "semclip": (RELEVANCE_MODEL_NAME, 2),
                "semclip_processor": (RELEVANCE_MODEL_NAME, 2), "semclip_bf16": (RELEVANCE_MODEL_NAME, 2),
                "semclip_224": (TOWER_MODEL_NAME, 2), "semclip_224_pad": (TOWER_MODEL_NAME, 2),
-               "standin_overview": (None, 1), "standin_given": (None, 2), "standin_semclip": ("standin:ViT-B-16", 2)}
+               "standin_overview": (None, 1), "standin_given": (None, 2), "standin_semclip": ("standin:ViT-B-16", 2),
+               "standin_semclip_processor": ("standin:ViT-B-16", 2)}
 FLOP_FIT = {"semclip_224_pad": "pad"}  # ψ's relevance_fit where it is not the default "windows"
 
 
@@ -325,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         "standin_overview": ("standin-stock", {}, "one"),
         "standin_given": ("standin-stock", {}, "two"),
         "standin_semclip": ("standin-semclip", {"topk": 1}, "one"),
+        "standin_semclip_processor": ("standin-semclip-processor", {"topk": 1, "selection_stage": "processor"}, "one"),
         "standin_all": ("standin-all", {"method": "all"}, "one"),
     }
     standin_dir = None
@@ -394,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
                      ("semclip", "semclip_processor"), ("semclip_processor", "given"), ("semclip_processor", "all"),
                      ("semclip_bf16", "given"), ("semclip_bf16", "semclip"), ("semclip_224", "semclip"),
                      ("semclip_224", "all"), ("semclip_224_pad", "given"), ("semclip_224_pad", "all"),
-                     ("standin_semclip", "standin_given"),
+                     ("standin_semclip", "standin_given"), ("standin_semclip_processor", "standin_given"),
+                     ("standin_semclip", "standin_semclip_processor"),
                      ("standin_semclip", "standin_all"), ("standin_semclip", "standin_overview")):
             if thr(a) and thr(b):
                 ratios[f"{a}/{b}@{c}"] = round(thr(a) / thr(b), 3)
