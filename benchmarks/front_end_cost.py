@@ -38,11 +38,12 @@ def time_request(image, question: str, config, image_processor, dtype, engine: b
     from vllm.v1.serial_utils import MsgpackEncoder
 
     from vllm_semclip.crops import mean_fill
-    from vllm_semclip.processor import crop_pixel_values, tile_pixel_values
+    from vllm_semclip.processor import crop_pixel_values, crop_tiling, tile_pixel_values
     from vllm_semclip.selection import box_tiles, prepare_psi_inputs
 
     fill = mean_fill(image_processor.image_mean) if config.pad_to_square else None
-    max_side = 2 * image_processor.crop_size["height"]
+    tiling = crop_tiling(fill, image_processor.crop_size["height"])  # the processor's rule
+    max_side = tiling["max_side"]
     crop = (0, 0, image.size[0] // 3, image.size[1] // 3)
     out = {"psi_views": 0.0, "source_image": 0.0}
     source = torch.zeros(0, dtype=torch.uint8)
@@ -73,7 +74,7 @@ def time_request(image, question: str, config, image_processor, dtype, engine: b
     ms["engine_crop"] = 0.0
     if engine:
         t = time.perf_counter()
-        crop_pixel_values(source, [crop], {"pad_fill": fill, "max_side": max_side}, image_processor, dtype)
+        crop_pixel_values(source, [crop], tiling, image_processor, dtype)
         ms["engine_crop"] = (time.perf_counter() - t) * 1000
     return ms
 

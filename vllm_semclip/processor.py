@@ -75,12 +75,18 @@ def tile_pixel_values(image_processor, tiles: Sequence[Image.Image], dtype: torc
     return image_processor(list(tiles), return_tensors="pt")["pixel_values"].to(dtype)
 
 
+def crop_tiling(pad_fill: tuple[int, int, int] | None, tile_size: int) -> dict[str, Any]:
+    """How an image's tiles are cut (``box_tiles``), as ``selection_meta["tiles"]`` carries it to the
+    engine: the pad colour (``None``: no padding) and ``max_side``, twice the tower's input side."""
+    return {"pad_fill": list(pad_fill) if pad_fill is not None else None, "max_side": 2 * tile_size}
+
+
 def crop_pixel_values(source_image: torch.Tensor, boxes: Sequence[Box], tiles: Mapping[str, Any],
                       image_processor, dtype: torch.dtype) -> torch.Tensor:
     """The engine stage's chosen crops, cut from the decoded image the processor sent (``[H, W, 3]``
     uint8) by the very functions the processor stage cuts them with (``box_tiles``, the image
     processor), so a crop's pixels do not depend on the stage. ``tiles`` is the image's
-    ``selection_meta["tiles"]``: the pad colour (or ``None``) and ``max_side``."""
+    ``selection_meta["tiles"]`` (:func:`crop_tiling`)."""
     image = Image.fromarray(source_image.cpu().numpy())  # [H, W, 3] uint8: RGB
     fill = tiles["pad_fill"]
     crops = box_tiles(image, boxes, tuple(fill) if fill is not None else None, tiles["max_side"], overview=False)
@@ -241,7 +247,8 @@ class SemClipMultiModalProcessor(BaseLlavaMultiModalProcessor[SemClipProcessingI
         ids = tuple(hf_kwargs.get(ITEM_IDS_KEY, ()))
         ids = ids if len(ids) == len(images) else (None,) * len(images)
         pad_fill = self.info.pad_fill if config.pad_to_square else None
-        max_side = 2 * self.info.tile_size
+        tiling = crop_tiling(pad_fill, self.info.tile_size)
+        max_side = tiling["max_side"]
         engine = config.selection_stage == "engine"
         tiles: list = []
         num_tiles: list[int] = []
@@ -255,8 +262,7 @@ class SemClipMultiModalProcessor(BaseLlavaMultiModalProcessor[SemClipProcessingI
                 psi = prepare_psi_inputs(image, question, config)
                 image_tiles = box_tiles(image, [], pad_fill, max_side)
                 num_tiles.append(1 + min(config.num_crops, len(psi.candidates)))
-                tiles_spec = {"pad_fill": list(pad_fill) if pad_fill is not None else None, "max_side": max_side}
-                self._add_engine_fields(engine_fields, psi, item_id, image, tiles_spec)
+                self._add_engine_fields(engine_fields, psi, item_id, image, tiling)
                 self._record_front_end(config, time.perf_counter() - start, len(psi.candidates), image.size)
             else:
                 selection = select_crops(image, question, config)
@@ -287,7 +293,7 @@ class SemClipMultiModalProcessor(BaseLlavaMultiModalProcessor[SemClipProcessingI
         """One image's engine-stage fields; an image ψ has nothing to do for (no question, another
         method) carries empty ones and its tiles are already [overview, chosen crops]. An image ψ
         chooses for carries itself (RGB, as ``[H, W, 3]`` uint8) and how its crops are tiled."""
-        if psi is None or image is None:
+        if psi is None:
             fields["num_candidates"].append(0)
             fields["psi_pixel_values"].append(torch.zeros(0, 3, 1, 1, dtype=torch.uint8))
             fields["psi_view_index"].append(torch.zeros(0, 1, dtype=torch.long))
@@ -299,7 +305,7 @@ class SemClipMultiModalProcessor(BaseLlavaMultiModalProcessor[SemClipProcessingI
         fields["psi_pixel_values"].append(psi.pixels)
         fields["psi_view_index"].append(psi.index)
         fields["psi_query"].append(psi.query)
-        meta = json.dumps({**psi.meta(item_id), "tiles": dict(tiles or {})}).encode("utf-8")
+        meta = json.dumps({**psi.meta(item_id), "tiles": dict(tiles)}).encode("utf-8")
         fields["selection_meta"].append(torch.frombuffer(bytearray(meta), dtype=torch.uint8))
         fields["source_image"].append(torch.from_numpy(np.array(image)))
 
