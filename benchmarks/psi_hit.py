@@ -15,7 +15,7 @@ the grey band as content, and a dark shape loses to it.
 
 Prints the table, writes ``benchmarks/results/psi_hit.json`` and a bar chart beside it.
 
-    python benchmarks/psi_hit.py [--data bench-eval] [--model DIR ...] [--threads 2]
+    python benchmarks/psi_hit.py [--data bench-eval] [--model DIR ...] [--grids 2,3] [--overlap F] [--threads 2]
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def view_gflop(psi: RelevanceModel) -> float:
 
 
 def hit_rates(psi: RelevanceModel, records, grids=(2, 3), desc: str = "ψ",
-              progress: bool = True) -> dict[str, dict[str, float]]:
+              progress: bool = True, overlap: float = 0.0) -> dict[str, dict[str, float]]:
     """{"served" | "pad" | "plain" | "raw": {group: top-1 hit rate}} with groups = categories, "overall",
     "color:NAME", and ψ's cost per question: "views" (forwards) and "gflop"."""
     hits: dict[str, dict[str, list[bool]]] = {way: defaultdict(list) for way in WAYS}
@@ -58,16 +58,16 @@ def hit_rates(psi: RelevanceModel, records, grids=(2, 3), desc: str = "ψ",
     for rec in tqdm(records, desc=desc, disable=not progress):
         with Image.open(rec.image) as im:
             image = to_rgb(im).copy()  # a loaded copy: the file closes here
-        boxes = candidate_boxes(*image.size, grids)
+        boxes = candidate_boxes(*image.size, grids, overlap)
         views["windows"].append(sum(len(square_windows(b)) for b in boxes))
         views["pad"].append(len(boxes))
         with torch.inference_mode():
             feats = {fit: psi.region_features(image, boxes, fit) for fit in ("windows", "pad")}  # [R, V, D]
             served, plain = psi.query_vector(rec.question), query_features(psi.model, psi.tokenizer, [rec.question])[0]
             raw = (feats["windows"] @ served).amax(1)
-            scores = {"served": rank_scores(raw.tolist(), grids), "raw": raw.tolist(),
-                      "pad": rank_scores((feats["pad"] @ served).amax(1).tolist(), grids),
-                      "plain": rank_scores((feats["windows"] @ plain).amax(1).tolist(), grids)}
+            rank = lambda values: rank_scores(values.tolist(), grids, overlap=overlap)  # noqa: E731
+            scores = {"served": rank(raw), "raw": raw.tolist(), "pad": rank((feats["pad"] @ served).amax(1)),
+                      "plain": rank((feats["windows"] @ plain).amax(1))}
         for way, score in scores.items():
             hit = crop_hit([boxes[top_indices(score, 1)[0]]], rec.target_boxes)
             groups = [rec.category, "overall"]
@@ -115,15 +115,19 @@ def main() -> None:
     parser.add_argument("--data", default="bench-eval", help="V*-layout directory or records.jsonl")
     parser.add_argument("--model", nargs="+", default=[str(DEFAULT_RELEVANCE_DIR), str(DEFAULT_TRAINED_RELEVANCE_DIR)],
                         help="ψ directories (local-dir) or open_clip names")
+    parser.add_argument("--grids", default="2,3", help="candidate grids (default 2,3)")
+    parser.add_argument("--overlap", type=float, default=0.0, help="SemClipConfig.overlap of the candidates (default 0)")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     records = load_bench(args.data)
+    grids = tuple(int(g) for g in args.grids.split(","))
     results = {}
     for name in args.model:
-        results[name] = hit_rates(RelevanceModel.from_pretrained(name), records, desc=Path(name).name)
+        results[name] = hit_rates(RelevanceModel.from_pretrained(name), records, grids, desc=Path(name).name,
+                                  overlap=args.overlap)
     print(f"{'ψ':<34} {'scoring':<28} {'attribute':>9} {'spatial':>8} {'overall':>8} {'views':>6} {'GFLOP':>6}"
           "   by colour (attribute)")
     for name, ways in results.items():
@@ -135,7 +139,8 @@ def main() -> None:
                   f"{100 * r['overall']:>8.1f} {r['views']:>6.1f} {r['gflop']:>6.2f}   {colours}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"data": args.data, "questions": len(records), "results": results}, indent=1))
+    out.write_text(json.dumps({"data": args.data, "questions": len(records), "grids": list(grids),
+                               "overlap": args.overlap, "results": results}, indent=1))
     print(f"wrote {out} and {plot(results, out.with_suffix('.png'))}")
 
 

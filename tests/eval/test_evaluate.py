@@ -28,7 +28,7 @@ def test_oracle_prefers_the_smallest_candidate_that_covers_every_target():
 def test_oracle_request_sends_that_box_as_method_given():
     rec = BenchRecord("x", "direct_attributes", "", "What is the color of the circle?",
                       ["The color of the circle is red."] * 4, ["circle"], [[610, 410, 30, 30]])
-    kwargs = EvalSettings("oracle").request_kwargs(rec, (900, 600))
+    kwargs = EvalSettings("oracle", overlap=0.0).request_kwargs(rec, (900, 600))
     assert kwargs == {"method": "given", "boxes": [[600, 400, 900, 600]]}
     assert EvalSettings("clip", topk=2).request_kwargs(rec, (900, 600))["method"] == "relevance"
     with pytest.raises(ValueError, match="method"):
@@ -49,6 +49,28 @@ def test_oracle_request_sends_that_box_as_method_given():
     assert EvalSettings("clip", topk=2).server_config()["max_topk"] == 2
     with pytest.raises(ValueError, match="below topk"):
         EvalSettings("clip", topk=3, max_topk=2)
+
+
+def test_overlap_widens_every_methods_candidates_alike():
+    # a target across the 3x3 line x = 300 and the 2x2 line y = 300: only the bridge on that crossing
+    # holds it; with overlap 0.2 the widened cells of both grids around it hold it too
+    rec = BenchRecord("x", "direct_attributes", "", "What is the color of the circle?",
+                      ["The color of the circle is red."] * 4, ["circle"], [[290, 290, 20, 20]])
+    target = (290, 290, 310, 310)
+    holding = lambda overlap: [b for b in candidate_boxes(900, 600, (2, 3), overlap) if box_contains(b, target)]  # noqa: E731
+    assert len(holding(0.0)) == 1 and len(holding(0.2)) > 1
+    oracle = EvalSettings("oracle", overlap=0.2).request_kwargs(rec, (900, 600))
+    assert tuple(oracle["boxes"][0]) in holding(0.2)
+    for method in ("clip", "random", "all"):
+        assert EvalSettings(method, overlap=0.2).request_kwargs(rec, (900, 600))["overlap"] == 0.2
+    assert EvalSettings("clip", overlap=0.2).server_config()["overlap"] == 0.2  # the engine makes the same candidates
+    # unset, the engine's default decides (the model's config.json may set it); the oracle needs it resolved
+    assert "overlap" not in EvalSettings("clip").request_kwargs(rec, (900, 600))
+    assert "overlap" not in EvalSettings("clip").server_config()
+    with pytest.raises(ValueError, match="overlap"):
+        EvalSettings("oracle").request_kwargs(rec, (900, 600))
+    with pytest.raises(ValueError, match="overlap"):
+        EvalSettings("clip", overlap=0.9)  # SemClipConfig's own range check
 
 
 @dataclass
@@ -108,6 +130,7 @@ def test_small_evaluation_writes_results_and_plot(small_run, tokens_per_tile):
     assert docs["all"]["mean_visual_tokens"] == 18 * tokens_per_tile  # overview + 13 cells + 4 bridges
     assert docs["oracle"]["crop_hit_rate"] == docs["all"]["crop_hit_rate"] == 1.0
     assert docs["overview"]["crop_hit_rate"] == 0.0
+    assert {d["overlap"] for d in docs.values()} == {0.0}  # no --overlap: the engine's default, resolved
 
 
 def test_recorded_boxes_are_what_the_method_chose(small_run):

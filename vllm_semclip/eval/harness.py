@@ -30,6 +30,7 @@ import difflib
 import json
 import time
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ class EvalSettings:
     protocol: str = "likelihood"
     grids: tuple[int, ...] = (2, 3)
     bridges: bool = True  # SemClipConfig.bridges: the candidates every method draws from
+    overlap: float | None = None  # SemClipConfig.overlap; None: the model's config's (evaluate_records resolves it)
     relevance_model: str | None = None  # ψ of ``clip``/``trained``; the bundled zero-shot/trained one when None
     seed: int = 0
     max_topk: int | None = None  # the engine's room for crops (a k sweep shares one engine); ``topk`` when None
@@ -63,23 +65,32 @@ class EvalSettings:
             raise ValueError(f"method must be one of {', '.join(EVAL_METHODS)}; got {self.method!r}")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {self.protocol!r}")
-        SemClipConfig(topk=self.topk, grids=tuple(self.grids), bridges=self.bridges, max_topk=self.max_topk)
+        SemClipConfig(topk=self.topk, grids=tuple(self.grids), bridges=self.bridges, overlap=self.overlap or 0.0,
+                      max_topk=self.max_topk)
         if self.max_topk is not None and self.max_topk < self.topk:
             raise ValueError(f"max_topk {self.max_topk} is below topk {self.topk}")
 
     def request_kwargs(self, record: BenchRecord, size: tuple[int, int]) -> dict[str, Any]:
         """The request's ``mm_processor_kwargs`` for this method and record."""
-        grids = list(self.grids)
         if self.method == "overview":
             return {"method": "overview", "topk": 0}
         if self.method == "all":
-            return {"method": "all", "grids": grids, "bridges": self.bridges}
+            return {"method": "all", **self.candidates}
         if self.method == "random":
-            return {"method": "random", "topk": self.topk, "grids": grids, "bridges": self.bridges, "seed": self.seed}
+            return {"method": "random", "topk": self.topk, **self.candidates, "seed": self.seed}
         if self.method in PSI_METHODS:
-            return {"method": "relevance", "topk": self.topk, "grids": grids, "bridges": self.bridges}
-        candidates = candidate_boxes(*size, self.grids, bridges=self.bridges)
+            return {"method": "relevance", "topk": self.topk, **self.candidates}
+        if self.overlap is None:
+            raise ValueError("oracle needs the candidates' overlap: resolve it from the engine's config first")
+        candidates = candidate_boxes(*size, self.grids, self.overlap, self.bridges)
         return {"method": "given", "boxes": [list(candidates[oracle_index(candidates, record.target_boxes)])]}
+
+    @property
+    def candidates(self) -> dict[str, Any]:
+        """The ``SemClipConfig`` fields that make the candidates, as a request sends them (no overlap: the
+        engine's default, which the model's ``config.json`` may set)."""
+        fields: dict[str, Any] = {"grids": list(self.grids), "bridges": self.bridges}
+        return fields if self.overlap is None else {**fields, "overlap": self.overlap}
 
     @property
     def psi(self) -> str | None:
@@ -96,7 +107,7 @@ class EvalSettings:
         ψ is fixed when an engine starts, so methods with different ψ need their own engine.
         """
         room = max(1, self.max_topk or self.topk)  # __post_init__ keeps max_topk >= topk
-        config: dict[str, Any] = {"method": "all", "grids": list(self.grids), "bridges": self.bridges, "max_topk": room}
+        config: dict[str, Any] = {"method": "all", **self.candidates, "max_topk": room}
         if self.psi:
             config["relevance_model"] = self.psi
         return config
@@ -144,6 +155,8 @@ def evaluate_records(llm, records: Sequence[BenchRecord], settings: EvalSettings
     image_token_id = llm.llm_engine.model_config.hf_config.image_token_index
     # the engine's own defaults (the model's config.json may name ψ), then this method's
     base = SemClipConfig.from_hf_config(None, llm.llm_engine.model_config.model).replace(settings.server_config())
+    if settings.overlap is None:
+        settings = dataclasses.replace(settings, overlap=base.overlap)
     prompts, lengths, per_record = [], [], []
     start = time.time()
     for i, rec in enumerate(tqdm(records, desc=f"preparing {settings.method}", disable=not progress)):
@@ -215,6 +228,7 @@ def summarize(results: list[dict], settings: EvalSettings, seconds: float | None
         "protocol": settings.protocol,
         "grids": list(settings.grids),
         "bridges": settings.bridges,
+        "overlap": settings.overlap,
         "questions": len(results),
         "overall_accuracy": mean(r["correct"] for r in results),
         "accuracy_by_category": by_category,
@@ -299,7 +313,7 @@ def make_engine(model: str, server_config: dict[str, Any], max_model_len: int = 
 def run(data: str | Path, methods: Sequence[str], out: str | Path, *, model: str | None = None,
         topk: int | Sequence[int] = 1,
         protocol: str = "likelihood", grids: Sequence[int] = (2, 3), bridges: bool = True,
-        relevance_model: str | None = None,
+        overlap: float | None = None, relevance_model: str | None = None,
         clip_model: str | None = None, limit: int | None = None, progress: bool = True) -> list[dict]:
     """Evaluate ``methods`` on the benchmark at ``data``; write results and the plot; return the documents.
 
@@ -320,7 +334,8 @@ def run(data: str | Path, methods: Sequence[str], out: str | Path, *, model: str
     if not ks:
         raise ValueError("topk: give at least one k")
     sweep = len(ks) > 1
-    settings = [EvalSettings(m, topk=k, protocol=protocol, grids=tuple(grids), bridges=bridges, max_topk=ks[-1] if sweep else None,
+    settings = [EvalSettings(m, topk=k, protocol=protocol, grids=tuple(grids), bridges=bridges, overlap=overlap,
+                             max_topk=ks[-1] if sweep else None,
                              relevance_model=relevance_model if m == "trained" else clip_model if m == "clip" else None)
                 for m in methods for k in (ks if m in TOPK_METHODS else ks[:1])]
     records = load_bench(data)
