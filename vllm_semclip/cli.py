@@ -187,7 +187,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--method: {', '.join(unknown)} not one of {', '.join(EVAL_METHODS)}")
     docs = run(args.data, methods, args.out, model=args.model, topk=_ints(args.topk, "--topk"),
                protocol=args.protocol, grids=_ints(args.grids, "--grids"), bridges=args.bridges,
-               overlap=args.overlap, relevance_model=args.relevance_model,
+               overlap=args.overlap, relevance_norm=args.relevance_norm, relevance_model=args.relevance_model,
                clip_model=args.clip_model, limit=args.limit)
     print(TABLE_HEADER)
     for doc in docs:
@@ -335,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float,
                    help="widen each candidate cell by this fraction of its size on every side, 0-0.5 "
                         "(default: the model's semclip_config, else 0)")
+    p.add_argument("--relevance-norm", choices=RELEVANCE_NORMS,
+                   help="how clip and trained rank psi's scores across grids (default: the model's semclip_config, "
+                        "else grid)")
     p.add_argument("--relevance-model", help="psi of method trained: local-dir or open_clip name "
                                              "(default: the bundled trained psi)")
     p.add_argument("--clip-model", help="psi of method clip: open_clip name or local-dir "

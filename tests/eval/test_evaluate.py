@@ -73,6 +73,17 @@ def test_overlap_widens_every_methods_candidates_alike():
         EvalSettings("clip", overlap=0.9)  # SemClipConfig's own range check
 
 
+def test_relevance_norm_reaches_only_the_psi_methods():
+    rec = BenchRecord("x", "direct_attributes", "", "What is the color of the circle?",
+                      ["The color of the circle is red."] * 4, ["circle"], [[610, 410, 30, 30]])
+    for method in ("clip", "trained"):
+        assert EvalSettings(method, relevance_norm="none").request_kwargs(rec, (900, 600))["relevance_norm"] == "none"
+        assert "relevance_norm" not in EvalSettings(method).request_kwargs(rec, (900, 600))  # the engine's default
+    assert "relevance_norm" not in EvalSettings("random", relevance_norm="none").request_kwargs(rec, (900, 600))
+    with pytest.raises(ValueError, match="relevance_norm"):
+        EvalSettings("clip", relevance_norm="softmax")
+
+
 @dataclass
 class _Logprob:
     logprob: float

@@ -56,6 +56,7 @@ class EvalSettings:
     grids: tuple[int, ...] = (2, 3)
     bridges: bool = True  # SemClipConfig.bridges: the candidates every method draws from
     overlap: float | None = None  # SemClipConfig.overlap; None: the model's config's (evaluate_records resolves it)
+    relevance_norm: str | None = None  # SemClipConfig.relevance_norm of clip/trained; None: the engine's default
     relevance_model: str | None = None  # ψ of ``clip``/``trained``; the bundled zero-shot/trained one when None
     seed: int = 0
     max_topk: int | None = None  # the engine's room for crops (a k sweep shares one engine); ``topk`` when None
@@ -66,7 +67,7 @@ class EvalSettings:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {self.protocol!r}")
         SemClipConfig(topk=self.topk, grids=tuple(self.grids), bridges=self.bridges, overlap=self.overlap or 0.0,
-                      max_topk=self.max_topk)
+                      relevance_norm=self.relevance_norm or "grid", max_topk=self.max_topk)
         if self.max_topk is not None and self.max_topk < self.topk:
             raise ValueError(f"max_topk {self.max_topk} is below topk {self.topk}")
 
@@ -79,7 +80,8 @@ class EvalSettings:
         if self.method == "random":
             return {"method": "random", "topk": self.topk, **self.candidates, "seed": self.seed}
         if self.method in PSI_METHODS:
-            return {"method": "relevance", "topk": self.topk, **self.candidates}
+            norm = {} if self.relevance_norm is None else {"relevance_norm": self.relevance_norm}
+            return {"method": "relevance", "topk": self.topk, **self.candidates, **norm}
         if self.overlap is None:
             raise ValueError("oracle needs the candidates' overlap: resolve it from the engine's config first")
         candidates = candidate_boxes(*size, self.grids, self.overlap, self.bridges)
@@ -157,6 +159,8 @@ def evaluate_records(llm, records: Sequence[BenchRecord], settings: EvalSettings
     base = SemClipConfig.from_hf_config(None, llm.llm_engine.model_config.model).replace(settings.server_config())
     if settings.overlap is None:
         settings = dataclasses.replace(settings, overlap=base.overlap)
+    if settings.relevance_norm is None:
+        settings = dataclasses.replace(settings, relevance_norm=base.relevance_norm)
     prompts, lengths, per_record = [], [], []
     start = time.time()
     for i, rec in enumerate(tqdm(records, desc=f"preparing {settings.method}", disable=not progress)):
@@ -229,6 +233,7 @@ def summarize(results: list[dict], settings: EvalSettings, seconds: float | None
         "grids": list(settings.grids),
         "bridges": settings.bridges,
         "overlap": settings.overlap,
+        "relevance_norm": settings.relevance_norm if settings.method in PSI_METHODS else None,
         "questions": len(results),
         "overall_accuracy": mean(r["correct"] for r in results),
         "accuracy_by_category": by_category,
@@ -313,7 +318,7 @@ def make_engine(model: str, server_config: dict[str, Any], max_model_len: int = 
 def run(data: str | Path, methods: Sequence[str], out: str | Path, *, model: str | None = None,
         topk: int | Sequence[int] = 1,
         protocol: str = "likelihood", grids: Sequence[int] = (2, 3), bridges: bool = True,
-        overlap: float | None = None, relevance_model: str | None = None,
+        overlap: float | None = None, relevance_norm: str | None = None, relevance_model: str | None = None,
         clip_model: str | None = None, limit: int | None = None, progress: bool = True) -> list[dict]:
     """Evaluate ``methods`` on the benchmark at ``data``; write results and the plot; return the documents.
 
@@ -335,7 +340,7 @@ def run(data: str | Path, methods: Sequence[str], out: str | Path, *, model: str
         raise ValueError("topk: give at least one k")
     sweep = len(ks) > 1
     settings = [EvalSettings(m, topk=k, protocol=protocol, grids=tuple(grids), bridges=bridges, overlap=overlap,
-                             max_topk=ks[-1] if sweep else None,
+                             relevance_norm=relevance_norm, max_topk=ks[-1] if sweep else None,
                              relevance_model=relevance_model if m == "trained" else clip_model if m == "clip" else None)
                 for m in methods for k in (ks if m in TOPK_METHODS else ks[:1])]
     records = load_bench(data)
