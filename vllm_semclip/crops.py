@@ -78,12 +78,11 @@ def num_candidates(grids: Sequence[int], bridges: bool = True, overlap: float = 
 
 
 def candidate_groups(grids: Sequence[int], bridges: bool = True, overlap: float = 0.0) -> list[int]:
-    """Which group each candidate is ranked in (``rank_scores``): its grid's index; a bridge, the grid
-    whose cells are nearest its size (a bridge is ``2 * BRIDGE_REACH`` of a side, a 3×3 cell's)."""
+    """Which group each candidate is ranked in (``rank_scores``): its grid's index; the bridges, a
+    group of their own after the grids' (docs/design.md, "Bridges")."""
     groups = [i for i, g in enumerate(grids) for _ in range(g * g)]
     if bridges:
-        nearest = min(range(len(grids)), key=lambda i: (abs(1 / grids[i] - 2 * BRIDGE_REACH), i))
-        groups += [nearest] * len(bridge_boxes(tuple(grids), float(overlap)))
+        groups += [len(grids)] * len(bridge_boxes(tuple(grids), float(overlap)))
     return groups
 
 
@@ -166,8 +165,8 @@ def rank_scores(scores: Sequence[float], grids: Sequence[int], norm: str = "grid
     one scale across sizes — a coarse cell holds more of everything and its raw score wins ties the
     VLM would rather lose, since it reads a detail better in the finer cell that shows it larger
     (docs/design.md, "Comparing grids"). Standardised, a cell is ranked
-    by how far it stands out among its own grid's cells; bridges are ranked among the cells of
-    their size (``candidate_groups``). ``scores`` are in ``candidate_boxes`` order.
+    by how far it stands out among its own grid's cells; the bridges among the bridges
+    (``candidate_groups``). ``scores`` are in ``candidate_boxes`` order.
     """
     if norm not in RELEVANCE_NORMS:
         raise ValueError(f"norm must be one of {RELEVANCE_NORMS}, got {norm!r}")

@@ -98,7 +98,8 @@ def test_bridges_sit_on_crossings_of_different_grids_only():
     assert bridge_boxes((1, 2, 3)) == ()  # the whole image holds everything
     assert num_candidates((3, 2)) == num_candidates((2, 3)) == 17
     groups = candidate_groups((2, 3))
-    assert groups == [0] * 4 + [1] * 13  # bridges are ranked among the 3×3 cells (their size)
+    assert groups == [0] * 4 + [1] * 9 + [2] * 4  # the bridges are ranked among themselves
+    assert candidate_groups((2, 3), bridges=False) == [0] * 4 + [1] * 9
 
 
 def _roundtrip(image: Image.Image, fmt: str) -> Image.Image:

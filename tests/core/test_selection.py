@@ -115,8 +115,8 @@ def test_relevance_picks_the_top_scores(model_dir, photo):
     assert len(sel.candidates) == 17 and len(sel.candidate_scores) == 17
     assert raw.candidate_scores == sel.candidate_scores and raw.ranking_scores == raw.candidate_scores
     s = torch.tensor(sel.candidate_scores, dtype=torch.float64)
-    # per grid: 4 cells; 9 cells with the 4 bridges (3×3-cell-sized) ranked among them
-    z = torch.cat([(g - g.mean()) / g.std(unbiased=False) for g in (s[:4], s[4:])])
+    # per grid: 4 cells, 9 cells; then the 4 bridges among themselves
+    z = torch.cat([(g - g.mean()) / g.std(unbiased=False) for g in (s[:4], s[4:13], s[13:])])
     assert torch.allclose(torch.tensor(sel.ranking_scores, dtype=torch.float64), z, atol=1e-6)
     for chosen, by in ((sel, z.tolist()), (raw, sel.candidate_scores)):
         best = sorted(range(17), key=lambda i: -by[i])[:3]
@@ -134,8 +134,9 @@ def test_rank_scores_standardises_within_each_grid():
     assert ranked[:4] == pytest.approx([-1.3416, -0.4472, 0.4472, 1.3416], abs=1e-4)
     assert ranked[12] == pytest.approx(8 ** 0.5) and max(range(13), key=ranked.__getitem__) == 12
     assert rank_scores(scores, (2, 3), "none", bridges=False) == scores  # raw: the coarse cell 3 would win
-    with_bridges = rank_scores([*scores, 0.0, 0.0, 0.0, 0.0], (2, 3))  # bridges join the 3×3 cells' group
-    assert with_bridges[:4] == pytest.approx(ranked[:4]) and with_bridges[12] == pytest.approx(12 ** 0.5)
+    with_bridges = rank_scores([*scores, 0.1, 0.0, 0.0, 0.0], (2, 3))  # the bridges: a group of their own
+    assert with_bridges[:13] == pytest.approx(ranked[:13])  # the cells' ranks are the cells' alone
+    assert with_bridges[13:] == pytest.approx([3 ** 0.5, -(3 ** -0.5), -(3 ** -0.5), -(3 ** -0.5)])
     assert rank_scores([0.5, 0.1, 0.2, 0.3, 0.4], (1, 2))[0] == 0.0  # a one-cell grid has no spread
     assert rank_scores([0.7] * 4, (2,)) == [0.0] * 4
     with pytest.raises(ValueError, match="13 scores for grids"):

@@ -62,7 +62,7 @@ def test_a_crops_logit_is_its_best_views():
 
 def test_rank_loss_is_cross_entropy_over_the_scores_serving_ranks_by():
     """Each question's own candidates, standardised within their grids exactly as ``rank_scores``
-    ranks them when serving (bridges in the group of the nearest grid), then softmax towards the best."""
+    ranks them when serving (the bridges in a group of their own), then softmax towards the best."""
     g = torch.Generator().manual_seed(3)
     grids, d = (2, 3), 8
     groups = candidate_groups(grids, bridges=True)
