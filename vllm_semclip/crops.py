@@ -174,8 +174,12 @@ def rank_scores(scores: Sequence[float], grids: Sequence[int], norm: str = "grid
     if len(scores) != len(groups):
         raise ValueError(f"{len(scores)} scores for grids {list(grids)} ({len(groups)} candidates)")
     values = [float(x) for x in scores]
-    if norm == "none":
-        return values
+    return values if norm == "none" else standardise_within(values, groups)
+
+
+def standardise_within(values: Sequence[float], groups: Sequence[int]) -> list[float]:
+    """Each value less its group's mean, over the group's standard deviation (0 for a flat group):
+    the ``grid`` ranking of ``rank_scores`` for any grouping of the candidates."""
     ranked = [0.0] * len(values)
     for group in set(groups):
         members = [i for i, gi in enumerate(groups) if gi == group]

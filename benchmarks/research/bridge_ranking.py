@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -33,24 +32,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from vllm_semclip.crops import candidate_boxes, candidate_groups, rank_scores, to_rgb, top_indices
+from vllm_semclip.crops import candidate_boxes, candidate_groups, rank_scores, standardise_within, to_rgb, top_indices
 from vllm_semclip.relevance import RelevanceModel
 from vllm_semclip.tiny.bundled import DEFAULT_RELEVANCE_DIR
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "bridge_ranking.json"
 GRIDS = (2, 3)
-
-
-def standardise(scores: list[float], groups: list[int]) -> list[float]:
-    """Each score less its group's mean over the group's standard deviation (0 for a flat group)."""
-    out = [0.0] * len(scores)
-    for g in set(groups):
-        members = [i for i, gi in enumerate(groups) if gi == g]
-        values = [scores[i] for i in members]
-        mean, sd = statistics.fmean(values), statistics.pstdev(values)
-        for i in members:
-            out[i] = (scores[i] - mean) / sd if sd > 0 else 0.0
-    return out
 
 
 def rules(scores: list[float]) -> dict[str, int]:
@@ -59,7 +46,7 @@ def rules(scores: list[float]) -> dict[str, int]:
     n_bridges = len(scores) - len(cells)
     grouped = {"bridges with 3x3": [*cells, *[1] * n_bridges], "bridges with 2x2": [*cells, *[0] * n_bridges],
                "bridges apart": [*cells, *[2] * n_bridges]}
-    picks = {rule: top_indices(standardise(scores, groups), 1)[0] for rule, groups in grouped.items()}
+    picks = {rule: top_indices(standardise_within(scores, groups), 1)[0] for rule, groups in grouped.items()}
     picks["served"] = top_indices(rank_scores(scores, GRIDS), 1)[0]
     picks["no bridges"] = top_indices(rank_scores(scores[:len(cells)], GRIDS, bridges=False), 1)[0]
     picks["raw"] = top_indices(scores, 1)[0]
