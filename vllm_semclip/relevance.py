@@ -52,6 +52,43 @@ def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[
     return pixels.float().div_(255.0).sub_(mean_t).div_(std_t)
 
 
+def fuse_attention(tower) -> int:
+    """Give an open_clip image tower's plain attention blocks torch's fused attention kernel, in place;
+    return how many blocks were swapped.
+
+    open_clip builds a ViT of plain blocks with ``nn.MultiheadAttention``, whose inference path
+    on a CPU materialises every head's score matrix (two batched matmuls and a softmax); its own
+    ``CustomResidualAttentionBlock`` holds the same parameters under the same names and calls
+    ``F.scaled_dot_product_attention``, which fuses them. Each plain block is replaced by one of
+    those with its weights loaded (strict), so ψ computes the same function: its features agree to
+    float rounding, and a region's score does not depend on the batch around it (tested). Serving
+    only; the trainers keep open_clip's model as built.
+    """
+    import torch
+    from open_clip.transformer import CustomResidualAttentionBlock, LayerScale, ResidualAttentionBlock
+
+    blocks = getattr(getattr(tower, "transformer", None), "resblocks", None)
+    if blocks is None:
+        return 0
+    swapped = 0
+    for i, block in enumerate(blocks):
+        if type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv"):
+            continue
+        attn = block.attn
+        if not attn.batch_first or attn.in_proj_weight is None or attn.bias_k is not None:
+            continue
+        with torch.device("meta"):  # no memory: the block takes over the plain one's own tensors
+            fused = CustomResidualAttentionBlock(
+                attn.embed_dim, attn.num_heads, block.mlp.c_fc.out_features / attn.embed_dim,
+                ls_init_value=1.0 if isinstance(block.ls_1, LayerScale) else None,
+                act_layer=type(block.mlp.gelu), norm_layer=type(block.ln_1), batch_first=True,
+            )
+        fused.load_state_dict(block.state_dict(keep_vars=True), strict=True, assign=True)
+        blocks[i] = fused.train(block.training)
+        swapped += 1
+    return swapped
+
+
 def open_clip_identifier(model_name: str) -> str:
     """A directory path becomes open_clip's ``local-dir:`` schema; names pass through."""
     if model_name.startswith(("local-dir:", "hf-hub:")):
@@ -188,6 +225,7 @@ class RelevanceModel:
         self.input_dtype = next(m.weight.dtype for m in model.visual.modules()
                                 if isinstance(m, (nn.Conv2d, nn.Linear)))
         self.has_image_tower = True
+        fuse_attention(model.visual)
 
     def drop_image_tower(self) -> None:
         """Free the image tower's weights (moved to torch's ``meta`` device), keeping what preparing

@@ -97,6 +97,37 @@ def test_low_precision_psi_ranks_crops_as_fp32(model_dir, photo, precision):
     assert fp32.candidate_scores[pick] >= max(fp32.candidate_scores) - 2e-2
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_psi_attention_is_fused_and_computes_open_clips_function(precision):
+    """ψ's image tower runs open_clip's fused-attention block (F.scaled_dot_product_attention) on the
+    very parameters open_clip loaded — same names, dtypes and storage — and gives its features to float
+    rounding; a view's features do not depend on the batch around it."""
+    import open_clip
+    from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
+
+    from vllm_semclip.relevance import fuse_attention
+
+    plain, _, _ = open_clip.create_model_and_transforms(f"local-dir:{PSI}", precision=precision)
+    plain.eval()
+    psi = RelevanceModel.from_pretrained(PSI, precision=precision)
+    blocks = psi.model.visual.transformer.resblocks
+    assert all(type(b) is CustomResidualAttentionBlock for b in blocks)
+    assert all(type(b) is ResidualAttentionBlock for b in plain.visual.transformer.resblocks)
+    fused_state, plain_state = psi.model.state_dict(), plain.state_dict()
+    assert fused_state.keys() == plain_state.keys()
+    assert all(fused_state[k].dtype == plain_state[k].dtype and torch.equal(fused_state[k], plain_state[k]) for k in plain_state)
+    views = torch.rand(5, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = plain.encode_image(views.to(psi.input_dtype)).float()
+        got = psi.model.encode_image(views.to(psi.input_dtype)).float()
+        alone = psi.model.encode_image(views[2:3].to(psi.input_dtype)).float()
+    tolerance = 1e-4 if precision == "fp32" else 5e-2
+    assert torch.allclose(got, want, atol=tolerance) and not torch.equal(got, torch.zeros_like(got))
+    assert torch.allclose(alone[0], got[2], atol=tolerance)
+    assert fuse_attention(psi.model.visual) == 0  # nothing plain is left; the text tower keeps its blocks
+    assert all(type(b) is ResidualAttentionBlock for b in psi.model.transformer.resblocks)
+
+
 def test_text_embeddings_are_cached(model_dir, crops):
     psi = get_relevance_model(str(DEFAULT_RELEVANCE_DIR))
     assert get_relevance_model(str(DEFAULT_RELEVANCE_DIR)) is psi
