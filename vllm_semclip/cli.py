@@ -16,7 +16,7 @@ import traceback
 from typing import Any
 
 from vllm_semclip.crops import RELEVANCE_FITS, RELEVANCE_NORMS  # light: numpy and PIL
-from vllm_semclip.supervision.train_relevance import RELEVANCE_LOSSES  # light: torch is imported lazily
+from vllm_semclip.supervision.train_relevance import RELEVANCE_LOSSES, RELEVANCE_TARGETS  # light: torch lazily
 
 SELECTION_FLAGS = ("topk", "grids", "overlap", "bridges", "method", "relevance_model", "relevance_pretrained",
                    "relevance_precision", "relevance_fit", "relevance_norm", "seed")
@@ -244,7 +244,8 @@ def cmd_train_relevance(args: argparse.Namespace) -> int:
 
     fields = {"init": args.init, "init_pretrained": args.init_pretrained, "epochs": args.epochs,
               "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "threads": args.threads,
-              "fit": args.fit, "norm": args.norm, "loss": args.loss, "rank_scale": args.rank_scale}
+              "fit": args.fit, "norm": args.norm, "loss": args.loss, "rank_scale": args.rank_scale,
+              "target": args.target}
     config = RelevanceTrainConfig(labels=args.labels, lock_image=not args.unlock_image, keep_best=not args.keep_last,
                                   **{k: v for k, v in fields.items() if v is not None})
     out = args.out or str(DEFAULT_TRAINED_RELEVANCE_DIR)
@@ -379,8 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rank: each question's own candidates ranked as served (default); contrastive: "
                         "text-to-crop InfoNCE over every crop of the batch")
     p.add_argument("--rank-scale", type=float, help="temperature of the rank loss's standardised scores (default 8)")
+    p.add_argument("--target", choices=RELEVANCE_TARGETS,
+                   help="a question's positives: gain, the VLM's most helpful crop (distant supervision, default); "
+                        "hit, every crop holding the labelled boxes (data with boxes, as the generated splits)")
     p.add_argument("--keep-last", action="store_true",
-                   help="save the last epoch (default: the epoch with the best validation gain, maybe the start)")
+                   help="save the last epoch (default: the epoch with the best validation gain, or hit rate with "
+                        "--target hit; maybe the start)")
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int)
     p.set_defaults(handler=cmd_train_relevance)

@@ -89,6 +89,31 @@ def test_rank_loss_is_cross_entropy_over_the_scores_serving_ranks_by():
     assert torch.isfinite(text.grad).all() and text.grad.abs().sum() > 0
 
 
+def test_rank_loss_with_several_positives_is_minus_log_their_summed_probability():
+    """``positives`` as a [B, C] mask (target "hit": every crop holding the boxes): −log of the summed
+    softmax probability of the marked crops; one marked crop a row is the index form's loss."""
+    g = torch.Generator().manual_seed(4)
+    grids, d = (2, 3), 8
+    groups = torch.tensor([candidate_groups(grids, bridges=True)] * 2)
+    b, c = 2, groups.shape[1]
+    text = torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=-1)
+    views = torch.nn.functional.normalize(torch.randn(b, c, 2, d, generator=g), dim=-1)
+    mask = torch.zeros(b, c, dtype=torch.bool)
+    mask[0, [1, 6]] = True
+    mask[1, 13] = True
+    loss = GridRankLoss("grid", scale=8.0)(text, views, mask, torch.tensor(1.0), groups)
+    expected = 0.0
+    for i in range(b):
+        raw = torch.einsum("d,cvd->cv", text[i], views[i]).amax(-1).tolist()
+        p = torch.softmax(8.0 * torch.tensor(rank_scores(raw, grids, "grid", True)), 0)
+        expected += -torch.log(p[mask[i]].sum())
+    assert loss.item() == pytest.approx(expected.item() / b, rel=1e-5)
+    one = torch.zeros(b, c, dtype=torch.bool)
+    one[0, 6] = one[1, 13] = True
+    assert GridRankLoss()(text, views, one, torch.tensor(1.0), groups).item() == pytest.approx(
+        GridRankLoss()(text, views, torch.tensor([6, 13]), torch.tensor(1.0), groups).item(), rel=1e-6)
+
+
 @pytest.fixture(scope="module")
 def perfect_labels(tmp_path_factory) -> Path:
     """Labels from a perfect labeller: the crop that best covers the targets is the one that helps."""
@@ -187,6 +212,31 @@ def test_the_rank_loss_trains(perfect_labels, plain_tower, tmp_path):
     assert report["config"]["loss"] == "rank" and losses[-1] < losses[0]
     with pytest.raises(ValueError, match="loss must be one of"):
         RelevanceTrainConfig(labels="x", loss="hinge")
+
+
+def test_target_hit_trains_on_the_crops_holding_the_boxes_and_keeps_the_best_hit_rate(perfect_labels, plain_tower,
+                                                                                      tmp_path):
+    """Target "hit": the questions with a crop holding their boxes train (gains are not read), every such
+    crop a positive; the epoch of best held-out hit rate is kept."""
+    rows = [json.loads(line) for f in sorted((perfect_labels / "labels").glob("shard-*.jsonl"))
+            for line in f.read_text().splitlines()]
+    for row in rows:  # no crop helps the VLM: distant supervision has nothing to learn, the boxes still do
+        for crop in row["crops"]:
+            crop["gain"] = 0.0
+    write_shard(tmp_path / "labels", 0, rows)
+    config = RelevanceTrainConfig(labels=str(tmp_path / "labels"), init=str(plain_tower), epochs=4, batch_size=6,
+                                  lr=1e-3, warmup=2, val_fraction=0.25, target="hit")
+    report = train_relevance(config, tmp_path / "psi", progress=False)
+    losses = [h["loss"] for h in report["history"][1:]]
+    assert report["train_questions"] == 12 and losses[-1] < losses[0]
+    assert report["best_epoch"]["hit_rate"] == max(h["hit_rate"] for h in report["history"])
+    assert report["config"]["target"] == "hit"
+    with pytest.raises(ValueError, match="min_gain"):  # the same labels under distant supervision
+        train_relevance(RelevanceTrainConfig(labels=str(tmp_path / "labels")), tmp_path / "out", progress=False)
+    with pytest.raises(ValueError, match="target must be one of"):
+        RelevanceTrainConfig(labels="x", target="boxes")
+    with pytest.raises(ValueError, match="needs loss 'rank'"):
+        RelevanceTrainConfig(labels="x", target="hit", loss="contrastive")
 
 
 def test_the_checkpoint_is_safetensors_and_open_clip_loads_it(tiny_run, perfect_labels, plain_tower):

@@ -63,6 +63,9 @@ from vllm_semclip.relevance import TextReference, normalize_pixels, query_featur
 from vllm_semclip.tiny.bundled import DEFAULT_RELEVANCE_DIR, DEFAULT_TRAINED_RELEVANCE_DIR
 
 RELEVANCE_LOSSES: tuple[str, ...] = ("rank", "contrastive")
+# what a question's positive crops are: the VLM's crop of largest gain (distant supervision) or
+# every crop that holds the labelled boxes (where the data has boxes, as the generated splits do)
+RELEVANCE_TARGETS: tuple[str, ...] = ("gain", "hit")
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,8 @@ class RelevanceTrainConfig:
     norm: str = "grid"  # how validation ranks the candidates, as served (SemClipConfig.relevance_norm)
     loss: str = "rank"  # "rank": GridRankLoss, the serving rule's ranking; "contrastive": CropContrastiveLoss
     rank_scale: float = 8.0  # τ of GridRankLoss (z-scores of a grid span a few units); 8 beat 4 on val
-    keep_best: bool = True  # save the epoch with the best validation gain (else the last epoch)
+    target: str = "gain"  # positives: the VLM's best crop ("gain") or the crops holding the boxes ("hit")
+    keep_best: bool = True  # save the epoch with the best validation gain (hit rate, target "hit"; else the last)
     min_gain: float = 0.05
     val_fraction: float = 0.2
     seed: int = 0
@@ -95,6 +99,10 @@ class RelevanceTrainConfig:
             raise ValueError("lr must be in (0, 1), weight_decay and warmup non-negative")
         if self.loss not in RELEVANCE_LOSSES:
             raise ValueError(f"loss must be one of {RELEVANCE_LOSSES}, got {self.loss!r}")
+        if self.target not in RELEVANCE_TARGETS:
+            raise ValueError(f"target must be one of {RELEVANCE_TARGETS}, got {self.target!r}")
+        if self.target == "hit" and self.loss != "rank":
+            raise ValueError("target 'hit' (several positive crops a question) needs loss 'rank'")
         if self.rank_scale <= 0:
             raise ValueError("rank_scale must be positive")
         if not 0 < self.val_fraction < 1:
@@ -136,16 +144,19 @@ class GridRankLoss:
 
     def __call__(self, text_features, crop_features, positives, logit_scale, groups):
         """``text_features`` [B, D], ``crop_features`` [B, C, D] or [B, C, V, D] (normalised; a crop's score is
-        its best view's), ``positives`` [B] crop index, ``groups`` [B, C] each candidate's rank group
+        its best view's), ``positives`` [B] crop index or [B, C] bool (every marked crop a positive: the
+        loss is −log of their summed probability), ``groups`` [B, C] each candidate's rank group
         (:func:`crops.candidate_groups`)."""
         import torch
 
         if crop_features.dim() == 3:
             crop_features = crop_features[:, :, None]
         scores = torch.einsum("bd,bcvd->bcv", text_features, crop_features).amax(-1)  # [B, C]
-        if self.norm == "none":
-            return torch.nn.functional.cross_entropy(logit_scale * scores, positives)
-        return torch.nn.functional.cross_entropy(self.scale * standardise_within(scores, groups), positives)
+        logits = logit_scale * scores if self.norm == "none" else self.scale * standardise_within(scores, groups)
+        if positives.dim() == 1:
+            return torch.nn.functional.cross_entropy(logits, positives)
+        log_p = logits.log_softmax(-1)
+        return -(log_p.masked_fill(~positives, float("-inf")).logsumexp(-1)).mean()
 
 
 def standardise_within(scores, groups):
@@ -238,7 +249,9 @@ def _split(rows: list[dict], config: RelevanceTrainConfig) -> tuple[list[dict], 
     random.Random(config.seed).shuffle(order)
     n_val = max(1, round(len(rows) * config.val_fraction))
     val = [rows[i] for i in sorted(order[:n_val])]
-    train = [rows[i] for i in sorted(order[n_val:]) if helped(rows[i], config.min_gain)]
+    keep = (lambda r: any(c["hit"] for c in r["crops"])) if config.target == "hit" else \
+        (lambda r: helped(r, config.min_gain))
+    train = [rows[i] for i in sorted(order[n_val:]) if keep(rows[i])]
     return train, val
 
 
@@ -272,6 +285,8 @@ def train_relevance(config: RelevanceTrainConfig, out_dir: Path | str = DEFAULT_
     rows = load_labels(config.labels)
     train_rows, val_rows = _split(rows, config)
     if len(train_rows) < 2:
+        if config.target == "hit":
+            raise ValueError(f"only {len(train_rows)} labelled questions have a crop holding their boxes")
         raise ValueError(f"only {len(train_rows)} labelled questions have a crop with gain >= {config.min_gain}; "
                          "label more questions or lower min_gain")
     psi, model_cfg = _init_model(config)
@@ -292,7 +307,8 @@ def train_relevance(config: RelevanceTrainConfig, out_dir: Path | str = DEFAULT_
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     sched = warmup_cosine(opt, config.warmup, config.epochs * steps_per_epoch)
-    positives = torch.tensor(train_set.best)
+    positives = torch.tensor(train_set.hits) if config.target == "hit" else torch.tensor(train_set.best)
+    criterion = "hit_rate" if config.target == "hit" else "mean_gain"
     # each loss's last argument, per question, computed once: the rank groups of its candidates
     # (GridRankLoss) or an id equal for equal question texts (CropContrastiveLoss)
     if config.loss == "rank":
@@ -335,14 +351,14 @@ def train_relevance(config: RelevanceTrainConfig, out_dir: Path | str = DEFAULT_
                  **validate(model, tokenizer, val_set, config.lock_image, psi.reference, config.norm)}
         history.append(entry)
         bar.set_postfix(loss=entry["loss"], val_hit=f"{entry['hit_rate']:.3f}", val_gain=f"{entry['mean_gain']:.3f}")
-        if entry["mean_gain"] > best["mean_gain"] or not config.keep_best:
+        if entry[criterion] > best[criterion] or not config.keep_best:
             best, best_state = entry, {k: v.detach().clone() for k, v in model.state_dict().items()}
     # keep-best can keep the start itself: a ψ that is already as good on the validation
     # questions as any epoch (say so, or the "trained" ψ silently equals the zero-shot one)
     kept_start = config.keep_best and best["epoch"] == 0
     if kept_start:
-        warnings.warn("no epoch beat the starting ψ's mean gain on the validation questions: the saved ψ is "
-                      "the start's weights (keep_best=False / --keep-last saves the last epoch)", stacklevel=2)
+        warnings.warn(f"no epoch beat the starting ψ's {criterion.replace('_', ' ')} on the validation questions: the "
+                      "saved ψ is the start's weights (keep_best=False / --keep-last saves the last epoch)", stacklevel=2)
     model.load_state_dict(best_state)
     model.eval()
     out = save_local_dir(model, model_cfg, out_dir, reference=psi.reference)  # scored as it was trained
