@@ -58,14 +58,15 @@ def fuse_attention(tower) -> int:
 
     open_clip builds a ViT of plain blocks with ``nn.MultiheadAttention``, whose inference path
     on a CPU materialises every head's score matrix (two batched matmuls and a softmax); its own
-    ``CustomResidualAttentionBlock`` holds the same parameters under the same names and calls
-    ``F.scaled_dot_product_attention``, which fuses them. Each plain block is replaced by one of
-    those with its weights loaded (strict), so ψ computes the same function: its features agree to
-    float rounding, and a region's score does not depend on the batch around it (tested). Serving
-    only; the trainers keep open_clip's model as built.
+    ``CustomResidualAttentionBlock`` calls ``F.scaled_dot_product_attention``, which fuses them. Each
+    plain block is replaced by one of those that keeps the plain block's own norms, layer scales and
+    MLP (their eps, activation and weights as built) and takes over its attention's parameters
+    (strict), so ψ computes the same function: its features agree to float rounding, and a
+    region's score does not depend on the batch around it (tested). Serving only; the trainers keep
+    open_clip's model as built.
     """
     import torch
-    from open_clip.transformer import CustomResidualAttentionBlock, LayerScale, ResidualAttentionBlock
+    from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
 
     blocks = getattr(getattr(tower, "transformer", None), "resblocks", None)
     if blocks is None:
@@ -75,15 +76,14 @@ def fuse_attention(tower) -> int:
         if type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv"):
             continue
         attn = block.attn
-        if not attn.batch_first or attn.in_proj_weight is None or attn.bias_k is not None:
+        if (not attn.batch_first or attn.in_proj_weight is None or attn.in_proj_bias is None
+                or attn.bias_k is not None):
             continue
-        with torch.device("meta"):  # no memory: the block takes over the plain one's own tensors
-            fused = CustomResidualAttentionBlock(
-                attn.embed_dim, attn.num_heads, block.mlp.c_fc.out_features / attn.embed_dim,
-                ls_init_value=1.0 if isinstance(block.ls_1, LayerScale) else None,
-                act_layer=type(block.mlp.gelu), norm_layer=type(block.ln_1), batch_first=True,
-            )
-        fused.load_state_dict(block.state_dict(keep_vars=True), strict=True, assign=True)
+        with torch.device("meta"):  # no memory: every tensor of the new block is the plain one's own
+            fused = CustomResidualAttentionBlock(attn.embed_dim, attn.num_heads, batch_first=True)
+        fused.ln_1, fused.ls_1, fused.ln_2, fused.ls_2, fused.mlp = (block.ln_1, block.ls_1, block.ln_2, block.ls_2,
+                                                                     block.mlp)
+        fused.attn.load_state_dict(attn.state_dict(keep_vars=True), strict=True, assign=True)
         blocks[i] = fused.train(block.training)
         swapped += 1
     return swapped

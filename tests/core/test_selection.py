@@ -128,6 +128,30 @@ def test_psi_attention_is_fused_and_computes_open_clips_function(precision):
     assert all(type(b) is ResidualAttentionBlock for b in psi.model.transformer.resblocks)
 
 
+def test_fused_attention_keeps_the_towers_own_norms_and_activation():
+    """A tower built with other norm eps and activation (open_clip's ``norm_kwargs``, as SigLIP's
+    towers have, or a tanh GELU) computes the same function after fusing, and its blocks keep them."""
+    import functools
+
+    from open_clip.transformer import CustomResidualAttentionBlock, LayerNorm, VisionTransformer
+
+    from vllm_semclip.relevance import fuse_attention
+
+    torch.manual_seed(0)
+    tower = VisionTransformer(image_size=32, patch_size=8, width=64, layers=2, heads=4, mlp_ratio=2.0, output_dim=32,
+                              norm_layer=functools.partial(LayerNorm, eps=0.1), ls_init_value=0.5,
+                              act_layer=functools.partial(torch.nn.GELU, approximate="tanh")).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        want = tower(x)
+        assert fuse_attention(tower) == 2
+        got = tower(x)
+    block = tower.transformer.resblocks[0]
+    assert type(block) is CustomResidualAttentionBlock
+    assert block.ln_1.eps == block.ln_2.eps == 0.1 and block.mlp.gelu.approximate == "tanh"
+    assert torch.allclose(got, want, atol=1e-5) and want.abs().sum() > 0
+
+
 def test_text_embeddings_are_cached(model_dir, crops):
     psi = get_relevance_model(str(DEFAULT_RELEVANCE_DIR))
     assert get_relevance_model(str(DEFAULT_RELEVANCE_DIR)) is psi
