@@ -373,7 +373,8 @@ def test_psi_vs_prefill_times_both_psis_and_both_prefills_on_the_standin(tmp_pat
 
 def test_serve_flops_follow_each_configs_psi_and_fit(model_dir):
     """GFLOP per request as ``semclip bench serve`` stores them: ψ's share is its views times one view's
-    FLOPs — every square window for ``semclip_224``, one view per candidate for ``semclip_224_pad`` —
+    FLOPs — every square window for ``semclip_224`` (and, at 160 px, ``semclip_160``), one view per
+    candidate for ``semclip_224_pad`` —
     and the configurations without ψ have none; the tower's grows with the tiles sent."""
     from vllm_semclip.bench.serve import config_flops
     from vllm_semclip.cost import image_forward_flops, windows_per_request
@@ -383,6 +384,10 @@ def test_serve_flops_follow_each_configs_psi_and_fit(model_dir):
     sizes = [(2400, 1200), (2000, 1500), (1800, 1800)]
     per_view = image_forward_flops("SemClip-ViT-T-16")[0] / 1e9
     windows, pad = (config_flops(n, model_dir, sizes) for n in ("semclip_224", "semclip_224_pad"))
+    small = config_flops("semclip_160", model_dir, sizes)  # the same windows through a 160-px ψ
+    assert small["psi"] == pytest.approx(
+        windows_per_request(2000, 1500) * image_forward_flops("SemClip-ViT-T-16-160")[0] / 1e9, rel=1e-3)
+    assert 0.4 < small["psi"] / windows["psi"] < 0.6
     assert pad["psi"] == pytest.approx(17 * per_view, rel=1e-3)
     assert windows["psi"] == pytest.approx(windows_per_request(2000, 1500) * per_view, rel=1e-3)
     assert windows["psi"] > pad["psi"]

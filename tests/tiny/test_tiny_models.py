@@ -13,6 +13,7 @@ from vllm_semclip.tiny.bundled import (
     LEGACY_RELEVANCE_DIR,
     LEGACY_RELEVANCE_MODEL_NAME,
     LEGACY_TOWER_DIR,
+    SMALL_RELEVANCE_MODEL_NAME,
 )
 from vllm_semclip.tiny.build import TinyLlavaSpec, build_tiny_llava, build_tiny_relevance, update_llava_tower
 
@@ -198,6 +199,24 @@ def test_legacy_psi_is_the_legacy_clip_at_336_px():
     assert psi.keys() == tower.keys()
     assert [k for k in psi if psi[k].shape != tower[k].shape or not (psi[k] == tower[k]).all()] == \
         ["visual.positional_embedding"]
+
+
+def test_the_160_px_psi_is_the_bundled_psi_with_its_position_grid_resized(tmp_path):
+    """``SemClip-ViT-T-16-160`` (what ``semclip bench serve``'s ``semclip_160`` serves, built at run
+    time): the bundled ψ's weights and reference texts, the position grid resized 14×14 → 10×10."""
+    from safetensors.torch import load_file
+
+    from vllm_semclip.relevance import RelevanceModel
+    from vllm_semclip.tiny.train_clip import resize_local_dir
+
+    small = resize_local_dir(DEFAULT_RELEVANCE_DIR, SMALL_RELEVANCE_MODEL_NAME, tmp_path / "psi-160")
+    psi = RelevanceModel.from_pretrained(str(small))
+    assert psi.image_size == 160 and psi.reference.texts == RelevanceModel.from_pretrained(
+        str(DEFAULT_RELEVANCE_DIR)).reference.texts
+    a, b = (load_file(str(d / "open_clip_model.safetensors")) for d in (small, DEFAULT_RELEVANCE_DIR))
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k].shape != b[k].shape or not (a[k] == b[k]).all()] == ["visual.positional_embedding"]
+    assert a["visual.positional_embedding"].shape[0] == 1 + 10 * 10
 
 
 def test_bundled_psi_is_the_legacy_clip_fine_tuned_on_randomised_material():

@@ -9,6 +9,8 @@ client (``vllm bench serve``, openai-chat backend, the custom_image dataset):
    ``semclip_processor`` — the same with ψ per request in the front end (``selection_stage``
                   ``processor``, the stage before ψ moved into the engine);
    ``semclip_bf16`` — the same with ψ in bf16 (``relevance_precision``), ψ's cheaper setting;
+   ``semclip_160`` — the same with the bundled ψ's weights at 160 px (``SemClip-ViT-T-16-160``,
+                  built at run time), half ψ's work;
    ``semclip_224`` — the same with the legacy CLIP (224 px, ψ's starting point) as ψ;
                   ``semclip_224_pad`` — and one view per candidate
                   (``relevance_fit="pad"``) instead of its square windows;
@@ -46,9 +48,9 @@ from typing import Any
 
 import numpy as np
 
-from vllm_semclip.tiny.bundled import RELEVANCE_MODEL_NAME, TOWER_MODEL_NAME
+from vllm_semclip.tiny.bundled import RELEVANCE_MODEL_NAME, SMALL_RELEVANCE_MODEL_NAME, TOWER_MODEL_NAME
 
-CONFIGS = ("overview", "semclip", "semclip_processor", "semclip_bf16", "semclip_224", "semclip_224_pad", "given", "all",
+CONFIGS = ("overview", "semclip", "semclip_processor", "semclip_bf16", "semclip_160", "semclip_224", "semclip_224_pad", "given", "all",
            "hf", "standin_overview", "standin_given", "standin_semclip", "standin_semclip_processor",
            "standin_all")
 METRICS = ("request_throughput", "output_throughput", "p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms",
@@ -91,6 +93,7 @@ def build_workload(out: Path, n: int, seed: int) -> dict[str, Path]:
 # config → (ψ: an open_clip name, a stand-in's reference ψ, or None; tiles through the VLM's tower)
 FLOP_SHAPES = {"overview": (None, 1), "given": (None, 2), "hf": (None, 2), "semclip": (RELEVANCE_MODEL_NAME, 2),
                "semclip_processor": (RELEVANCE_MODEL_NAME, 2), "semclip_bf16": (RELEVANCE_MODEL_NAME, 2),
+               "semclip_160": (SMALL_RELEVANCE_MODEL_NAME, 2),
                "semclip_224": (TOWER_MODEL_NAME, 2), "semclip_224_pad": (TOWER_MODEL_NAME, 2),
                "standin_overview": (None, 1), "standin_given": (None, 2), "standin_semclip": ("standin:ViT-B-16", 2),
                "standin_semclip_processor": ("standin:ViT-B-16", 2)}
@@ -279,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from vllm_semclip import timings
     from vllm_semclip.server import ServerProcess
-    from vllm_semclip.tiny.bundled import LEGACY_TOWER_DIR
+    from vllm_semclip.tiny.bundled import DEFAULT_RELEVANCE_DIR, LEGACY_TOWER_DIR
     from vllm_semclip.tiny.build import ensure_default_models
 
     p = argparse.ArgumentParser(prog="semclip bench serve", description=__doc__.splitlines()[0])
@@ -321,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         "semclip": ("semclip", {"topk": 1}, "one"),
         "semclip_processor": ("semclip-processor", {"topk": 1, "selection_stage": "processor"}, "one"),
         "semclip_bf16": ("semclip-bf16", {"topk": 1, "relevance_precision": "bf16"}, "one"),  # ψ in bf16
+        "semclip_160": ("semclip-160", {"topk": 1, "relevance_model": str(out / "psi-160")}, "one"),  # ψ at 160 px
         "semclip_224": ("semclip-224", {"topk": 1, "relevance_model": str(LEGACY_TOWER_DIR)}, "one"),  # ψ at 224 px
         "semclip_224_pad": ("semclip-224-pad", {"topk": 1, "relevance_model": str(LEGACY_TOWER_DIR),
                                                 "relevance_fit": "pad"}, "one"),  # … one view per candidate
@@ -332,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
         "standin_semclip_processor": ("standin-semclip-processor", {"topk": 1, "selection_stage": "processor"}, "one"),
         "standin_all": ("standin-all", {"method": "all"}, "one"),
     }
+    if "semclip_160" in configs:  # the bundled ψ's weights at 160 px, written here (seconds), not stored
+        from vllm_semclip.tiny.train_clip import resize_local_dir
+
+        resize_local_dir(DEFAULT_RELEVANCE_DIR, SMALL_RELEVANCE_MODEL_NAME, out / "psi-160")
     standin_dir = None
     if any(name.startswith("standin_") for name in configs):
         from vllm_semclip.bench.standin import STANDIN_MAX_MODEL_LEN, write_standin

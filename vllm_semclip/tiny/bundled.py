@@ -28,6 +28,10 @@ LEGACY_TOWER_DIR = MODELS_DIR / "semclip-vit-t-16"
 # name, as ViT-L-14 → ViT-L-14-336)
 LEGACY_RELEVANCE_DIR = MODELS_DIR / "semclip-vit-t-16-336"
 LEGACY_RELEVANCE_MODEL_NAME = "SemClip-ViT-T-16-336"
+# ψ's weights at 160 px (the position grid resized by open_clip's factory, nothing trained): half
+# ψ's work a request; measured, not the default (docs/design.md, "A cheaper ψ"); ``semclip bench
+# serve`` builds it at run time (config ``semclip_160``)
+SMALL_RELEVANCE_MODEL_NAME = "SemClip-ViT-T-16-160"
 # ψ after distant supervision on the LLaVA's crop labels (``semclip train-relevance``), what ``--method trained`` serves
 DEFAULT_TRAINED_RELEVANCE_DIR = MODELS_DIR / "semclip-vit-t-16-psi-trained"
 
