@@ -80,11 +80,12 @@ LLAVA_1_5_13B = LlavaArchitecture("llava-1.5-13b", 336, 14, 1024, 24, 16, 4096,
 @functools.lru_cache(maxsize=None)
 def image_forward_flops(model_name: str) -> tuple[int, int]:
     """(FLOPs of one image through ``model_name``'s image tower at its input size, that size)."""
-    import open_clip
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = open_clip.create_model(model_name, pretrained=None).eval()
+    from .relevance import create_architecture
+
+    model = create_architecture(model_name).eval()  # counted, never run for its outputs: no weights
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else int(size)
     with FlopCounterMode(display=False) as counter:  # (timm towers refuse it under no_grad)

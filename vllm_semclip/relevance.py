@@ -89,6 +89,25 @@ def fuse_attention(tower) -> int:
     return swapped
 
 
+def create_architecture(model_name: str):
+    """open_clip ``model_name`` as its factory builds it, with no weights: for callers that load the
+    weights next or only count FLOPs, where open_clip's "initialized randomly" warning is not true
+    of what they return (it is silenced for this call only)."""
+    import logging
+
+    import open_clip
+
+    def not_random_init_warning(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()  # open_clip's factory warns through the root logger
+    root.addFilter(not_random_init_warning)
+    try:
+        return open_clip.create_model(model_name, pretrained=None)
+    finally:
+        root.removeFilter(not_random_init_warning)
+
+
 def open_clip_identifier(model_name: str) -> str:
     """A directory path becomes open_clip's ``local-dir:`` schema; names pass through."""
     if model_name.startswith(("local-dir:", "hf-hub:")):

@@ -219,6 +219,27 @@ def test_the_160_px_psi_is_the_bundled_psi_with_its_position_grid_resized(tmp_pa
     assert a["visual.positional_embedding"].shape[0] == 1 + 10 * 10
 
 
+def test_no_random_init_warning_where_weights_follow_or_only_flops_are_counted(tmp_path, caplog):
+    """open_clip warns "initialized randomly" for every model built without weights; where ψ's weights
+    are loaded next (``load_as``, ``resize_local_dir``) or only its FLOPs are counted, that is not true
+    of the result and is not said — and open_clip's own warning is left as it is elsewhere."""
+    import logging
+
+    import open_clip
+
+    from vllm_semclip.cost import image_forward_flops
+    from vllm_semclip.tiny.train_clip import resize_local_dir
+
+    image_forward_flops.cache_clear()
+    with caplog.at_level(logging.WARNING):
+        resize_local_dir(DEFAULT_RELEVANCE_DIR, SMALL_RELEVANCE_MODEL_NAME, tmp_path / "psi-160")
+        image_forward_flops(SMALL_RELEVANCE_MODEL_NAME)
+    assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+    with caplog.at_level(logging.WARNING):
+        open_clip.create_model(SMALL_RELEVANCE_MODEL_NAME, pretrained=None)
+    assert [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+
+
 def test_bundled_psi_is_the_legacy_clip_fine_tuned_on_randomised_material():
     """The default ψ — the one the bundled LLaVA's config names, and its vision tower — is the
     legacy CLIP's architecture at 224 px, started from its weights and trained on the randomised

@@ -74,7 +74,7 @@ from vllm_semclip.tiny.cards import (
     mosaic,
     spatial_question,
 )
-from vllm_semclip.relevance import TextReference, save_local_dir
+from vllm_semclip.relevance import TextReference, create_architecture, save_local_dir
 from vllm_semclip.tiny.scenes import COLORS, Placed
 from vllm_semclip.tiny.bundled import TOWER_MODEL_NAME
 
@@ -473,15 +473,13 @@ def load_weights(model, weights: Path) -> None:
 def load_as(model_name: str, src: Path | str):
     """open_clip ``model_name`` created by open_clip's factory, with the weights of the local-dir ψ
     at ``src`` (its position grid resized when ``model_name`` takes another input size)."""
-    import open_clip
-
     from vllm_semclip.tiny.bundled import register_model_configs
 
     weights = Path(src).resolve() / "open_clip_model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"init {str(src)!r} has no open_clip_model.safetensors (open_clip local-dir format)")
     register_model_configs()
-    model = open_clip.create_model(model_name, pretrained=None)
+    model = create_architecture(model_name)
     load_weights(model, weights)
     return model
 
