@@ -509,7 +509,7 @@ def train_clip(config: ClipTrainConfig = ClipTrainConfig(), out_dir: Path | str 
     rng = random.Random(config.seed)
     if config.init:  # the architecture is config.model's, the weights init's
         model = load_as(config.model, config.init)
-        if progress:  # open_clip has just warned of random weights: they were replaced
+        if progress:  # say where the weights came from (the architecture is config.model's)
             print(f"{config.model}: weights from {config.init}", file=sys.stderr)
     else:
         model = open_clip.create_model(config.model, pretrained=None)
