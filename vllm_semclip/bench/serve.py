@@ -405,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
             return results.get(name, {}).get(c, {}).get("request_throughput")
         for a, b in (("semclip", "given"), ("semclip", "all"), ("semclip", "hf"), ("semclip", "overview"),
                      ("semclip", "semclip_processor"), ("semclip_processor", "given"), ("semclip_processor", "all"),
-                     ("semclip_bf16", "given"), ("semclip_bf16", "semclip"), ("semclip_224", "semclip"),
+                     ("semclip_bf16", "given"), ("semclip_bf16", "semclip"), ("semclip_160", "given"),
+                     ("semclip_160", "semclip"), ("semclip_160", "all"), ("semclip_224", "semclip"),
                      ("semclip_224", "all"), ("semclip_224_pad", "given"), ("semclip_224_pad", "all"),
                      ("standin_semclip", "standin_given"), ("standin_semclip_processor", "standin_given"),
                      ("standin_semclip", "standin_semclip_processor"),
