@@ -340,6 +340,12 @@ def helped(row: dict[str, Any], min_gain: float) -> bool:
     return row["crops"][row["best"]]["gain"] >= min_gain
 
 
+def holds_targets(row: dict[str, Any]) -> bool:
+    """Whether some crop of a labelled question holds its target boxes: the questions ψ trains on
+    when taught the boxes (``train-relevance --target hit``)."""
+    return any(crop["hit"] for crop in row["crops"])
+
+
 def label_statistics(rows: Sequence[dict[str, Any]], min_gain: float = 0.05) -> dict[str, dict[str, Any]]:
     """What labels say about their VLM, per category: how often the overview alone is answered
     right, how often the oracle crop (the smallest covering the targets) is, how often the crop of

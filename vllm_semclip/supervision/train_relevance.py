@@ -58,7 +58,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from vllm_semclip.supervision.label import helped, label_statistics, load_labels
+from vllm_semclip.supervision.label import helped, holds_targets, label_statistics, load_labels
 from vllm_semclip.relevance import TextReference, normalize_pixels, query_features
 from vllm_semclip.tiny.bundled import DEFAULT_RELEVANCE_DIR, DEFAULT_TRAINED_RELEVANCE_DIR
 
@@ -249,9 +249,8 @@ def _split(rows: list[dict], config: RelevanceTrainConfig) -> tuple[list[dict], 
     random.Random(config.seed).shuffle(order)
     n_val = max(1, round(len(rows) * config.val_fraction))
     val = [rows[i] for i in sorted(order[:n_val])]
-    keep = (lambda r: any(c["hit"] for c in r["crops"])) if config.target == "hit" else \
-        (lambda r: helped(r, config.min_gain))
-    train = [rows[i] for i in sorted(order[n_val:]) if keep(rows[i])]
+    train = [rows[i] for i in sorted(order[n_val:])
+             if (holds_targets(rows[i]) if config.target == "hit" else helped(rows[i], config.min_gain))]
     return train, val
 
 
