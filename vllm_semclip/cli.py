@@ -245,7 +245,7 @@ def cmd_train_relevance(args: argparse.Namespace) -> int:
     fields = {"init": args.init, "init_pretrained": args.init_pretrained, "epochs": args.epochs,
               "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "threads": args.threads,
               "fit": args.fit, "norm": args.norm, "loss": args.loss, "rank_scale": args.rank_scale,
-              "target": args.target}
+              "target": args.target, "lock_image_unlocked_groups": args.lock_image_unlocked_groups}
     config = RelevanceTrainConfig(labels=args.labels, lock_image=not args.unlock_image, keep_best=not args.keep_last,
                                   **{k: v for k, v in fields.items() if v is not None})
     out = args.out or str(DEFAULT_TRAINED_RELEVANCE_DIR)
@@ -372,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--unlock-image", action="store_true", help="also train the image tower (default: locked)")
+    p.add_argument("--lock-image-unlocked-groups", type=int,
+                   help="train the locked image tower's last groups too, open_clip's (1: the projection; 2: also the "
+                        "last block and ln_post); the frozen blocks run once a crop view")
     p.add_argument("--fit", choices=RELEVANCE_FITS,
                    help="how psi sees a non-square crop, as it will be served (default windows)")
     p.add_argument("--norm", choices=RELEVANCE_NORMS,

@@ -155,6 +155,15 @@ def test_train_vlm_takes_the_spatial_fraction():
 
 
 @pytest.mark.engine
+def test_train_relevance_takes_the_unlocked_groups():
+    """--lock-image-unlocked-groups reaches RelevanceTrainConfig: with the tower unlocked whole it is refused
+    by name, before any labels are read."""
+    out = semclip("train-relevance", "--labels", "/nonexistent/labels", "--unlock-image",
+                  "--lock-image-unlocked-groups", "2", timeout=120)
+    assert out.returncode == 2 and "lock_image_unlocked_groups" in out.stderr
+
+
+@pytest.mark.engine
 def test_help_is_plain_words_and_lists_every_subcommand():
     out = semclip("--help")
     assert out.returncode == 0, out.stderr

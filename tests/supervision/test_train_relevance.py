@@ -15,6 +15,7 @@ from vllm_semclip.relevance import query_features
 from vllm_semclip.tiny.bundled import DEFAULT_TOWER_DIR, TOWER_MODEL_NAME
 from vllm_semclip.supervision.train_relevance import (
     CropContrastiveLoss,
+    CropEncoder,
     GridRankLoss,
     RelevanceTrainConfig,
     _crop_views,
@@ -334,6 +335,49 @@ def test_unlocking_the_image_tower_trains_it(perfect_labels):
     after = load_file(str(out / "open_clip_model.safetensors"))
     assert report["best_epoch"]["epoch"] == 1  # keep_best=False: the last epoch is saved
     assert not torch.equal(before["visual.conv1.weight"], after["visual.conv1.weight"])
+
+
+def test_a_partly_unlocked_tower_keeps_its_frozen_tokens_and_computes_its_own_forward():
+    """Unlocked groups (open_clip's: 1 the projection, 2 also the last block and ln_post, ...): what is kept
+    of a view is the float16 tokens before the first trainable block, and a step's embedding from them is
+    the tower's own (``_encode_crops``) up to that rounding."""
+    from vllm_semclip.relevance import get_relevance_model
+
+    model = get_relevance_model(str(DEFAULT_TOWER_DIR)).model.float()
+    blocks = len(model.visual.transformer.resblocks)
+    pixels = torch.randint(0, 256, (3, 3, 224, 224), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    whole = _encode_crops(model, pixels)
+    for groups in (1, 2, blocks + 1):
+        encoder = CropEncoder(model, True, groups)
+        kept = encoder.prepare(pixels)
+        assert kept.dtype == torch.float16 and kept.shape[0] == 3 and kept.shape[-1] == model.visual.transformer.width
+        assert encoder.split == blocks - max(0, groups - 1)
+        assert torch.allclose(encoder(kept[None])[0], whole, atol=2e-3)
+        assert not torch.allclose(encoder(kept.flip(0)), whole, atol=2e-3)
+    assert torch.equal(CropEncoder(model, True).prepare(pixels), whole)  # locked: the embeddings, once
+    assert torch.equal(CropEncoder(model, False).prepare(pixels), pixels)  # unlocked: the pixels
+    with pytest.raises(ValueError, match="unlock it whole"):
+        CropEncoder(model, True, blocks + 2)
+    with pytest.raises(ValueError, match="lock_image_unlocked_groups"):
+        RelevanceTrainConfig(labels="x", lock_image=False, lock_image_unlocked_groups=2)
+    with pytest.raises(ValueError, match="lock_image_unlocked_groups"):
+        RelevanceTrainConfig(labels="x", lock_image_unlocked_groups=-1)
+
+
+def test_unlocked_groups_train_the_top_of_the_image_tower_only(perfect_labels, plain_tower, tmp_path):
+    out = tmp_path / "psi"
+    config = RelevanceTrainConfig(labels=str(perfect_labels / "labels"), init=str(plain_tower), epochs=1,
+                                  batch_size=6, lr=1e-3, warmup=0, val_fraction=0.25, keep_best=False,
+                                  target="hit", lock_image_unlocked_groups=2)
+    report = train_relevance(config, out, progress=False)
+    assert report["config"]["lock_image_unlocked_groups"] == 2 and report["history"][1]["loss"] is not None
+    before = load_file(str(plain_tower / "open_clip_model.safetensors"))
+    after = load_file(str(out / "open_clip_model.safetensors"))
+    last = len([k for k in before if k.startswith("visual.transformer.resblocks.") and k.endswith(".ln_1.weight")]) - 1
+    changed = {k for k in before if k.startswith("visual.") and not torch.equal(before[k], after[k])}
+    assert "visual.proj" in changed and any(k.startswith(f"visual.transformer.resblocks.{last}.") for k in changed)
+    assert all(k.startswith((f"visual.transformer.resblocks.{last}.", "visual.ln_post.", "visual.proj"))
+               for k in changed), changed
 
 
 def test_labels_with_no_helpful_crop_are_refused(perfect_labels, tmp_path):

@@ -36,7 +36,11 @@ cross-entropy towards the best crop::
 
 ``lock_image`` (open_clip's name, on by default) freezes the image tower — its crop
 embeddings are computed once — and tunes the text tower and logit scale: a few hundred
-labelled questions teach ψ what a question asks for, not to see anew. The crops are cut
+labelled questions teach ψ what a question asks for, not to see anew. With
+``lock_image_unlocked_groups`` (open_clip's LiT groups: 1 the projection, 2 also the last block
+and ``ln_post``, each more one block further down) the tower's top trains too: the frozen blocks
+run once per crop view and their tokens are kept (:class:`CropEncoder`), so a step costs only the
+trainable blocks. The crops are cut
 by ψ's serving path (:meth:`RelevanceModel.region_views`, ``fit`` as served: a crop's score
 is its best square window's), so training sees exactly what the processor will score.
 Validation (held-out questions, seeded split) runs before training and after every epoch, the
@@ -81,6 +85,7 @@ class RelevanceTrainConfig:
     weight_decay: float = 0.05
     warmup: int = 20
     lock_image: bool = True
+    lock_image_unlocked_groups: int = 0  # with lock_image: the image tower's last groups still trained (open_clip's)
     fit: str = "windows"  # how ψ fits a candidate to its input, as served (SemClipConfig.relevance_fit)
     norm: str = "grid"  # how validation ranks the candidates, as served (SemClipConfig.relevance_norm)
     loss: str = "rank"  # "rank": GridRankLoss, the serving rule's ranking; "contrastive": CropContrastiveLoss
@@ -105,6 +110,8 @@ class RelevanceTrainConfig:
             raise ValueError("target 'hit' (several positive crops a question) needs loss 'rank'")
         if self.rank_scale <= 0:
             raise ValueError("rank_scale must be positive")
+        if self.lock_image_unlocked_groups < 0 or (self.lock_image_unlocked_groups and not self.lock_image):
+            raise ValueError("lock_image_unlocked_groups must be non-negative, and is only for a locked image tower")
         if not 0 < self.val_fraction < 1:
             raise ValueError("val_fraction must be in (0, 1)")
         from vllm_semclip.crops import RELEVANCE_FITS, RELEVANCE_NORMS
@@ -192,8 +199,8 @@ class LabelledSet:
 
 def _crop_views(psi, rows: Sequence[dict], fit: str, progress: bool, encode=None):
     """Every labelled question's candidate crops, cut by ψ's serving path (``fit`` as served):
-    [Q, C, V, 3, H, W] uint8 pixels, or with ``encode`` (the locked image tower) [Q, C, V, D]
-    features, encoded question by question. V is the most views a crop has; a crop with fewer
+    [Q, C, V, 3, H, W] uint8 pixels, or with ``encode`` (:meth:`CropEncoder.prepare`) what it keeps
+    of each view, [Q, C, V, ...], encoded question by question. V is the most views a crop has; a crop with fewer
     repeats its first (the max over views ignores it)."""
     import torch
     from PIL import Image
@@ -222,18 +229,87 @@ def _encode_crops(model, pixels, batch: int = 256):
     return feats.reshape(*pixels.shape[:-3], -1)
 
 
-def validate(model, tokenizer, data: LabelledSet, lock_image: bool,
+class CropEncoder:
+    """How training sees the crops' views: what is computed once per view (:meth:`prepare`, the frozen part
+    of the image tower) and what every step computes from that (``__call__``: normalised embeddings).
+
+    Locked (``lock_image``, no unlocked group): the embeddings themselves, once. Unlocked: the uint8
+    pixels are kept and the whole tower runs every step. Locked with ``unlocked_groups``: the tokens
+    entering the first trainable block are kept (in float16, to halve what is held); the step runs the trainable blocks, ``ln_post``, the pooling and the projection — the
+    tower's own modules, so ``head(trunk(x))`` is its forward (tested).
+    """
+
+    def __init__(self, model, lock_image: bool = True, unlocked_groups: int = 0, batch: int = 256) -> None:
+        self.model, self.lock_image, self.unlocked_groups, self.batch = model, lock_image, unlocked_groups, batch
+        blocks = model.visual.transformer.resblocks
+        if unlocked_groups > len(blocks) + 1:
+            raise ValueError(f"the image tower has {len(blocks) + 2} groups; unlock it whole instead "
+                             f"(lock_image=False) than {unlocked_groups} of them")
+        self.split = None if not lock_image or not unlocked_groups else len(blocks) - max(0, unlocked_groups - 1)
+
+    def lock(self) -> None:
+        """Freeze what :meth:`prepare` computes (open_clip's LiT lock)."""
+        if self.lock_image:
+            self.model.lock_image_tower(unlocked_groups=self.unlocked_groups)
+
+    def _trunk(self, pixels):
+        visual = self.model.visual
+        x = visual._embeds(normalize_pixels(pixels, visual.image_mean, visual.image_std))
+        return self._blocks(x, visual.transformer.resblocks[:self.split])
+
+    def _head(self, tokens):
+        import torch.nn.functional as F
+
+        visual = self.model.visual
+        x = self._blocks(tokens.float(), visual.transformer.resblocks[self.split:])
+        pooled, _ = visual._pool(x)
+        return F.normalize(pooled @ visual.proj if visual.proj is not None else pooled, dim=-1)
+
+    def _blocks(self, x, blocks):
+        batch_first = getattr(self.model.visual.transformer, "batch_first", True)
+        x = x if batch_first else x.transpose(0, 1)
+        for block in blocks:
+            x = block(x)
+        return x if batch_first else x.transpose(0, 1)
+
+    def prepare(self, pixels):
+        """What is kept of views ``[N, 3, H, W]`` uint8: embeddings, trunk tokens (float16) or the pixels."""
+        import torch
+
+        if not self.lock_image:
+            return pixels
+        with torch.inference_mode():
+            if self.split is None:
+                return _encode_crops(self.model, pixels, self.batch)
+            return torch.cat([self._trunk(pixels[i:i + self.batch]).half() for i in range(0, len(pixels), self.batch)])
+
+    def __call__(self, kept):
+        """Normalised embeddings ``[..., D]`` of views kept by :meth:`prepare` (``[...]`` + their shape)."""
+        import torch
+
+        if not self.lock_image:
+            return _encode_crops(self.model, kept, self.batch)
+        if self.split is None:
+            return kept
+        flat = kept.reshape(-1, *kept.shape[-2:])
+        feats = torch.cat([self._head(flat[i:i + self.batch]) for i in range(0, flat.shape[0], self.batch)])
+        return feats.reshape(*kept.shape[:-2], -1)
+
+
+def validate(model, tokenizer, data: LabelledSet, lock_image: bool | CropEncoder,
              reference: TextReference | None = None, norm: str = "grid") -> dict[str, float]:
     """Top-1 crop per held-out question, ranked as served (``norm``: ``SemClipConfig.relevance_norm``):
-    hit rate, agreement with the VLM's best crop, mean gain."""
+    hit rate, agreement with the VLM's best crop, mean gain. ``lock_image``: how ``data.crops`` were
+    kept (:class:`CropEncoder`; ``True``: embeddings, ``False``: pixels)."""
     import torch
 
     from vllm_semclip.crops import rank_scores, top_indices
 
     model.eval()
+    encoder = lock_image if isinstance(lock_image, CropEncoder) else CropEncoder(model, lock_image)
     with torch.inference_mode():
         texts = query_features(model, tokenizer, data.questions, reference)
-        feats = data.crops if lock_image else _encode_crops(model, data.crops)
+        feats = encoder(data.crops)
         scores = torch.einsum("qd,qcvd->qcv", texts, feats).amax(-1).tolist()
     bridges = data.bridges or [False] * len(data)
     ranked = [rank_scores(s, grids, norm, b) for s, grids, b in zip(scores, data.grids, bridges)]
@@ -291,17 +367,17 @@ def train_relevance(config: RelevanceTrainConfig, out_dir: Path | str = DEFAULT_
     psi, model_cfg = _init_model(config)
     model, tokenizer = psi.model.float(), psi.tokenizer
 
+    encoder = CropEncoder(model, config.lock_image, config.lock_image_unlocked_groups)
+
     def prepare(subset: list[dict]) -> LabelledSet:
         model.eval()
-        encode = (lambda px: _encode_crops(model, px)) if config.lock_image else None
-        pixels = _crop_views(psi, subset, config.fit, progress, encode)
+        pixels = _crop_views(psi, subset, config.fit, progress, encoder.prepare)
         return LabelledSet([r["question"] for r in subset], [[c["gain"] for c in r["crops"]] for r in subset],
                            [r["best"] for r in subset], [[c["hit"] for c in r["crops"]] for r in subset], pixels,
                            [tuple(r["grids"]) for r in subset], [bool(r.get("bridges", False)) for r in subset])
 
     train_set, val_set = prepare(train_rows), prepare(val_rows)
-    if config.lock_image:
-        model.lock_image_tower()
+    encoder.lock()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
@@ -320,7 +396,7 @@ def train_relevance(config: RelevanceTrainConfig, out_dir: Path | str = DEFAULT_
         text_ids = {q: i for i, q in enumerate(sorted(set(train_set.questions)))}
         keys = torch.tensor([text_ids[q] for q in train_set.questions])
     history = [{"epoch": 0, "loss": None,
-                **validate(model, tokenizer, val_set, config.lock_image, psi.reference, config.norm)}]
+                **validate(model, tokenizer, val_set, encoder, psi.reference, config.norm)}]
     best_state, best = {k: v.detach().clone() for k, v in model.state_dict().items()}, history[0]
     rng = torch.Generator().manual_seed(config.seed)
     start = time.time()
@@ -336,7 +412,7 @@ def train_relevance(config: RelevanceTrainConfig, out_dir: Path | str = DEFAULT_
             if len(idx) < 2:
                 continue
             texts = query_features(model, tokenizer, [train_set.questions[i] for i in idx], psi.reference)
-            crops = train_set.crops[idx] if config.lock_image else _encode_crops(model, train_set.crops[idx])
+            crops = encoder(train_set.crops[idx])
             loss = loss_fn(texts, crops, positives[idx], model.logit_scale.exp(), keys[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -347,7 +423,7 @@ def train_relevance(config: RelevanceTrainConfig, out_dir: Path | str = DEFAULT_
                 model.logit_scale.clamp_(0, math.log(100))
             losses.append(loss.item())
         entry = {"epoch": epoch, "loss": round(sum(losses) / max(1, len(losses)), 4),
-                 **validate(model, tokenizer, val_set, config.lock_image, psi.reference, config.norm)}
+                 **validate(model, tokenizer, val_set, encoder, psi.reference, config.norm)}
         history.append(entry)
         bar.set_postfix(loss=entry["loss"], val_hit=f"{entry['hit_rate']:.3f}", val_gain=f"{entry['mean_gain']:.3f}")
         if entry[criterion] > best[criterion] or not config.keep_best:
