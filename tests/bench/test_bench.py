@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_semclip.bench.serve import METRICS
+from vllm_semclip.bench.serve import METRICS, throughput_ratios
 from conftest import PSI
 
 TOWER_PROBE = Path(__file__).resolve().parents[2] / "benchmarks" / "research" / "tower_probe.py"
@@ -369,6 +369,23 @@ def test_psi_vs_prefill_times_both_psis_and_both_prefills_on_the_standin(tmp_pat
     assert doc["flops_gflop"]["prefill:1152"] > doc["flops_gflop"]["prefill:576"]
     assert doc["flops_gflop"]["psi:ViT-L-14-336"] > doc["flops_gflop"]["psi:ViT-B-16"]
     assert "visual tokens" in stdout and "wrote" in stdout
+
+
+def test_each_selecting_config_is_compared_with_its_own_familys_references():
+    """Throughput ratios: every ``semclip*`` configuration over given / all / overview / semclip (and hf) of its
+    own family, at the same concurrency only; the references are not compared with each other."""
+    point = lambda rps: {"request_throughput": rps}  # noqa: E731
+    results = {"given": {"8": point(16.0), "32": point(20.0)}, "all": {"8": point(2.0)}, "hf": {"8": point(1.0)},
+               "semclip": {"8": point(4.0), "32": point(5.0)}, "semclip_160": {"8": point(8.0)},
+               "standin_given": {"8": point(6.0)}, "standin_all": {"8": point(0.5)},
+               "standin_semclip": {"8": point(4.5)}, "standin_semclip_processor": {"8": point(6.0)}}
+    ratios = throughput_ratios(results)
+    assert ratios == {"semclip/given@8": 0.25, "semclip/given@32": 0.25, "semclip/all@8": 2.0, "semclip/hf@8": 4.0,
+                      "semclip_160/given@8": 0.5, "semclip_160/all@8": 4.0, "semclip_160/semclip@8": 2.0,
+                      "semclip_160/hf@8": 8.0, "standin_semclip/standin_given@8": 0.75,
+                      "standin_semclip/standin_all@8": 9.0, "standin_semclip_processor/standin_given@8": 1.0,
+                      "standin_semclip_processor/standin_all@8": 12.0,
+                      "standin_semclip_processor/standin_semclip@8": 1.333}
 
 
 def test_serve_flops_follow_each_configs_psi_and_fit(model_dir):

@@ -277,6 +277,30 @@ def plot(results: dict, path: Path, concurrency: str) -> None:
     plt.close(fig)
 
 
+# what a selecting configuration is measured against, within its family (bundled, or ``standin_``)
+RATIO_REFERENCES = ("given", "all", "overview", "semclip")
+
+
+def throughput_ratios(results: dict[str, dict[str, dict]]) -> dict[str, float]:
+    """Request throughput of every selecting configuration (``semclip*``, ``standin_semclip*``) over each
+    reference of its own family (:data:`RATIO_REFERENCES`, and ``hf`` for the bundled models) measured
+    at the same concurrency: ``{"a/b@c": ratio}``."""
+    def throughput(name: str, c: str) -> float | None:
+        return results.get(name, {}).get(c, {}).get("request_throughput")
+
+    ratios = {}
+    for name, by_c in results.items():
+        prefix = "standin_" if name.startswith("standin_") else ""
+        if not name.removeprefix(prefix).startswith("semclip"):
+            continue
+        references = [prefix + r for r in RATIO_REFERENCES] + ([] if prefix else ["hf"])
+        for c in by_c:
+            for ref in references:
+                if ref != name and throughput(name, c) and throughput(ref, c):
+                    ratios[f"{name}/{ref}@{c}"] = round(throughput(name, c) / throughput(ref, c), 3)
+    return ratios
+
+
 def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
@@ -399,20 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             "note": "transformers generate, one request at a time whatever the offered concurrency"})
         results["hf"] = {str(c): dict(point) for c in concurrencies}
 
-    ratios = {}
-    for c in map(str, concurrencies):
-        def thr(name: str) -> float | None:
-            return results.get(name, {}).get(c, {}).get("request_throughput")
-        for a, b in (("semclip", "given"), ("semclip", "all"), ("semclip", "hf"), ("semclip", "overview"),
-                     ("semclip", "semclip_processor"), ("semclip_processor", "given"), ("semclip_processor", "all"),
-                     ("semclip_bf16", "given"), ("semclip_bf16", "semclip"), ("semclip_160", "given"),
-                     ("semclip_160", "semclip"), ("semclip_160", "all"), ("semclip_224", "semclip"),
-                     ("semclip_224", "all"), ("semclip_224_pad", "given"), ("semclip_224_pad", "all"),
-                     ("standin_semclip", "standin_given"), ("standin_semclip_processor", "standin_given"),
-                     ("standin_semclip", "standin_semclip_processor"),
-                     ("standin_semclip", "standin_all"), ("standin_semclip", "standin_overview")):
-            if thr(a) and thr(b):
-                ratios[f"{a}/{b}@{c}"] = round(thr(a) / thr(b), 3)
+    ratios = throughput_ratios(results)
     sizes = [tuple(x) for x in json.loads((out / "serve_workload" / "image_sizes.json").read_text())]
     flops = {name: config_flops(name, model_dir, sizes) for name in results}
     doc = {**results, "_flops_gflop_per_request": flops, "_meta": {
