@@ -206,17 +206,26 @@ def _crop_views(psi, rows: Sequence[dict], fit: str, progress: bool, encode=None
     from PIL import Image
     from tqdm import tqdm
 
-    out = []
-    for row in tqdm(rows, desc="cutting crops", disable=not progress):
+    from vllm_semclip.crops import square_windows
+
+    # V known before cutting (``region_views``'s windows), so each question goes straight into the
+    # result: the set is held once, not as a list and its stacked copy
+    width = 1 if fit != "windows" else max((len(square_windows(tuple(c["box"]))) for r in rows for c in r["crops"]),
+                                            default=1)
+    kept = None
+    for i, row in enumerate(tqdm(rows, desc="cutting crops", disable=not progress)):
         with Image.open(row["image"]) as im:
             image = im.convert("RGB")
         pixels, index = psi.region_views(image, [tuple(c["box"]) for c in row["crops"]], fit)
         if encode is not None:
             with torch.inference_mode():
                 pixels = encode(pixels)
-        out.append(pixels[index])  # uint8 views, or their features when encoded here
-    width = max(x.shape[1] for x in out)
-    return torch.stack([torch.cat([x, x[:, :1].expand(-1, width - x.shape[1], *x.shape[2:])], dim=1) for x in out])
+        x = pixels[index]  # [C, v, ...]: uint8 views, or what ``encode`` keeps of them
+        if kept is None:
+            kept = torch.empty((len(rows), x.shape[0], width, *x.shape[2:]), dtype=x.dtype)
+        kept[i, :, :x.shape[1]] = x
+        kept[i, :, x.shape[1]:] = x[:, :1]
+    return kept
 
 
 def _encode_crops(model, pixels, batch: int = 256):
