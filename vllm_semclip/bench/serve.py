@@ -50,8 +50,8 @@ import numpy as np
 
 from vllm_semclip.tiny.bundled import RELEVANCE_MODEL_NAME, SMALL_RELEVANCE_MODEL_NAME, TOWER_MODEL_NAME
 
-CONFIGS = ("overview", "semclip", "semclip_processor", "semclip_bf16", "semclip_160", "semclip_224", "semclip_224_pad", "given", "all",
-           "hf", "standin_overview", "standin_given", "standin_semclip", "standin_semclip_processor",
+CONFIGS = ("overview", "semclip", "semclip_processor", "semclip_bf16", "semclip_160", "semclip_224", "semclip_224_pad",
+           "given", "all", "hf", "standin_overview", "standin_given", "standin_semclip", "standin_semclip_processor",
            "standin_all")
 METRICS = ("request_throughput", "output_throughput", "p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms",
            "p99_tpot_ms", "p50_e2el_ms", "p99_e2el_ms")

@@ -200,8 +200,8 @@ class LabelledSet:
 def _crop_views(psi, rows: Sequence[dict], fit: str, progress: bool, encode=None):
     """Every labelled question's candidate crops, cut by ψ's serving path (``fit`` as served):
     [Q, C, V, 3, H, W] uint8 pixels, or with ``encode`` (:meth:`CropEncoder.prepare`) what it keeps
-    of each view, [Q, C, V, ...], encoded question by question. V is the most views a crop has; a crop with fewer
-    repeats its first (the max over views ignores it)."""
+    of each view, [Q, C, V, ...], encoded question by question. V is the most views a crop has; a
+    crop with fewer repeats its first (the max over views ignores it)."""
     import torch
     from PIL import Image
     from tqdm import tqdm
@@ -244,8 +244,9 @@ class CropEncoder:
 
     Locked (``lock_image``, no unlocked group): the embeddings themselves, once. Unlocked: the uint8
     pixels are kept and the whole tower runs every step. Locked with ``unlocked_groups``: the tokens
-    entering the first trainable block are kept (in float16, to halve what is held); the step runs the trainable blocks, ``ln_post``, the pooling and the projection — the
-    tower's own modules, so ``head(trunk(x))`` is its forward (tested).
+    entering the first trainable block are kept (in float16, to halve what is held); the step runs
+    the trainable blocks, ``ln_post``, the pooling and the projection — the tower's own modules, so
+    ``head(trunk(x))`` is its forward (tested).
     """
 
     def __init__(self, model, lock_image: bool = True, unlocked_groups: int = 0, batch: int = 256) -> None:
