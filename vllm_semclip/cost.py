@@ -80,33 +80,41 @@ LLAVA_1_5_13B = LlavaArchitecture("llava-1.5-13b", 336, 14, 1024, 24, 16, 4096,
 @functools.lru_cache(maxsize=None)
 def image_forward_flops(model_name: str) -> tuple[int, int]:
     """(FLOPs of one image through ``model_name``'s image tower at its input size, that size)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
     from .relevance import create_architecture
 
     model = create_architecture(model_name).eval()  # counted, never run for its outputs: no weights
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else int(size)
-    with FlopCounterMode(display=False) as counter:  # (timm towers refuse it under no_grad)
-        model.encode_image(torch.zeros(1, 3, size, size))
-    return int(counter.get_total_flops()), size
+    return count_image_flops(model, size), size
 
 
 @functools.lru_cache(maxsize=None)
 def vision_forward_flops(vision_cfg_json: str) -> tuple[int, int]:
     """(FLOPs of one image through an open_clip ViT built from ``vision_cfg`` (JSON), its input size)."""
     import open_clip
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     vision_cfg = json.loads(vision_cfg_json)
     text_cfg = {"context_length": 8, "vocab_size": 64, "width": 64, "heads": 1, "layers": 1}
     model = open_clip.CLIP(embed_dim=768, vision_cfg=vision_cfg, text_cfg=text_cfg).eval()
     size = int(vision_cfg["image_size"])
-    with FlopCounterMode(display=False) as counter:
+    return count_image_flops(model, size), size
+
+
+def count_image_flops(model, size: int) -> int:
+    """FLOPs of one ``size`` px image through ``model.encode_image``, attention included.
+
+    ``FlopCounterMode`` counts the matmuls it sees, but a fused attention kernel (the CPU's
+    flash attention) is one op it has no formula for, so the attention's scores and weighted
+    sum would go uncounted — a small share of a real ViT, most of a narrow stand-in's work, whose
+    token count dwarfs its width. Under PyTorch's math backend the same attention runs as matmuls,
+    and is counted."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # (timm towers refuse no_grad)
         model.encode_image(torch.zeros(1, 3, size, size))
-    return int(counter.get_total_flops()), size
+    return int(counter.get_total_flops())
 
 
 def windows_per_request(width: int, height: int, grids: Sequence[int] = (2, 3), bridges: bool = True,

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from vllm_semclip.cost import LLAVA_1_5_7B, image_forward_flops, llava_prefill_flops, psi_cost_table, windows_per_request
+from vllm_semclip.cost import (LLAVA_1_5_7B, image_forward_flops, llava_prefill_flops, psi_cost_table, vision_forward_flops,
+                               windows_per_request)
 
 
 def test_windows_are_what_select_crops_cuts():
@@ -24,6 +25,19 @@ def test_psi_flops_are_counted_per_window_and_scale_with_the_candidates():
     assert rows[0]["windows"] == 34 and rows[0]["psi_gflops"] == pytest.approx(34 * per_window / 1e9)
     square = psi_cost_table(["SemClip-ViT-T-16-336"], 1500, 1500)
     assert square[0]["psi_gflops"] == pytest.approx(rows[0]["psi_gflops"] / 2)
+
+
+@pytest.mark.parametrize("width,layers,head_width", [(24, 3, 12), (64, 2, 32)])
+def test_a_vits_flops_count_its_attention(width, layers, head_width):
+    # patch embedding, then per block qkv + out projection + a 4× MLP (2·T·12·w²) and the attention's
+    # scores and weighted sum (2 · 2·T²·w), which a fused CPU kernel hides from FlopCounterMode
+    cfg = {"image_size": 224, "patch_size": 16, "width": width, "layers": layers, "head_width": head_width}
+    flops, size = vision_forward_flops(json.dumps(cfg, sort_keys=True))
+    patches, tokens = 196, 197
+    patch_embed = 2 * patches * 3 * 16 * 16 * width
+    blocks = layers * (2 * tokens * 12 * width * width + 4 * tokens * tokens * width)
+    projection = 2 * width * 768  # the pooled token into the 768-d embedding of the counting model
+    assert size == 224 and flops == patch_embed + blocks + projection
 
 
 def test_llava_prefill_is_the_7b_arithmetic():

