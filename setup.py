@@ -28,7 +28,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["vllm_semclip", "vllm_semclip.*"]),
     package_data={"vllm_semclip.tiny": ["model_configs/*.json", "models/*/*"]},
-    # The plugin core: vLLM (from the cpu or gpu extra) brings torch, transformers, numpy, pillow, tqdm.
+    # The plugin core: vLLM (from the cpu or gpu extra) brings torch, transformers, numpy, pillow, tqdm,
+    # psutil.
     install_requires=["open_clip_torch>=3.0", "pillow", "numpy"],
     extras_require={
         # vLLM's CPU build pins torch==2.13.0+cpu (from the PyTorch CPU index).

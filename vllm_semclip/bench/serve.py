@@ -27,8 +27,11 @@ The workload is a fixed set of high-resolution benchmark images and their questi
 prefix caching off: the workload cycles through its images, and a cache hit would skip the
 very work being measured. Each (config, concurrency) point is measured ``repeats`` times and
 the median of each metric is reported. Selection time is measured inside the plugin
-(``SEMCLIP_TIMINGS_FILE``). Results: ``benchmarks/results/serve_throughput.json`` shaped
-``{config: {concurrency: {metric: value}}}`` plus a plot of throughput against visual tokens.
+(``SEMCLIP_TIMINGS_FILE``); the CPU each process spends per request — front end, engine core,
+worker, client — is sampled beside it (:mod:`vllm_semclip.bench.cpu_time`): on a host where they
+share a few cores, that sum is what throughput follows. Results:
+``benchmarks/results/serve_throughput.json`` shaped ``{config: {concurrency: {metric: value}}}`` plus
+a plot of throughput against visual tokens.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from vllm_semclip.bench.cpu_time import ROLES, CpuSampler
 from vllm_semclip.tiny.bundled import RELEVANCE_MODEL_NAME, SMALL_RELEVANCE_MODEL_NAME, TOWER_MODEL_NAME
 
 CONFIGS = ("overview", "semclip", "semclip_processor", "semclip_bf16", "semclip_160", "semclip_224", "semclip_224_pad",
@@ -145,13 +149,22 @@ def client_argv(base_url: str, model: str, dataset: Path, concurrency: int, num_
     return argv
 
 
-def run_vllm_client(plan: list[dict], plan_path: Path, result_dir: Path) -> dict[str, tuple[dict, dict]]:
-    """Run a plan of ``vllm bench serve`` runs in one client process; return {tag: (result, times)}."""
+def run_vllm_client(plan: list[dict], plan_path: Path, result_dir: Path,
+                    cpu: CpuSampler | None = None) -> dict[str, tuple[dict, dict]]:
+    """Run a plan of ``vllm bench serve`` runs in one client process (whose CPU ``cpu`` counts as the
+    client's); return {tag: (result, times)}."""
     plan_path.write_text(json.dumps(plan))
-    out = subprocess.run([sys.executable, "-m", "vllm_semclip.bench.vllm_bench", "--plan", str(plan_path)],
-                         capture_output=True, text=True, timeout=3600)
-    if out.returncode != 0:
-        raise RuntimeError(f"vllm bench serve failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    client = subprocess.Popen([sys.executable, "-m", "vllm_semclip.bench.vllm_bench", "--plan", str(plan_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if cpu is not None:
+        cpu.watch_client(client.pid)
+    try:
+        stdout, stderr = client.communicate(timeout=3600)
+    except subprocess.TimeoutExpired:
+        client.kill()
+        raise
+    if client.returncode != 0:
+        raise RuntimeError(f"vllm bench serve failed:\n{stdout[-3000:]}\n{stderr[-3000:]}")
     times = {t["tag"]: t for t in json.loads(Path(str(plan_path) + ".times").read_text())}
     results = {}
     for run in plan:
@@ -251,6 +264,15 @@ def _selection_stats(records: list[dict], window: dict) -> dict[str, float]:
     candidates = [t["candidates"] for t in inside if "candidates" in t]
     if candidates:
         out["candidates"] = statistics.median(candidates)
+    return out
+
+
+def _cpu_stats(cpu: CpuSampler, window: dict, requests: int) -> dict[str, float]:
+    """CPU milliseconds per request of each role (front end, engine core, worker, client) and in all,
+    inside one run's time window."""
+    seconds = cpu.seconds_by_role(window["start"], window["end"])
+    out = {f"cpu_{role}_ms": 1000 * seconds[role] / requests for role in ROLES}
+    out["cpu_total_ms"] = sum(out.values())
     return out
 
 
@@ -387,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
                                       "--max-num-batched-tokens", str(STANDIN_MAX_NUM_BATCHED_TOKENS)]
                                      if standin else [])
         with ServerProcess(served, semclip_config, stock=server_kind.endswith("stock"), vllm_args=vllm_args,
-                           env={**os.environ, **env}, log_path=runs_dir / f"server_{server_kind}.log") as server:
+                           env={**os.environ, **env}, log_path=runs_dir / f"server_{server_kind}.log") as server, \
+                CpuSampler(server.pid) as cpu:
             tokens = {}
             plan = []
             for name in names:
@@ -399,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
                         plan.append({"tag": tag, "name": name, "concurrency": c, "num_prompts": prompts_for(c),
                                      "argv": client_argv(server.base_url, served, workload[dataset_key], c,
                                                          prompts_for(c), args.output_len, runs_dir, tag)})
-            done = run_vllm_client(plan, runs_dir / f"plan_{server_kind}.json", runs_dir)
+            done = run_vllm_client(plan, runs_dir / f"plan_{server_kind}.json", runs_dir, cpu)
             bar.update(len(plan))
         selection_log = timings.read(timings_file)
         for name in names:
@@ -407,8 +430,9 @@ def main(argv: list[str] | None = None) -> int:
                 picked = [done[run["tag"]] for run in plan if run["name"] == name and run["concurrency"] == c]
                 point = _median_of([res for res, _ in picked])
                 sel: dict[str, list[float]] = {}
-                for _, window in picked:
-                    for k, v in _selection_stats(selection_log, window).items():
+                for result, window in picked:
+                    stats = {**_selection_stats(selection_log, window), **_cpu_stats(cpu, window, result["completed"])}
+                    for k, v in stats.items():
                         sel.setdefault(k, []).append(v)
                 point.update({"visual_tokens_per_request": tokens[name], "num_prompts": prompts_for(c),
                               "repeats": repeats, **{k: statistics.median(v) for k, v in sel.items()}})
@@ -450,6 +474,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"{m.get('visual_tokens_per_request') or 0:>8}{m.get('p50_selection_ms', float('nan')):>9.1f}"
                   f"{m.get('p99_selection_ms', float('nan')):>9.1f}{m.get('psi_images_per_forward', float('nan')):>8.1f}"
                   f"{m.get('p50_front_end_ms', float('nan')):>7.0f}")
+    print(f"\nCPU ms per request: {'config':<27}{'front end':>10}{'engine core':>12}{'worker':>8}"
+          f"{'client':>8}{'total':>8}")
+    for name, by_c in results.items():
+        for c, m in by_c.items():
+            if "cpu_total_ms" in m:
+                print(f"{'':<20}{name + ' @' + c:<27}" + "".join(
+                    f"{m[f'cpu_{key}_ms']:>{width}.0f}" for key, width in
+                    (("front_end", 10), ("engine_core", 12), ("worker", 8), ("client", 8), ("total", 8))))
     print(f"\nGFLOP per request (median workload image): {'config':<18}{'psi':>8}{'tower':>8}{'LM prefill':>11}"
           f"{'decode/tok':>11}")
     for name, f in flops.items():
