@@ -7,6 +7,11 @@ system) of every process of a server's tree, and of the processes it is told to 
 every ``interval`` seconds on a thread. A run's share is the difference across its time window,
 taken per process and interpolated between the samples around each end; a process born inside the
 window counts from zero, one that ended inside it up to its last reading.
+
+The front end's and the client's figures are work. The engine core's and the worker's are not only
+work: vLLM's shared-memory queues between them (``shm_broadcast.MessageQueue``) wait by spinning on
+``sched_yield`` for up to a second after each message, so on a busy host those two take whatever
+CPU the others leave. Read them together as the engine's share of the host, not as its cost.
 """
 
 from __future__ import annotations
