@@ -28,8 +28,8 @@ prefix caching off: the workload cycles through its images, and a cache hit woul
 very work being measured. Each (config, concurrency) point is measured ``repeats`` times and
 the median of each metric is reported. Selection time is measured inside the plugin
 (``SEMCLIP_TIMINGS_FILE``); the CPU each process spends per request — front end, engine core,
-worker, client — is sampled beside it (:mod:`vllm_semclip.bench.cpu_time`): on a host where they
-share a few cores, that sum is what throughput follows. Results:
+worker, client — is sampled beside it (:mod:`vllm_semclip.bench.cpu_time`): the front end's is
+what caps one API server process, and on a host of few cores it competes with the engine's. Results:
 ``benchmarks/results/serve_throughput.json`` shaped ``{config: {concurrency: {metric: value}}}`` plus
 a plot of throughput against visual tokens.
 """
