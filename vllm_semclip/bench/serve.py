@@ -277,16 +277,18 @@ def _cpu_stats(cpu: CpuSampler, window: dict, requests: int) -> dict[str, float]
 
 
 def plot(results: dict, path: Path, concurrency: str) -> None:
+    """Throughput against visual tokens per request, and beside it each configuration's CPU per request
+    by process (front end, engine core, worker, client) where the run measured it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, by_c in results.items():
-        point = by_c.get(concurrency)
-        if not point:
-            continue
+    points = {name: by_c[concurrency] for name, by_c in results.items() if by_c.get(concurrency)}
+    with_cpu = [name for name, point in points.items() if "cpu_total_ms" in point]
+    fig, axes = plt.subplots(1, 2 if with_cpu else 1, figsize=(12 if with_cpu else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    for name, point in points.items():
         ax.scatter(point["visual_tokens_per_request"], point["request_throughput"], s=60)
         ax.annotate(name, (point["visual_tokens_per_request"], point["request_throughput"]),
                     textcoords="offset points", xytext=(6, 4))
@@ -294,6 +296,25 @@ def plot(results: dict, path: Path, concurrency: str) -> None:
     ax.set_ylabel(f"requests / s (concurrency {concurrency})")
     ax.set_title("Serving cost of SemClip vs alternatives")
     ax.grid(alpha=0.3)
+    if with_cpu:
+        ax = axes[0][1]
+        left = np.zeros(len(with_cpu))
+        for role in ROLES:
+            values = np.array([points[name][f"cpu_{role}_ms"] for name in with_cpu])
+            ax.barh(with_cpu, values, left=left, label=role.replace("_", " "))
+            left += values
+        ordered = np.sort(left)
+        if len(ordered) > 1 and ordered[-1] > 3 * ordered[-2]:  # one outlier ("all"): clip it, label its total
+            limit = 1.3 * ordered[-2]
+            ax.set_xlim(0, limit)
+            for i, total in enumerate(left):
+                if total > limit:
+                    ax.text(0.98 * limit, i, f"{total:,.0f} →", ha="right", va="center", fontsize=8,
+                            color="white", fontweight="bold")
+        ax.set_xlabel("CPU ms per request (engine core, worker: with vLLM's spin-waits)", fontsize=9)
+        ax.set_title("Where a request's CPU goes")
+        ax.legend(fontsize=8, loc="upper right")
+        ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
