@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from vllm_semclip.bench.dummy_llava import llava_config
-from vllm_semclip.bench.standin import STANDIN_LLAVA, STANDIN_PSI
-from vllm_semclip.cost import LLAVA_1_5_7B, LlavaArchitecture, llava_prefill_flops, vision_forward_flops
+from vllm_semclip.bench.standin import STANDIN_LLAVA, STANDIN_PSI, standin_psi_flops
+from vllm_semclip.cost import LLAVA_1_5_7B, LlavaArchitecture, image_forward_flops, llava_prefill_flops
 
 RESULTS = Path(__file__).resolve().parent / "results" / "psi_vs_prefill.json"
 PSI_MODELS = ("ViT-B-16", "ViT-L-14-336")
@@ -90,8 +90,7 @@ def measure(tiny: bool, device: torch.device, dtype: torch.dtype, candidates: in
         for b in batches:
             pixels = torch.randn(b * candidates, 3, size, size, device=device, dtype=dtype)
             out["psi_ms"][name][str(b)] = _clock(lambda: visual(pixels), device, repeats)
-        cfg = STANDIN_PSI[name]["vision_cfg"] if tiny else None
-        per_view = (vision_forward_flops(json.dumps(cfg, sort_keys=True))[0] if tiny else _open_clip_flops(name))
+        per_view = standin_psi_flops(name) if tiny else image_forward_flops(name)[0]
         out["flops_gflop"][f"psi:{name}"] = per_view * candidates / 1e9
         del visual
     model, image_token = build_llava(arch, device, dtype)
@@ -114,12 +113,6 @@ def measure(tiny: bool, device: torch.device, dtype: torch.dtype, candidates: in
             out["ratios"][f"flops psi:{name} / prefill:{tokens}"] = round(
                 out["flops_gflop"][f"psi:{name}"] / out["flops_gflop"][f"prefill:{tokens}"], 4)
     return out
-
-
-def _open_clip_flops(name: str) -> int:
-    from vllm_semclip.cost import image_forward_flops
-
-    return image_forward_flops(name)[0]
 
 
 def main() -> None:

@@ -104,7 +104,7 @@ class CpuSampler:
         times = [s.time for s in self.samples]
         i = bisect_left(times, t)
         out: dict[int, tuple[str, float]] = {}
-        for sample in self.samples[:i]:
+        for sample in self.samples[:max(i, 1)]:  # before the first sample: its readings
             out.update(sample.cpu)
         if 0 < i < len(times):
             before, after = self.samples[i - 1], self.samples[i]
@@ -112,8 +112,6 @@ class CpuSampler:
             for pid, (role, late) in after.cpu.items():
                 early = before.cpu.get(pid, (role, 0.0))[1]  # born between the samples: from zero
                 out[pid] = (role, early + w * (late - early))
-        elif i == 0:
-            out.update(self.samples[0].cpu)  # before the first sample: its readings
         return out
 
     def seconds_by_role(self, start: float, end: float) -> dict[str, float]:

@@ -107,8 +107,8 @@ FLOP_FIT = {"semclip_224_pad": "pad"}  # ψ's relevance_fit where it is not the 
 def config_flops(name: str, model_dir: Path, sizes: list[tuple[int, int]]) -> dict[str, float]:
     """GFLOP per request of ψ, the tower, the LM prefill and one decoded token for a configuration,
     at the workload's median image size (``cost.request_flops`` on the served models' configs)."""
-    from vllm_semclip.bench.standin import STANDIN_LLAVA, STANDIN_PSI
-    from vllm_semclip.cost import LlavaArchitecture, request_flops, vision_forward_flops, windows_per_request
+    from vllm_semclip.bench.standin import STANDIN_LLAVA, standin_psi_flops
+    from vllm_semclip.cost import LlavaArchitecture, request_flops, windows_per_request
     from vllm_semclip.crops import num_candidates
     from vllm_semclip.tiny.bundled import register_model_configs
 
@@ -124,8 +124,7 @@ def config_flops(name: str, model_dir: Path, sizes: list[tuple[int, int]]) -> di
     standin_psi = psi.split(":", 1)[1] if psi and psi.startswith("standin:") else None
     flops = request_flops(llava, tiles, None if standin_psi else psi, width, height, fit=FLOP_FIT.get(name, "windows"))
     if standin_psi:
-        per_window, _ = vision_forward_flops(json.dumps(STANDIN_PSI[standin_psi]["vision_cfg"], sort_keys=True))
-        flops["psi"] = per_window * windows_per_request(width, height) / 1e9
+        flops["psi"] = standin_psi_flops(standin_psi) * windows_per_request(width, height) / 1e9
     return {k: round(v, 4) for k, v in flops.items()}
 
 

@@ -68,6 +68,11 @@ def write_standin(out_dir: Path | str, reference_psi: str = "ViT-B-16", seed: in
                              semclip_config={"relevance_model": str(psi_dir.resolve())})
 
 
+def standin_psi_flops(reference_psi: str = "ViT-B-16") -> int:
+    """FLOPs of one view through the stand-in of ``reference_psi`` (counted as ``cost`` counts the real ψ)."""
+    return vision_forward_flops(json.dumps(STANDIN_PSI[reference_psi]["vision_cfg"], sort_keys=True))[0]
+
+
 def flop_ratios(reference_psi: str = "ViT-B-16", width: int = 2000, height: int = 1500,
                 topk: int = 1) -> dict[str, dict[str, float]]:
     """Per request, GFLOP of ψ, the tower and one decoded token as fractions of the language model's
@@ -75,8 +80,7 @@ def flop_ratios(reference_psi: str = "ViT-B-16", width: int = 2000, height: int 
     tiles = 1 + topk
     real = request_flops(LLAVA_1_5_7B, tiles, reference_psi, width, height)
     standin = request_flops(STANDIN_LLAVA, tiles, None, width, height)
-    per_window, _ = vision_forward_flops(json.dumps(STANDIN_PSI[reference_psi]["vision_cfg"], sort_keys=True))
-    standin["psi"] = per_window * windows_per_request(width, height) / 1e9
+    standin["psi"] = standin_psi_flops(reference_psi) * windows_per_request(width, height) / 1e9
     out = {}
     for name, flops in (("real", real), ("standin", standin)):
         lm = flops["language_model"]
