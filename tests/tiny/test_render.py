@@ -14,6 +14,7 @@ from vllm_semclip.tiny.render import (
     ReservedSourceError,
     check_training_source,
     nearest_color_name,
+    nearest_reference,
 )
 from vllm_semclip.tiny.scenes import COLORS
 
@@ -48,6 +49,21 @@ def test_every_shade_is_nearest_its_own_name(split):
         assert len(shades) > 10  # a region of colour space, not one value
         assert all(nearest_color_name(s) == name for s in shades), name
     assert nearest_color_name(EASY_VQA_SHADES["brown"]) == "brown" and nearest_color_name((250, 5, 5)) == "red"
+
+
+def test_shade_ranges_are_whole_cells_and_never_shared():
+    """Training draws each name's whole training cells and never a held-out range; the shifted
+    split draws only held-out ranges (``nearest_reference``: which reference's cell a shade is in)."""
+    for split in ("train", "val", "shifted"):
+        dist, rng = RenderDistribution(split), random.Random(split)
+        for name in COLORS:
+            shades = [dist.color(name, rng) for _ in range(300)]
+            assert all(nearest_reference(s) == (name, dist.held_out) for s in shades), (split, name)
+            if not dist.held_out:  # a region around each reference, not a few points near it
+                values = [max(s) for s in shades]  # HSV value, 0-255
+                assert max(values) - min(values) >= 40, (name, min(values), max(values))
+    assert nearest_reference(EASY_VQA_SHADES["black"]) == ("black", True)
+    assert nearest_reference(COLORS["gray"]) == ("gray", False)
 
 
 def test_styles_and_textures_draw():

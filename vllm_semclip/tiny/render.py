@@ -5,10 +5,13 @@ benchmark writer (:mod:`vllm_semclip.eval.benchdata`) and for the tiny models' t
 alike, so a model is trained and measured on the same kind of scene — except for the parts the
 ``shifted`` split keeps to itself:
 
-* **shades**: a colour name is a region of colour space, sampled around reference shades
-  (this package's first palette, CSS named colours, easy-VQA's own RGB values) with jitter in
-  hue, saturation and value. Training draws around ``TRAIN_SHADES``; the shifted split only around
-  ``HELD_OUT_SHADES`` (easy-VQA's palette and CSS shades training never sees).
+* **shades**: a colour name is a region of colour space. Every reference shade (this package's
+  first palette, CSS named colours, easy-VQA's own RGB values) owns the shades nearer to it than
+  to any other reference; a name's training region is the union of its ``TRAIN_SHADES``' cells,
+  drawn whole (wide jitter in hue, saturation and value, kept where the nearest reference is a
+  training one of that name). The cells of ``HELD_OUT_SHADES`` (easy-VQA's palette and CSS
+  shades) are the held-out shade ranges: training never draws there, and the shifted split
+  draws only there, close around those references.
 * **backgrounds**: photos and textures that ship in packages (scikit-image, matplotlib) plus
   procedural ones (noise, gradients, stripes, tiles). The shifted split draws only held-out
   package photos, the held-out ``tiles`` texture and **Debian's opencv-doc sample photos, which
@@ -71,10 +74,22 @@ HELD_OUT_SHADES: dict[str, tuple[RGB, ...]] = {  # easy-VQA's palette (less its 
     "gray": _css("darkgray", "silver"),
     "black": (EASY_VQA_SHADES["black"], (10, 10, 20)),
 }
-# shade jitter around a reference: hue (fraction of the circle), saturation and value factors
-HUE_JITTER = 0.01
-SAT_JITTER = (0.9, 1.1)
-VAL_JITTER = (0.92, 1.08)
+
+
+@dataclass(frozen=True)
+class ShadeJitter:
+    """How far a drawn shade may stray from its reference: hue (a fraction of the circle) either
+    way, and the factors saturation and value are multiplied by."""
+
+    hue: float
+    saturation: tuple[float, float]
+    value: tuple[float, float]
+
+
+# training spans its references' whole cells: wide enough that the cell, not the jitter, bounds
+# the region; the shifted split stays close to its held-out references
+TRAIN_JITTER = ShadeJitter(0.08, (0.4, 1.5), (0.5, 1.5))
+HELD_OUT_JITTER = ShadeJitter(0.01, (0.9, 1.1), (0.92, 1.08))
 
 # ---- backgrounds -------------------------------------------------------------------------------
 TRAIN_PHOTOS: tuple[str, ...] = ("astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry",
@@ -204,19 +219,27 @@ class RenderDistribution:
         return HELD_OUT_STYLES if self.held_out else TRAIN_STYLES
 
     # ---- sampling ----------------------------------------------------------------------------
+    @property
+    def jitter(self) -> ShadeJitter:
+        return HELD_OUT_JITTER if self.held_out else TRAIN_JITTER
+
     def color(self, name: str, rng: random.Random) -> RGB:
-        """One shade of the colour ``name``: a reference shade, jittered in HSV, redrawn while its
-        nearest reference shade (of every split) is another name's — so the names stay unambiguous."""
-        for _ in range(100):
+        """One shade of the colour ``name``: a reference shade of this split, jittered in HSV, redrawn
+        until its nearest reference shade (of every split) is one of this split's references of
+        ``name`` — so the names stay unambiguous, and training and the shifted split never draw
+        from each other's shade ranges."""
+        jitter = self.jitter
+        for _ in range(200):
             r, g, b = (v / 255 for v in rng.choice(self.shades[name]))
             h, s, v = colorsys.rgb_to_hsv(r, g, b)
-            h = (h + rng.uniform(-HUE_JITTER, HUE_JITTER)) % 1.0
-            s = min(1.0, s * rng.uniform(*SAT_JITTER))
-            v = min(1.0, v * rng.uniform(*VAL_JITTER))
+            h = (h + rng.uniform(-jitter.hue, jitter.hue)) % 1.0
+            s = min(1.0, s * rng.uniform(*jitter.saturation))
+            v = min(1.0, v * rng.uniform(*jitter.value))
             shade = tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(h, s, v))
-            if nearest_color_name(shade) == name:
+            nearest, held_out = nearest_reference(shade)
+            if nearest == name and held_out == self.held_out:
                 return shade
-        raise RuntimeError(f"no unambiguous shade of {name!r} in 100 draws")
+        raise RuntimeError(f"no unambiguous shade of {name!r} in 200 draws")
 
     def background(self, size: tuple[int, int], rng: random.Random,
                    zoom: tuple[float, float] = (0.5, 1.0)) -> tuple[Image.Image, str]:
@@ -311,10 +334,17 @@ def _redmean(a: RGB, b: RGB) -> float:
     return ((2 + rm / 256) * dr * dr + 4 * dg * dg + (2 + (255 - rm) / 256) * db * db) ** 0.5
 
 
+def nearest_reference(shade: RGB) -> tuple[str, bool]:
+    """The colour name of the reference shade (training's and held-out alike) nearest to ``shade``,
+    and whether that reference is a held-out one (``shade`` lies in a held-out shade range)."""
+    return min((_redmean(shade, ref), name, held_out)
+               for held_out, shades in ((False, TRAIN_SHADES), (True, HELD_OUT_SHADES))
+               for name, refs in shades.items() for ref in refs)[1:]
+
+
 def nearest_color_name(shade: RGB) -> str:
     """The name of the reference shade (training's and held-out alike) nearest to ``shade``."""
-    return min(((_redmean(shade, ref), name) for shades in (TRAIN_SHADES, HELD_OUT_SHADES)
-                for name, refs in shades.items() for ref in refs))[1]
+    return nearest_reference(shade)[0]
 
 
 def jpeg_roundtrip(image: Image.Image, quality: int) -> Image.Image:
