@@ -52,7 +52,7 @@ def test_every_shade_is_nearest_its_own_name(split):
 
 
 def test_shade_ranges_are_whole_cells_and_never_shared():
-    """Training draws each name's whole training cells and never a held-out range; the shifted
+    """Training draws widely in each name's training cells and never a held-out range; the shifted
     split draws only held-out ranges (``nearest_reference``: which reference's cell a shade is in)."""
     for split in ("train", "val", "shifted"):
         dist, rng = RenderDistribution(split), random.Random(split)

@@ -7,11 +7,11 @@ alike, so a model is trained and measured on the same kind of scene — except f
 
 * **shades**: a colour name is a region of colour space. Every reference shade (this package's
   first palette, CSS named colours, easy-VQA's own RGB values) owns the shades nearer to it than
-  to any other reference; a name's training region is the union of its ``TRAIN_SHADES``' cells,
-  drawn whole (wide jitter in hue, saturation and value, kept where the nearest reference is a
-  training one of that name). The cells of ``HELD_OUT_SHADES`` (easy-VQA's palette and CSS
-  shades) are the held-out shade ranges: training never draws there, and the shifted split
-  draws only there, close around those references.
+  to any other reference; a name's training region is its ``TRAIN_SHADES``' cells, drawn with
+  wide jitter in hue, saturation and value and kept where the nearest reference is a training
+  one of that name, so the cells bound most names' regions. The cells of ``HELD_OUT_SHADES``
+  (easy-VQA's palette and CSS shades) are the held-out shade ranges: training never draws there,
+  and the shifted split draws only there, close around those references.
 * **backgrounds**: photos and textures that ship in packages (scikit-image, matplotlib) plus
   procedural ones (noise, gradients, stripes, tiles). The shifted split draws only held-out
   package photos, the held-out ``tiles`` texture and **Debian's opencv-doc sample photos, which
@@ -86,8 +86,8 @@ class ShadeJitter:
     value: tuple[float, float]
 
 
-# training spans its references' whole cells: wide enough that the cell, not the jitter, bounds
-# the region; the shifted split stays close to its held-out references
+# training: wide enough that the cells, not the jitter, bound most names' regions (black's cell
+# reaches grey 67, its jitter stops at 52); the shifted split stays close to its held-out references
 TRAIN_JITTER = ShadeJitter(0.08, (0.4, 1.5), (0.5, 1.5))
 HELD_OUT_JITTER = ShadeJitter(0.01, (0.9, 1.1), (0.92, 1.08))
 
