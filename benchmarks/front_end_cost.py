@@ -11,8 +11,9 @@ gives the engine the other core), and, apart, what the engine then spends cuttin
 crop (``engine_crop``) and running ψ's image tower over the request's views (``engine_psi``, a batch
 of one; in the processor stage the front end's work) — not part of the front end's total. ``serialise`` is vLLM's own encoder
 (``MsgpackEncoder``: large tensors travel as zero-copy buffers; the socket's copy is not timed).
-Decoding the request's image, the same for both, is left out. Prints a table and writes ``benchmarks/results/front_end_cost.json`` and a
-stacked-bar picture beside it (``.png``).
+Decoding the request's image, the same for both, is left out; copying it out of Pillow (once, for ψ's
+views and for the engine's cut) is in ``psi_views``. Prints a table and writes
+``benchmarks/results/front_end_cost.json`` and a stacked-bar picture beside it (``.png``).
 
     python benchmarks/front_end_cost.py [--repeats 10] [--size 2000x1500] [--threads 1]
 """
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-STAGES = ("psi_views", "tiles", "image_processor", "source_image", "serialise")
+STAGES = ("psi_views", "tiles", "image_processor", "serialise")
 
 
 def time_request(image, question: str, config, image_processor, dtype, engine: bool) -> dict[str, float]:
@@ -36,7 +37,6 @@ def time_request(image, question: str, config, image_processor, dtype, engine: b
     tiles; and, not in ``total``, the engine's cut of SemClip's chosen crop (``engine_crop``) and ψ's
     image tower over the request's views with its candidates' scores (``engine_psi``: the engine's
     ψ work per request, batch of one; the front end's too in the processor stage)."""
-    import numpy as np
     import torch
     from vllm.v1.serial_utils import MsgpackEncoder
 
@@ -49,7 +49,7 @@ def time_request(image, question: str, config, image_processor, dtype, engine: b
     tiling = crop_tiling(fill, image_processor.crop_size["height"])  # the processor's rule
     max_side = tiling["max_side"]
     crop = (0, 0, image.size[0] // 3, image.size[1] // 3)
-    out = {"psi_views": 0.0, "source_image": 0.0}
+    out = {"psi_views": 0.0}
     source = torch.zeros(0, dtype=torch.uint8)
     if engine:  # ψ's views, the overview's tile, the decoded image; the engine cuts the chosen crop
         t = time.perf_counter()
@@ -64,10 +64,8 @@ def time_request(image, question: str, config, image_processor, dtype, engine: b
     t = time.perf_counter()
     pixel_values = tile_pixel_values(image_processor, tiles, dtype)
     out["image_processor"] = time.perf_counter() - t
-    if engine:
-        t = time.perf_counter()
-        source = torch.from_numpy(np.array(image))
-        out["source_image"] = time.perf_counter() - t
+    if engine:  # the array ψ's views were cut from
+        source = psi.image
     t = time.perf_counter()  # vLLM's own encoder for what the front end sends the engine core
     sent = MsgpackEncoder().encode((pixel_values, views, source))
     out["serialise"] = time.perf_counter() - t

@@ -33,7 +33,6 @@ from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from transformers import BatchFeature
@@ -262,7 +261,7 @@ class SemClipMultiModalProcessor(BaseLlavaMultiModalProcessor[SemClipProcessingI
                 psi = prepare_psi_inputs(image, question, config)
                 image_tiles = box_tiles(image, [], pad_fill, max_side)
                 num_tiles.append(1 + min(config.num_crops, len(psi.candidates)))
-                self._add_engine_fields(engine_fields, psi, item_id, image, tiling)
+                self._add_engine_fields(engine_fields, psi, item_id, tiling)
                 self._record_front_end(config, time.perf_counter() - start, len(psi.candidates), image.size)
             else:
                 selection = select_crops(image, question, config)
@@ -289,7 +288,7 @@ class SemClipMultiModalProcessor(BaseLlavaMultiModalProcessor[SemClipProcessingI
 
     @staticmethod
     def _add_engine_fields(fields: dict[str, list], psi: PsiInputs | None, item_id: str | None,
-                           image: Image.Image | None = None, tiles: Mapping[str, Any] | None = None) -> None:
+                           tiles: Mapping[str, Any] | None = None) -> None:
         """One image's engine-stage fields; an image ψ has nothing to do for (no question, another
         method) carries empty ones and its tiles are already [overview, chosen crops]. An image ψ
         chooses for carries itself (RGB, as ``[H, W, 3]`` uint8) and how its crops are tiled."""
@@ -307,7 +306,7 @@ class SemClipMultiModalProcessor(BaseLlavaMultiModalProcessor[SemClipProcessingI
         fields["psi_query"].append(psi.query)
         meta = json.dumps({**psi.meta(item_id), "tiles": dict(tiles)}).encode("utf-8")
         fields["selection_meta"].append(torch.frombuffer(bytearray(meta), dtype=torch.uint8))
-        fields["source_image"].append(torch.from_numpy(np.array(image)))
+        fields["source_image"].append(psi.image)
 
     @staticmethod
     def _record_front_end(config: SemClipConfig, seconds: float, candidates: int, size: tuple[int, int]) -> None:

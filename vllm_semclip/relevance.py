@@ -52,6 +52,15 @@ def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[
     return pixels.float().div_(255.0).sub_(mean_t).div_(std_t)
 
 
+def image_array(image: Image.Image | torch.Tensor) -> torch.Tensor:
+    """An RGB image as ``[H, W, 3]`` uint8 (a tensor passes through): Pillow's copy out costs about as much
+    as cutting all of ψ's views, so a request makes it once."""
+    import numpy as np
+    import torch
+
+    return image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image))
+
+
 def fuse_attention(tower) -> int:
     """Give an open_clip image tower's plain attention blocks torch's fused attention kernel, in place;
     return how many blocks were swapped.
@@ -344,57 +353,63 @@ class RelevanceModel:
         """ψ's normalised float32 inputs for many regions of one image (:meth:`region_pixels`, normalised)."""
         return self.normalize(self.region_pixels(image, boxes, pad_to_square))
 
-    def region_pixels(self, image: Image.Image, boxes: Sequence[tuple[int, int, int, int]], pad_to_square: bool) -> torch.Tensor:
-        """ψ's views of many regions of one image as uint8 ``[N, 3, S, S]``, without a full-resolution crop each.
+    def region_pixels(self, image: Image.Image | torch.Tensor, boxes: Sequence[tuple[int, int, int, int]],
+                      pad_to_square: bool) -> torch.Tensor:
+        """ψ's views of many regions of one RGB image (PIL, or :func:`image_array`'s ``[H, W, 3]`` uint8,
+        which spares a second copy where the caller needs the array too) as uint8 ``[N, 3, S, S]``,
+        without a full-resolution crop each.
 
         The image is downscaled once — only as far as its smallest region allows, so no
         region is later upsampled from a needlessly reduced copy — and every region is
         then cut, padded and resized as a tensor slice. The result matches open_clip's
         preprocessing (resize to the model's size, bicubic with antialiasing, center
         crop; a decoded image's 8 bits) of each region padded to a square (LLaVA-1.5's
-        expand2square), at a fraction of the cost of doing it per PIL crop on a 2000-px
-        photo. uint8 because these views cross from vLLM's front end to its engine
-        (a quarter of float32's bytes); :meth:`normalize` makes them ψ's input.
+        expand2square) within a grey level or so. Every step stays in 8 bits, channels
+        last: torch's vectorised uint8 resampling (torchvision's own ``resize`` path), at a
+        fraction of the float path's time — the front end does this for every request.
+        uint8 also because these views cross from vLLM's front end to its engine (a
+        quarter of float32's bytes); :meth:`normalize` makes them ψ's input.
         """
         import torch
         import torch.nn.functional as F
-        from PIL import Image
-        from torchvision.transforms.functional import pil_to_tensor
 
         size = self.image_size
-        width, height = image.size
+        height, width = image.shape[:2] if isinstance(image, torch.Tensor) else image.size[::-1]
         sides = [max(x1 - x0, y1 - y0) if pad_to_square else min(x1 - x0, y1 - y0) for x0, y0, x1, y1 in boxes]
         factor = min(1.0, size / max(1, min(sides)))
+        pixels = image_array(image).permute(2, 0, 1)[None]  # [1, 3, H, W], channels-last strides
         if factor < 1.0:
-            image = image.resize((max(1, round(width * factor)), max(1, round(height * factor))),
-                                 Image.BICUBIC, reducing_gap=1.0)
-        pixels = pil_to_tensor(image).float().div_(255.0)
-        mean = torch.tensor(self.model.visual.image_mean).view(3, 1, 1)
-        sw, sh = image.size[0] / width, image.size[1] / height
+            pixels = F.interpolate(pixels, size=(max(1, round(height * factor)), max(1, round(width * factor))),
+                                   mode="bicubic", antialias=True, align_corners=False)
+            pixels = pixels.contiguous(memory_format=torch.channels_last)  # every cut below is then one copy
+        reduced_h, reduced_w = pixels.shape[2:]
+        fill = torch.tensor([round(255 * m) for m in self.model.visual.image_mean], dtype=torch.uint8).view(1, 3, 1, 1)
+        sw, sh = reduced_w / width, reduced_h / height
         out = []
         for x0, y0, x1, y1 in boxes:
-            a0, b0 = min(int(x0 * sw), image.size[0] - 1), min(int(y0 * sh), image.size[1] - 1)
-            a1, b1 = max(a0 + 1, min(round(x1 * sw), image.size[0])), max(b0 + 1, min(round(y1 * sh), image.size[1]))
-            region = pixels[:, b0:b1, a0:a1]
-            h, w = region.shape[1:]
+            a0, b0 = min(int(x0 * sw), reduced_w - 1), min(int(y0 * sh), reduced_h - 1)
+            a1, b1 = max(a0 + 1, min(round(x1 * sw), reduced_w)), max(b0 + 1, min(round(y1 * sh), reduced_h))
+            region = pixels[:, :, b0:b1, a0:a1]
+            h, w = region.shape[2:]
             if pad_to_square and h != w:
                 side = max(h, w)
-                canvas = mean.expand(3, side, side).clone()
-                canvas[:, (side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = region
+                canvas = fill.expand(1, 3, side, side).contiguous(memory_format=torch.channels_last)
+                canvas[:, :, (side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = region
                 region = canvas
-            if self.resize_mode == "squash" or region.shape[1] == region.shape[2]:
+            if self.resize_mode == "squash" or region.shape[2] == region.shape[3]:
                 target = (size, size)
             else:  # resize the shortest side, then center crop
                 scale = size / min(h, w)
                 target = (max(size, round(h * scale)), max(size, round(w * scale)))
-            region = F.interpolate(region[None], size=target, mode="bicubic", antialias=True, align_corners=False)[0]
+            region = F.interpolate(region.contiguous(memory_format=torch.channels_last), size=target,
+                                   mode="bicubic", antialias=True, align_corners=False)[0]
             if target != (size, size):
                 top, left = (target[0] - size) // 2, (target[1] - size) // 2
                 region = region[:, top:top + size, left:left + size]
-            out.append(region.clamp_(0, 1).mul_(255).round_().to(torch.uint8))
+            out.append(region)
         return torch.stack(out)
 
-    def region_views(self, image: Image.Image, boxes: Sequence[tuple[int, int, int, int]],
+    def region_views(self, image: Image.Image | torch.Tensor, boxes: Sequence[tuple[int, int, int, int]],
                      fit: str = "windows") -> tuple[torch.Tensor, torch.Tensor]:
         """ψ's inputs for ``boxes`` fitted to its square input by ``fit`` (``SemClipConfig.relevance_fit``):
         ``(pixels [N, 3, S, S] uint8, index [R, V])``, region ``r``'s views being ``pixels[index[r]]``.

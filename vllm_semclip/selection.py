@@ -17,7 +17,7 @@ from PIL import Image
 
 from .config import SemClipConfig
 from .crops import Box, candidate_boxes, clip_box, crop_boxes, pad_to_square, rank_scores, to_rgb, top_indices
-from .relevance import get_relevance_model
+from .relevance import get_relevance_model, image_array
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,9 @@ def box_tiles(
 class PsiInputs:
     """What the engine stage needs of one image and question to choose its crops there: ψ's views
     of every candidate (``pixels``), which views are whose (``index``, ``[R, V]``), the question's
-    embedding (``query``) and the request's ranking settings (``config``)."""
+    embedding (``query``), the request's ranking settings (``config``) and the decoded RGB image
+    the engine cuts the chosen crops from (``image``, ``[H, W, 3]`` uint8: the array ψ's views were
+    cut from, copied out of Pillow once)."""
 
     candidates: list[Box]
     pixels: Any  # torch.Tensor [N, 3, S, S], uint8 (RelevanceModel.region_pixels)
@@ -165,6 +167,7 @@ class PsiInputs:
     question: str
     image_size: tuple[int, int]
     config: SemClipConfig
+    image: Any  # torch.Tensor [H, W, 3], uint8 (relevance.image_array)
 
     def meta(self, item_id: str | None = None) -> dict[str, Any]:
         """What the model needs besides tensors, as JSON: the ranking settings and what a log names."""
@@ -182,9 +185,11 @@ def prepare_psi_inputs(image: Image.Image, question: str, config: SemClipConfig)
     candidates = candidate_boxes(rgb.size[0], rgb.size[1], config.grids, config.overlap, config.bridges)
     psi = get_relevance_model(config.require_relevance_model(), config.relevance_pretrained, config.device,
                               config.relevance_precision, image_tower=False)  # the engine holds the image tower
-    pixels, index = psi.region_views(rgb, candidates, config.relevance_fit)
+    array = image_array(rgb)
+    pixels, index = psi.region_views(array, candidates, config.relevance_fit)
     query = psi.text_query(question.strip())
-    return PsiInputs(candidates, pixels, index, query.float().cpu().clone(), question.strip(), rgb.size, config)
+    return PsiInputs(candidates, pixels, index, query.float().cpu().clone(), question.strip(), rgb.size, config,
+                     array)
 
 
 def engine_selection(meta: dict[str, Any], candidate_scores: Sequence[float]) -> Selection:

@@ -256,6 +256,31 @@ def test_psi_views_are_open_clips_preprocessing_in_eight_bits(photo, scale):
     assert psi.image_features(pixels).allclose(psi.image_features(got[None]), atol=1e-6)
 
 
+def test_psi_views_cut_from_the_array_are_the_views_of_the_image(photo):
+    """The engine stage copies a request's image out of Pillow once: ψ's views cut from that array are
+    bit for bit the views cut from the PIL image (every fit, a region padded with ψ's mean as 8 bits),
+    and the array the engine cuts the chosen crops from is the image's own pixels."""
+    import numpy as np
+
+    from vllm_semclip.relevance import image_array
+    from vllm_semclip.selection import prepare_psi_inputs
+
+    psi = get_relevance_model(PSI)
+    boxes = [(0, 0, 300, 150), (100, 100, 300, 300), (50, 0, 150, 400), (10, 20, 30, 25)]
+    array = image_array(photo)
+    assert array.dtype == torch.uint8 and tuple(array.shape) == (photo.size[1], photo.size[0], 3)
+    for fit in ("windows", "pad", "center"):
+        from_image, index = psi.region_views(photo, boxes, fit)
+        from_array, index_array = psi.region_views(array, boxes, fit)
+        assert torch.equal(from_image, from_array) and torch.equal(index, index_array)
+    padded = psi.region_pixels(photo, [(0, 0, 400, 40)], pad_to_square=True)[0]  # a 10:1 band: mostly fill
+    fill = [round(255 * m) for m in psi.model.visual.image_mean]
+    assert padded[:, 0, psi.image_size // 2].tolist() == fill  # top edge, mid column: the pad, untouched
+    prepared = prepare_psi_inputs(photo, "What is the colour of the star?", SemClipConfig(relevance_model=PSI))
+    assert np.array_equal(prepared.image.numpy(), np.array(photo.convert("RGB")))
+    assert torch.equal(prepared.pixels, psi.region_views(photo, prepared.candidates, "windows")[0])
+
+
 def test_random_is_seeded_and_reproducible(photo):
     cfg = SemClipConfig(relevance_model=PSI, method="random", topk=2)
     a = select_crops(photo, "q", cfg)
