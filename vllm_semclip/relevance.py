@@ -374,10 +374,11 @@ class RelevanceModel:
         import torch.nn.functional as F
 
         size = self.image_size
-        height, width = image.shape[:2] if isinstance(image, torch.Tensor) else image.size[::-1]
+        array = image_array(image)
+        height, width = array.shape[:2]
         sides = [max(x1 - x0, y1 - y0) if pad_to_square else min(x1 - x0, y1 - y0) for x0, y0, x1, y1 in boxes]
         factor = min(1.0, size / max(1, min(sides)))
-        pixels = image_array(image).permute(2, 0, 1)[None]  # [1, 3, H, W], channels-last strides
+        pixels = array.permute(2, 0, 1)[None]  # [1, 3, H, W], channels-last strides
         if factor < 1.0:
             pixels = F.interpolate(pixels, size=(max(1, round(height * factor)), max(1, round(width * factor))),
                                    mode="bicubic", antialias=True, align_corners=False)
