@@ -27,6 +27,8 @@ from typing import Annotated, Literal
 import torch
 
 from vllm.config import VllmConfig
+from vllm.distributed import get_tp_group
+from vllm.distributed.parallel_state import GroupCoordinator
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration, LlavaImageEmbeddingInputs
 from vllm.multimodal import MULTIMODAL_REGISTRY
@@ -89,28 +91,41 @@ def parse_psi_batch(kwargs: dict) -> PsiBatch | None:
 
 
 def choose_tiles(psi: RelevanceModel | None, pixel_values: torch.Tensor, num_tiles: Sequence[int],
-                 batch: PsiBatch, image_processor) -> tuple[torch.Tensor, dict[int, Selection], int]:
+                 batch: PsiBatch, image_processor, tp_group: GroupCoordinator | None = None) -> tuple[torch.Tensor, dict[int, Selection], int]:
     """The tiles that reach the language model — [overview + chosen crops] of every image — with the
     selections made and the number of ψ views run: ψ over all the batch's views in one forward,
     then each image's candidates scored and ranked as ``select_crops`` scores and ranks them, and
-    its chosen crops cut from its image by the LLaVA's ``image_processor``."""
+    its chosen crops cut from its image by the LLaVA's ``image_processor``.
+
+    Under tensor parallelism (``tp_group``, vLLM's ``GroupCoordinator``) ψ runs on the group's first
+    rank only and its scores are broadcast: every rank then ranks the same numbers and cuts the same
+    crops, by construction rather than by every rank rounding alike."""
     todo = [i for i, n in enumerate(batch.num_candidates) if n > 0]
     selections: dict[int, Selection] = {}
     views = 0
     if todo:
         if psi is None:
             raise RuntimeError("an image arrived for engine-stage selection but no ψ was loaded with the model")
-        pixels = torch.cat([batch.pixels[i] for i in todo])
-        views = int(pixels.shape[0])
-        with torch.inference_mode():
-            features = psi.image_features(pixels)
-        offset = 0
-        for i in todo:
-            n = batch.pixels[i].shape[0]
-            scores = candidate_scores(features[offset:offset + n], batch.view_index[i].to(features.device),
-                                      batch.query[i].to(features.device, torch.float32))
-            offset += n
-            selections[i] = engine_selection(batch.meta[i], scores.cpu().tolist())
+        shared = tp_group is not None and tp_group.world_size > 1
+        if not shared or tp_group.rank_in_group == 0:
+            pixels = torch.cat([batch.pixels[i] for i in todo])
+            views = int(pixels.shape[0])
+            with torch.inference_mode():
+                features = psi.image_features(pixels)
+            per_image, offset = [], 0
+            for i in todo:
+                n = batch.pixels[i].shape[0]
+                per_image.append(candidate_scores(features[offset:offset + n],
+                                                  batch.view_index[i].to(features.device),
+                                                  batch.query[i].to(features.device, torch.float32)).float())
+                offset += n
+            scores = torch.cat(per_image)
+        else:
+            scores = torch.empty(sum(batch.num_candidates[i] for i in todo), dtype=torch.float32, device=psi.device)
+        if shared:
+            tp_group.broadcast(scores, src=0)
+        for i, image_scores in zip(todo, scores.cpu().split([batch.num_candidates[i] for i in todo])):
+            selections[i] = engine_selection(batch.meta[i], image_scores.tolist())
     parts: list[torch.Tensor] = []
     start = 0
     for i, tiles in enumerate(num_tiles):
@@ -192,9 +207,11 @@ class SemClipLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     def _choose_tiles(self, pixel_values: torch.Tensor, num_tiles: Sequence[int], batch: PsiBatch) -> torch.Tensor:
         start = time.perf_counter()
-        kept, selections, views = choose_tiles(self.psi, pixel_values, num_tiles, batch, self.image_processor)
-        if not selections:
-            return kept
+        tp_group = get_tp_group()
+        kept, selections, views = choose_tiles(self.psi, pixel_values, num_tiles, batch, self.image_processor,
+                                               tp_group)
+        if not selections or tp_group.rank_in_group != 0:
+            return kept  # every rank chose the same crops; the first one reports them, once
         seconds = time.perf_counter() - start
         observe_psi_batch(len(selections), views, seconds)
         for i, selection in selections.items():
