@@ -29,7 +29,7 @@ FRONT_END_COST = TOWER_PROBE.parents[1] / "front_end_cost.py"
 @pytest.mark.engine
 def test_serve_benchmark_smoke(tmp_path, model_dir, tokens_per_tile):
     out = subprocess.run(
-        [sys.executable, "-m", "vllm_semclip.cli", "bench", "serve", "--configs", "semclip,hf,standin_semclip",
+        [sys.executable, "-m", "vllm_semclip.cli", "bench", "serve", "--configs", "semclip,hf,standin_semclip,standin_semclip_l14",
          "--concurrency", "2",
          "--num-prompts", "4", "--repeats", "1", "--workload-size", "2", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=900,
@@ -62,6 +62,10 @@ def test_serve_benchmark_smoke(tmp_path, model_dir, tokens_per_tile):
     assert flops["semclip"]["psi"] > 0 and flops["hf"]["psi"] == 0
     assert flops["semclip"]["tower"] == flops["hf"]["tower"] > 0 and flops["semclip"]["language_model"] > 0
     assert flops["standin_semclip"]["psi"] < flops["standin_semclip"]["language_model"] < flops["semclip"]["psi"]
+    l14 = doc["standin_semclip_l14"]["2"]  # the paper's ψ (its stand-in) beside the same LLaVA
+    assert l14["visual_tokens_per_request"] == 2 * 576 and l14["request_throughput"] > 0
+    assert l14["psi_images_per_forward"] >= 1
+    assert flops["standin_semclip"]["psi"] < flops["standin_semclip_l14"]["psi"] < flops["standin_semclip_l14"]["language_model"]
     assert (tmp_path / "serve_throughput.png").stat().st_size > 1000
     assert "ratios of request throughput" in out.stdout and "CPU ms per request" in out.stdout
 
@@ -448,3 +452,17 @@ def test_standin_stages_are_costed_alike():
     front = config_flops("standin_semclip_processor", Path("."), [(2000, 1500)])
     assert engine == front and engine["psi"] > 0
     assert engine["tower"] == config_flops("standin_given", Path("."), [(2000, 1500)])["tower"]
+
+
+@pytest.mark.parametrize("config, reference_psi", [("standin_semclip", "ViT-B-16"), ("standin_semclip_l14", "ViT-L-14-336")])
+def test_each_standin_config_costs_its_real_pairs_share(config, reference_psi):
+    """ψ's work over the prefill's, per request as the serve benchmark stores it, within 10% of the real
+    pair's (LLaVA-1.5-7B + ``reference_psi``); both stand-ins beside the same LLaVA."""
+    from vllm_semclip.bench.serve import CONFIGS, config_flops
+    from vllm_semclip.cost import LLAVA_1_5_7B, request_flops
+
+    assert config in CONFIGS
+    standin = config_flops(config, Path("."), [(2000, 1500)])
+    real = request_flops(LLAVA_1_5_7B, 2, reference_psi, 2000, 1500)
+    assert standin["psi"] / standin["language_model"] == pytest.approx(real["psi"] / real["language_model"], rel=0.1)
+    assert standin["tower"] == config_flops("standin_given", Path("."), [(2000, 1500)])["tower"]

@@ -20,7 +20,9 @@ client (``vllm bench serve``, openai-chat backend, the custom_image dataset):
 5. ``hf``       — the overview+crop inputs answered by Hugging Face transformers ``generate``,
                   one request at a time, as research code does;
 6. ``standin_*`` — ``overview``, ``given``, ``semclip``, ``semclip_processor`` and ``all`` on the
-                  FLOP-faithful stand-in of LLaVA-1.5-7B + ViT-B-16 (:mod:`vllm_semclip.bench.standin`).
+                  FLOP-faithful stand-in of LLaVA-1.5-7B + ViT-B-16 (:mod:`vllm_semclip.bench.standin`);
+                  ``standin_semclip_l14`` — ``semclip`` with the stand-in of the paper's ψ,
+                  ViT-L-14-336, beside the same LLaVA (``standin_given`` is its reference too).
 
 The workload is a fixed set of high-resolution benchmark images and their questions (from
 :mod:`vllm_semclip.eval.benchdata`). Every server runs with the multimodal processor cache and
@@ -56,7 +58,7 @@ from vllm_semclip.tiny.bundled import RELEVANCE_MODEL_NAME, SMALL_RELEVANCE_MODE
 
 CONFIGS = ("overview", "semclip", "semclip_processor", "semclip_bf16", "semclip_160", "semclip_224", "semclip_224_pad",
            "given", "all", "hf", "standin_overview", "standin_given", "standin_semclip", "standin_semclip_processor",
-           "standin_all")
+           "standin_semclip_l14", "standin_all")
 METRICS = ("request_throughput", "output_throughput", "p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms",
            "p99_tpot_ms", "p50_e2el_ms", "p99_e2el_ms")
 NO_CACHE_ARGS = ["--mm-processor-cache-gb", "0", "--no-enable-prefix-caching"]
@@ -100,7 +102,7 @@ FLOP_SHAPES = {"overview": (None, 1), "given": (None, 2), "hf": (None, 2), "semc
                "semclip_160": (SMALL_RELEVANCE_MODEL_NAME, 2),
                "semclip_224": (TOWER_MODEL_NAME, 2), "semclip_224_pad": (TOWER_MODEL_NAME, 2),
                "standin_overview": (None, 1), "standin_given": (None, 2), "standin_semclip": ("standin:ViT-B-16", 2),
-               "standin_semclip_processor": ("standin:ViT-B-16", 2)}
+               "standin_semclip_processor": ("standin:ViT-B-16", 2), "standin_semclip_l14": ("standin:ViT-L-14-336", 2)}
 FLOP_FIT = {"semclip_224_pad": "pad"}  # ψ's relevance_fit where it is not the default "windows"
 
 
@@ -401,16 +403,20 @@ def main(argv: list[str] | None = None) -> int:
         "standin_semclip": ("standin-semclip", {"topk": 1}, "one"),
         "standin_semclip_processor": ("standin-semclip-processor", {"topk": 1, "selection_stage": "processor"}, "one"),
         "standin_all": ("standin-all", {"method": "all"}, "one"),
+        # … and of LLaVA-1.5-7B + the paper's ψ, ViT-L-14-336 (the same LLaVA, another ψ)
+        "standin_semclip_l14": ("standin-l14-semclip", {"topk": 1}, "one"),
     }
+    standin_psi = {"standin-l14-semclip": "ViT-L-14-336"}  # a stand-in server's reference ψ, if not ViT-B-16
     if "semclip_160" in configs:  # the bundled ψ's weights at 160 px, written here (seconds), not stored
         from vllm_semclip.tiny.train_clip import resize_local_dir
 
         resize_local_dir(DEFAULT_RELEVANCE_DIR, SMALL_RELEVANCE_MODEL_NAME, out / "psi-160")
-    standin_dir = None
+    standin_dirs: dict[str, Path] = {}
     if any(name.startswith("standin_") for name in configs):
         from vllm_semclip.bench.standin import STANDIN_MAX_MODEL_LEN, STANDIN_MAX_NUM_BATCHED_TOKENS, write_standin
 
-        standin_dir = write_standin(out / "standin")
+        for reference in {standin_psi.get(servers[name][0], "ViT-B-16") for name in configs if name.startswith("standin_")}:
+            standin_dirs[reference] = write_standin(out / "standin", reference)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     groups: dict[str, list[str]] = {}
     for name in configs:
@@ -424,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         timings_file.unlink(missing_ok=True)
         env = {timings.ENV: str(timings_file)}
         standin = server_kind.startswith("standin")
-        served = str(standin_dir) if standin else model
+        served = str(standin_dirs[standin_psi.get(server_kind, "ViT-B-16")]) if standin else model
         vllm_args = NO_CACHE_ARGS + (["--load-format", "dummy", "--max-model-len", str(STANDIN_MAX_MODEL_LEN),
                                       "--max-num-batched-tokens", str(STANDIN_MAX_NUM_BATCHED_TOKENS)]
                                      if standin else [])
@@ -474,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     doc = {**results, "_flops_gflop_per_request": flops, "_meta": {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
         "model": f"bundled tiny LLaVA ({_bundled_tokens_per_tile(model_dir)} tokens per tile); standin_*: the FLOP-faithful "
-                 "stand-in of LLaVA-1.5-7B + ViT-B-16 (random weights, 576 tokens per tile)",
+                 "stand-in of LLaVA-1.5-7B + ViT-B-16 (standin_semclip_l14: + ViT-L-14-336; random weights, "
+                 "576 tokens per tile)",
         "output_len": args.output_len,
         "workload": f"{args.workload_size} V*-style images 1500-2700 px (seed {args.seed})",
         "client": "vllm bench serve (openai-chat, custom_image) via python -m vllm_semclip.bench.vllm_bench",
@@ -485,27 +492,28 @@ def main(argv: list[str] | None = None) -> int:
     plot_c = str(max(concurrencies))
     plot(results, result_path.with_suffix(".png"), plot_c)
 
-    print(f"\n{'config':<18}{'conc':>5}{'req/s':>8}{'out tok/s':>10}{'ttft p50':>10}{'ttft p99':>10}"
+    w = max(len(name) for name in CONFIGS) + 1  # the config column fits every name
+    print(f"\n{'config':<{w}}{'conc':>5}{'req/s':>8}{'out tok/s':>10}{'ttft p50':>10}{'ttft p99':>10}"
           f"{'e2el p50':>10}{'e2el p99':>10}{'vis tok':>8}{'sel p50':>9}{'sel p99':>9}{'img/psi':>8}{'front':>7}")
     for name, by_c in results.items():
         for c, m in by_c.items():
-            print(f"{name:<18}{c:>5}{m['request_throughput']:>8.2f}{m['output_throughput']:>10.1f}"
+            print(f"{name:<{w}}{c:>5}{m['request_throughput']:>8.2f}{m['output_throughput']:>10.1f}"
                   f"{m['p50_ttft_ms']:>10.0f}{m['p99_ttft_ms']:>10.0f}{m['p50_e2el_ms']:>10.0f}{m['p99_e2el_ms']:>10.0f}"
                   f"{m.get('visual_tokens_per_request') or 0:>8}{m.get('p50_selection_ms', float('nan')):>9.1f}"
                   f"{m.get('p99_selection_ms', float('nan')):>9.1f}{m.get('psi_images_per_forward', float('nan')):>8.1f}"
                   f"{m.get('p50_front_end_ms', float('nan')):>7.0f}")
-    print(f"\nCPU ms per request: {'config':<27}{'front end':>10}{'engine core':>12}{'worker':>8}"
+    print(f"\nCPU ms per request: {'config':<{w + 7}}{'front end':>10}{'engine core':>12}{'worker':>8}"
           f"{'client':>8}{'total':>8}")
     for name, by_c in results.items():
         for c, m in by_c.items():
             if "cpu_total_ms" in m:
-                print(f"{'':<20}{name + ' @' + c:<27}" + "".join(
+                print(f"{'':<20}{name + ' @' + c:<{w + 7}}" + "".join(
                     f"{m[f'cpu_{key}_ms']:>{width}.0f}" for key, width in
                     (("front_end", 10), ("engine_core", 12), ("worker", 8), ("client", 8), ("total", 8))))
-    print(f"\nGFLOP per request (median workload image): {'config':<18}{'psi':>8}{'tower':>8}{'LM prefill':>11}"
+    print(f"\nGFLOP per request (median workload image): {'config':<{w}}{'psi':>8}{'tower':>8}{'LM prefill':>11}"
           f"{'decode/tok':>11}")
     for name, f in flops.items():
-        print(f"{'':<43}{name:<18}{f['psi']:>8.2f}{f['tower']:>8.2f}{f['language_model']:>11.2f}"
+        print(f"{'':<43}{name:<{w}}{f['psi']:>8.2f}{f['tower']:>8.2f}{f['language_model']:>11.2f}"
               f"{f['decode_token']:>11.4f}")
     print("\nratios of request throughput:", json.dumps(ratios))
     print(f"written: {result_path} and {result_path.with_suffix('.png')} ({doc['_meta']['wall_s']} s)")
