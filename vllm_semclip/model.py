@@ -29,6 +29,7 @@ import torch
 from vllm.config import VllmConfig
 from vllm.distributed import get_tp_group
 from vllm.distributed.parallel_state import GroupCoordinator
+from vllm.logger import init_logger
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration, LlavaImageEmbeddingInputs
 from vllm.multimodal import MULTIMODAL_REGISTRY
@@ -41,6 +42,8 @@ from .processor import (SemClipDummyInputsBuilder, SemClipMultiModalProcessor, S
                         crop_pixel_values)
 from .relevance import RelevanceModel, candidate_scores
 from .selection import Selection, engine_selection
+
+logger = init_logger("vllm.semclip")
 
 
 class SemClipImagePixelInputs(TensorSchema):
@@ -168,10 +171,16 @@ class SemClipLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(torch.float32)  # vLLM builds the model under its dtype; ψ keeps its own
         try:
-            return RelevanceModel.from_pretrained(config.relevance_model, config.relevance_pretrained,
-                                                  str(device), config.relevance_precision)
+            psi = RelevanceModel.from_pretrained(config.relevance_model, config.relevance_pretrained,
+                                                 str(device), config.relevance_precision)
         finally:
             torch.set_default_dtype(default_dtype)
+        rank = get_tp_group().rank_in_group
+        if rank != 0:  # the first rank scores and broadcasts (``choose_tiles``): here the tower is dead weight
+            psi.drop_image_tower()
+        logger.info("semclip: ψ %s on %s for the engine stage (TP rank %d, image tower %s)", config.relevance_model,
+                    device, rank, "loaded" if psi.has_image_tower else "not loaded: rank 0 scores")
+        return psi
 
     @property
     def psi(self) -> RelevanceModel | None:

@@ -89,3 +89,7 @@ def test_every_rank_keeps_the_crop_select_crops_keeps(tp_server):
     assert len(logged) == 3, logged
     assert all("Worker_TP0" in line for line in logged), logged
     assert [json.loads(line.split("semclip selection ", 1)[1])["boxes"] for line in logged] == served_boxes
+    # the first rank holds ψ's image tower; the others, which only receive its scores, do not
+    loaded = [line for line in log.read_text(errors="replace").splitlines() if "for the engine stage (TP rank" in line]
+    assert len(loaded) == TP, loaded
+    assert all(("image tower loaded" in line) == ("Worker_TP0" in line) for line in loaded), loaded
