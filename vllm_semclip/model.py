@@ -29,7 +29,6 @@ import torch
 from vllm.config import VllmConfig
 from vllm.distributed import get_tp_group
 from vllm.distributed.parallel_state import GroupCoordinator
-from vllm.logger import init_logger
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration, LlavaImageEmbeddingInputs
 from vllm.multimodal import MULTIMODAL_REGISTRY
@@ -37,13 +36,11 @@ from vllm.utils.tensor_schema import TensorSchema, TensorShape
 
 from . import timings
 from .config import server_config
-from .observe import observe_psi_batch, observe_selection
+from .observe import logger, observe_psi_batch, observe_selection
 from .processor import (SemClipDummyInputsBuilder, SemClipMultiModalProcessor, SemClipProcessingInfo,
                         crop_pixel_values)
 from .relevance import RelevanceModel, candidate_scores
 from .selection import Selection, engine_selection
-
-logger = init_logger("vllm.semclip")
 
 
 class SemClipImagePixelInputs(TensorSchema):
@@ -94,7 +91,8 @@ def parse_psi_batch(kwargs: dict) -> PsiBatch | None:
 
 
 def choose_tiles(psi: RelevanceModel | None, pixel_values: torch.Tensor, num_tiles: Sequence[int],
-                 batch: PsiBatch, image_processor, tp_group: GroupCoordinator | None = None) -> tuple[torch.Tensor, dict[int, Selection], int]:
+                 batch: PsiBatch, image_processor, tp_group: GroupCoordinator | None = None
+                 ) -> tuple[torch.Tensor, dict[int, Selection], int]:
     """The tiles that reach the language model — [overview + chosen crops] of every image — with the
     selections made and the number of ψ views run: ψ over all the batch's views in one forward,
     then each image's candidates scored and ranked as ``select_crops`` scores and ranks them, and
