@@ -173,11 +173,13 @@ class SemClipLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                                                  str(device), config.relevance_precision)
         finally:
             torch.set_default_dtype(default_dtype)
+        psi.drop_text_tower()  # the front end embeds the question; the engine scores images only
         rank = get_tp_group().rank_in_group
         if rank != 0:  # the first rank scores and broadcasts (``choose_tiles``): here the tower is dead weight
             psi.drop_image_tower()
-        logger.info("semclip: ψ %s on %s for the engine stage (TP rank %d, image tower %s)", config.relevance_model,
-                    device, rank, "loaded" if psi.has_image_tower else "not loaded: rank 0 scores")
+        logger.info("semclip: ψ %s on %s for the engine stage (TP rank %d, image tower %s; text tower in the "
+                    "front end)", config.relevance_model, device, rank,
+                    "loaded" if psi.has_image_tower else "not loaded: rank 0 scores")
         return psi
 
     @property

@@ -252,7 +252,7 @@ class RelevanceModel:
         # open_clip's "bf16" keeps embeddings and layer norms fp32, so ask the first conv/linear)
         self.input_dtype = next(m.weight.dtype for m in model.visual.modules()
                                 if isinstance(m, (nn.Conv2d, nn.Linear)))
-        self.has_image_tower = True
+        self.has_image_tower = self.has_text_tower = True
         fuse_attention(model.visual)
 
     def drop_image_tower(self) -> None:
@@ -262,6 +262,27 @@ class RelevanceModel:
         engine holds the image tower (ViT-L-14-336's is 1.2 GB in fp32)."""
         self.model.visual.to("meta")
         self.has_image_tower = False
+
+    def drop_text_tower(self) -> None:
+        """Free the text tower's weights (moved to torch's ``meta`` device), keeping the image tower.
+        For vLLM's engine in the engine stage: the front end embeds the question and sends the query
+        vector, so the engine only ever runs the image tower. Everything of the model outside
+        ``visual`` goes — open_clip's ``CLIP`` keeps its text tower in several attributes of the
+        model, ``CustomTextCLIP`` in ``text`` — except the logit scale and bias, which are not weights
+        of either tower."""
+        from torch import nn
+
+        for name, child in self.model.named_children():
+            if name != "visual":
+                child.to("meta")
+        for name, param in list(self.model._parameters.items()):
+            if param is not None and name not in ("logit_scale", "logit_bias"):
+                self.model._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
+        for name, buffer in list(self.model._buffers.items()):
+            if buffer is not None:
+                self.model._buffers[name] = buffer.to("meta")
+        self._text_cache.clear()
+        self.has_text_tower = False
 
     @classmethod
     def from_pretrained(
@@ -305,6 +326,9 @@ class RelevanceModel:
         if cached is not None:
             self._text_cache.move_to_end(question)
             return cached
+        if not self.has_text_tower:
+            raise RuntimeError("this ψ's text tower was dropped (the engine of the engine stage scores images "
+                               "only); the front end embeds questions")
         # query_features(), with the reference offset computed once in __init__
         emb = text_features(self.model, self.tokenizer, [question], self.device)[0]
         if self._offset is not None:

@@ -16,7 +16,7 @@ from vllm.multimodal.processing.inputs import ProcessorInputs
 from vllm_semclip.config import SemClipConfig, SemClipConfigError
 from vllm_semclip.model import PsiBatch, choose_tiles, parse_psi_batch
 from vllm_semclip.processor import ENGINE_FIELDS, tile_pixel_values
-from vllm_semclip.relevance import get_relevance_model
+from vllm_semclip.relevance import RelevanceModel, get_relevance_model
 from vllm_semclip.selection import select_crops, selected_tiles
 
 QUESTIONS = ["What is the color of the flag?", "What is the astronaut holding?",
@@ -71,6 +71,32 @@ def test_the_front_end_holds_psis_text_tower_and_preprocessing_only(photo):
     assert torch.allclose(whole.text_query(QUESTIONS[0]), prepared.query)
     with pytest.raises(RuntimeError, match="dropped"):
         front.image_features(prepared.pixels)
+
+
+@pytest.mark.parametrize("layout", ["CLIP", "CustomTextCLIP"])
+def test_the_engines_psi_drops_its_text_tower_and_scores_the_same(layout):
+    """The engine's ψ scores images only (the front end embeds the question): its text weights go to
+    the meta device — in both of open_clip's layouts, the text tower spread over ``CLIP``'s attributes
+    or held in ``CustomTextCLIP.text`` — and its image features do not change."""
+    import open_clip
+
+    vision = {"image_size": 32, "patch_size": 16, "width": 32, "layers": 1, "head_width": 16}
+    text = {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}
+    model = getattr(open_clip, layout)(16, vision, text).eval()
+    model.visual.image_mean, model.visual.image_std = (0.5,) * 3, (0.25,) * 3  # what open_clip's factory sets
+    psi = RelevanceModel(model, None, None)
+    views = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    with torch.inference_mode():
+        before = psi.image_features(views)
+        psi.drop_text_tower()
+        after = psi.image_features(views)
+    assert torch.equal(before, after) and psi.has_image_tower and not psi.has_text_tower
+    devices = {name: p.device.type for name, p in
+               [*model.named_parameters(), *model.named_buffers()] if name != "logit_scale"}
+    assert {d for n, d in devices.items() if not n.startswith("visual.")} == {"meta"}
+    assert {d for n, d in devices.items() if n.startswith("visual.")} == {"cpu"}
+    with pytest.raises(RuntimeError, match="text tower was dropped"):
+        psi.query_vector("What is the color of the flag?")
 
 
 def _batch(outputs, processor) -> tuple[torch.Tensor, list[int], PsiBatch, object]:
