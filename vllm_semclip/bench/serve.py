@@ -106,6 +106,12 @@ FLOP_SHAPES = {"overview": (None, 1), "given": (None, 2), "hf": (None, 2), "semc
 FLOP_FIT = {"semclip_224_pad": "pad"}  # ψ's relevance_fit where it is not the default "windows"
 
 
+def standin_psi(name: str) -> str | None:
+    """The real ψ a stand-in configuration's ψ stands for (``FLOP_SHAPES``), ``None`` for one without ψ."""
+    psi = FLOP_SHAPES.get(name, (None, 0))[0]
+    return psi.split(":", 1)[1] if psi and psi.startswith("standin:") else None
+
+
 def config_flops(name: str, model_dir: Path, sizes: list[tuple[int, int]]) -> dict[str, float]:
     """GFLOP per request of ψ, the tower, the LM prefill and one decoded token for a configuration,
     at the workload's median image size (``cost.request_flops`` on the served models' configs)."""
@@ -123,10 +129,10 @@ def config_flops(name: str, model_dir: Path, sizes: list[tuple[int, int]]) -> di
     psi, tiles = FLOP_SHAPES.get(name, (None, 1 + num_candidates((2, 3))))  # "all": every candidate
     width = int(statistics.median(w for w, _ in sizes))
     height = int(statistics.median(h for _, h in sizes))
-    standin_psi = psi.split(":", 1)[1] if psi and psi.startswith("standin:") else None
-    flops = request_flops(llava, tiles, None if standin_psi else psi, width, height, fit=FLOP_FIT.get(name, "windows"))
-    if standin_psi:
-        flops["psi"] = standin_psi_flops(standin_psi) * windows_per_request(width, height) / 1e9
+    reference = standin_psi(name)
+    flops = request_flops(llava, tiles, None if reference else psi, width, height, fit=FLOP_FIT.get(name, "windows"))
+    if reference:
+        flops["psi"] = standin_psi_flops(reference) * windows_per_request(width, height) / 1e9
     return {k: round(v, 4) for k, v in flops.items()}
 
 
@@ -406,7 +412,6 @@ def main(argv: list[str] | None = None) -> int:
         # … and of LLaVA-1.5-7B + the paper's ψ, ViT-L-14-336 (the same LLaVA, another ψ)
         "standin_semclip_l14": ("standin-l14-semclip", {"topk": 1}, "one"),
     }
-    standin_psi = {"standin-l14-semclip": "ViT-L-14-336"}  # a stand-in server's reference ψ, if not ViT-B-16
     if "semclip_160" in configs:  # the bundled ψ's weights at 160 px, written here (seconds), not stored
         from vllm_semclip.tiny.train_clip import resize_local_dir
 
@@ -415,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(name.startswith("standin_") for name in configs):
         from vllm_semclip.bench.standin import STANDIN_MAX_MODEL_LEN, STANDIN_MAX_NUM_BATCHED_TOKENS, write_standin
 
-        for reference in {standin_psi.get(servers[name][0], "ViT-B-16") for name in configs if name.startswith("standin_")}:
+        # a stand-in server serves the pair of its ψ; one without ψ the ViT-B-16 pair (the same LLaVA)
+        for reference in {standin_psi(name) or "ViT-B-16" for name in configs if name.startswith("standin_")}:
             standin_dirs[reference] = write_standin(out / "standin", reference)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     groups: dict[str, list[str]] = {}
@@ -430,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         timings_file.unlink(missing_ok=True)
         env = {timings.ENV: str(timings_file)}
         standin = server_kind.startswith("standin")
-        served = str(standin_dirs[standin_psi.get(server_kind, "ViT-B-16")]) if standin else model
+        served = str(standin_dirs[standin_psi(names[0]) or "ViT-B-16"]) if standin else model
         vllm_args = NO_CACHE_ARGS + (["--load-format", "dummy", "--max-model-len", str(STANDIN_MAX_MODEL_LEN),
                                       "--max-num-batched-tokens", str(STANDIN_MAX_NUM_BATCHED_TOKENS)]
                                      if standin else [])
