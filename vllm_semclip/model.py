@@ -108,6 +108,7 @@ def choose_tiles(psi: RelevanceModel | None, pixel_values: torch.Tensor, num_til
         if psi is None:
             raise RuntimeError("an image arrived for engine-stage selection but no ψ was loaded with the model")
         shared = tp_group is not None and tp_group.world_size > 1
+        counts = [batch.num_candidates[i] for i in todo]
         if not shared or tp_group.rank_in_group == 0:
             pixels = torch.cat([batch.pixels[i] for i in todo])
             views = int(pixels.shape[0])
@@ -122,10 +123,10 @@ def choose_tiles(psi: RelevanceModel | None, pixel_values: torch.Tensor, num_til
                 offset += n
             scores = torch.cat(per_image)
         else:
-            scores = torch.empty(sum(batch.num_candidates[i] for i in todo), dtype=torch.float32, device=psi.device)
+            scores = torch.empty(sum(counts), dtype=torch.float32, device=psi.device)
         if shared:
             tp_group.broadcast(scores, src=0)
-        for i, image_scores in zip(todo, scores.cpu().split([batch.num_candidates[i] for i in todo])):
+        for i, image_scores in zip(todo, scores.cpu().split(counts)):
             selections[i] = engine_selection(batch.meta[i], image_scores.tolist())
     parts: list[torch.Tensor] = []
     start = 0
